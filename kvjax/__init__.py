@@ -1,0 +1,30 @@
+"""kvjax: KV-cache eviction for LLM inference in JAX.
+
+    params = kvjax.load("smollm2-135m")
+    out = kvjax.generate(params, "a long document ...", policy=kvjax.policies.SnapKV(budget=128))
+"""
+
+from kvjax import policies
+from kvjax.api import Generation, Prefilled, forward, generate, load, prefill, save
+from kvjax.cache import Cache, kept_positions
+from kvjax.checkpoint import Params
+from kvjax.models.config import ConfigError
+from kvjax.safetensors_io import CheckpointError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Cache",
+    "CheckpointError",
+    "ConfigError",
+    "Generation",
+    "Params",
+    "Prefilled",
+    "forward",
+    "generate",
+    "kept_positions",
+    "load",
+    "policies",
+    "prefill",
+    "save",
+]

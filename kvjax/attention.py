@@ -1,0 +1,51 @@
+"""Decode attention over one layer's region of the pool.
+
+XLA path: one batch-major matmul of all the layer's query heads against the layer region
+`[B, S, D]`, with a mask that lets head h see only its own stream. Every slot is read once, as a
+head-by-head gather would; the extra multiply-adds are cheap next to the memory traffic.
+Pallas path (`kvjax.pallas_kernels.ragged_decode_attention`): reads only each stream's used slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvjax.models.attention import NEG_INF
+
+
+def stream_mask(rel_start, length, span: int):
+    """[B, H, S] bool: slot s of the region belongs to head h's used stream."""
+    s = jnp.arange(span)[None, None, :]
+    return (s >= rel_start[:, :, None]) & (s < (rel_start + length)[:, :, None])
+
+
+def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: float,
+                     implementation: str = "xla", need_probs: bool = False):
+    """One query per sequence over each KV head's stream in a layer region.
+
+    q [B, H, G, D]; k_r, v_r [B, S, D]; rel_start, length [B, H] (slots relative to the region);
+    pos_r [B, S]; min_pos [B] or None (sliding window: slots with pos < min_pos are hidden).
+    Returns (out [B, H, G, D] float32, probs [B, H, G, S] float32 or None).
+    """
+    b, h, g, d = q.shape
+    s = k_r.shape[1]
+    if implementation == "pallas" and not need_probs:
+        from kvjax.pallas_kernels.ragged_decode_attention import ragged_decode_attention
+
+        out = ragged_decode_attention(
+            q, k_r, v_r, rel_start, length, sm_scale=scale, pos=pos_r if min_pos is not None else None,
+            min_pos=min_pos, implementation="pallas",
+        )
+        return out.astype(jnp.float32), None
+    mask = stream_mask(rel_start, length, s)
+    if min_pos is not None:
+        mask &= (pos_r >= min_pos[:, None])[:, None, :]
+    logits = jnp.matmul(
+        q.reshape(b, h * g, d), jnp.swapaxes(k_r, 1, 2), preferred_element_type=jnp.float32
+    ).reshape(b, h, g, s) * scale
+    logits = jnp.where(mask[:, :, None, :], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = jnp.where(mask[:, :, None, :], probs, 0.0)  # empty streams attend to nothing
+    out = jnp.matmul(probs.reshape(b, h * g, s).astype(v_r.dtype), v_r, preferred_element_type=jnp.float32)
+    return out.reshape(b, h, g, d), (probs if need_probs else None)

@@ -1,0 +1,37 @@
+"""Eviction policies: scorer x allocator, as frozen dataclasses (see `policy.py`)."""
+
+from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
+from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer
+from kvjax.policies.policy import (
+    H2O,
+    TOVA,
+    Compose,
+    Full,
+    KNorm,
+    Policy,
+    PyramidKV,
+    Random,
+    SnapKV,
+    StreamingLLM,
+    make,
+)
+
+__all__ = [
+    "Compose",
+    "DecodeEviction",
+    "Full",
+    "H2O",
+    "KNorm",
+    "PerLayer",
+    "Policy",
+    "PolicyError",
+    "PrefillStats",
+    "PyramidKV",
+    "Random",
+    "Scorer",
+    "SnapKV",
+    "StreamingLLM",
+    "TOVA",
+    "Uniform",
+    "make",
+]

@@ -1,0 +1,159 @@
+"""What a policy is: a scorer (which tokens matter) times an allocator (how many each stream keeps).
+
+Policies are frozen dataclasses registered as pytrees: numeric options (budget, alpha, gamma, ...)
+are leaves, so changing them does not recompile; structural options (window, pooling kernel, ...)
+are static fields, since they set array shapes.
+
+Conventions (shared by every policy):
+- A *budget* counts the tokens a stream keeps after prefill, window and sinks included. An int is
+  tokens per KV head; a float in (0, 1) is a ratio of each sequence's prompt length; an int array
+  of shape [L] or [L, H] gives per-layer / per-(layer, head) budgets. A budget at or above the
+  prompt length keeps every token (`generate` reports it in `.stats`).
+- Scores are per KV head, `[B, H, T]` float32, higher = keep; query heads of a group are reduced
+  by `group_reduce` (mean or max). Forced tokens (window, sinks) are kept regardless of score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class PolicyError(ValueError):
+    """A policy was built with an invalid option; the message names the option."""
+
+
+def static_field(default=dataclasses.MISSING, **kwargs):
+    """A dataclass field that is part of the pytree's static structure (changing it recompiles)."""
+    return dataclasses.field(default=default, metadata=dict(static=True), **kwargs)
+
+
+def policy_dataclass(cls):
+    """Frozen dataclass + pytree registration (static fields via `static_field`)."""
+    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+@dataclasses.dataclass
+class PrefillStats:
+    """What a scorer may look at for one layer of the prompt (inside jit).
+
+    k, v            [B, H, T, D]     keys (after RoPE) and values of the prompt
+    lengths         [B]              valid prompt length (prompts are right-padded to T)
+    window_attn     [B, H, G, w, T]  softmax attention of the last w valid queries (None if w=0)
+    window_valid    [B, w]           which of those w query rows exist (short prompts)
+    colsum          [B, H, G, T]     attention summed over all queries (None unless needed)
+    colsq           [B, H, G, T]     squared attention summed over all queries (None unless needed)
+    layer           scalar int32     layer index
+    rng             PRNG key         for random scorers
+    """
+
+    k: Any
+    v: Any
+    lengths: Any
+    window_attn: Any
+    window_valid: Any
+    colsum: Any
+    colsq: Any
+    layer: Any
+    rng: Any
+
+    @property
+    def num_tokens(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def positions(self):
+        return jnp.arange(self.num_tokens)
+
+    @property
+    def valid(self):
+        """[B, T] bool: token exists in the prompt."""
+        return self.positions[None, :] < self.lengths[:, None]
+
+
+def reduce_group(x, how: str, axis: int = 2):
+    """Reduce the GQA group axis (query heads sharing a KV head)."""
+    return jnp.max(x, axis=axis) if how == "max" else jnp.mean(x, axis=axis)
+
+
+def check_choice(name: str, value, choices):
+    if value not in choices:
+        raise PolicyError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_positive_int(name: str, value, allow_zero: bool = False):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < (0 if allow_zero else 1):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise PolicyError(f"{name} must be an int {bound}, got {value!r}")
+
+
+def check_budget(budget) -> None:
+    """A budget is a positive int, a ratio in (0, 1], or a positive int array [L] / [L, H]."""
+    if isinstance(budget, bool):
+        raise PolicyError(f"budget must be a token count, a ratio or an array, got {budget!r}")
+    if isinstance(budget, (int, np.integer)):
+        if budget <= 0:
+            raise PolicyError(f"budget must be positive, got {budget}")
+        return
+    if isinstance(budget, (float, np.floating)):
+        if not 0.0 < budget <= 1.0:
+            raise PolicyError(f"a ratio budget must be in (0, 1], got {budget}")
+        return
+    if isinstance(budget, jax.core.Tracer):
+        return
+    arr = np.asarray(budget)
+    if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
+        raise PolicyError(f"an array budget must be integer with shape [L] or [L, H], got {arr.dtype}{arr.shape}")
+    if (arr <= 0).any():
+        raise PolicyError("every entry of an array budget must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeEviction:
+    """Decode-time eviction: keep each stream at its budget while generating.
+
+    every:  evict once every `every` steps (streams may exceed the budget by up to `every`-1 tokens)
+    recent: the most recent tokens are never evicted
+    sinks:  the first tokens are never evicted
+    """
+
+    every: int = 1
+    recent: int = 0
+    sinks: int = 0
+
+
+class Scorer:
+    """Scores prompt tokens per KV head; optionally keeps a running statistic while decoding."""
+
+    #: last queries whose attention the scorer needs (0: none)
+    window: int = 0
+    needs_colsum: ClassVar[bool] = False
+    needs_colsq: ClassVar[bool] = False
+    #: one index set per layer (all heads keep the same positions)
+    layer_shared: ClassVar[bool] = False
+
+    def prefill_scores(self, stats: PrefillStats):
+        """-> [B, H, T] float32, higher = keep."""
+        raise NotImplementedError
+
+    def prefill_running(self, stats: PrefillStats):
+        """Running statistics stored per kept token: (score [B, H, T], score2 [B, H, T])."""
+        z = jnp.zeros(stats.k.shape[:3], jnp.float32)
+        return z, z
+
+    def decode_update(self, score, score2, probs, slot_pos, next_pos):
+        """Update running statistics of a layer region after one decode step.
+
+        score, score2 [B, S]; probs [B, S] attention of the new query on each slot (group-reduced,
+        0 where the slot is empty or belongs to no stream); slot_pos [B, S]; next_pos [B] (the new
+        token's position). Returns (score, score2).
+        """
+        return score, score2
+
+    def eviction_key(self, score, score2, slot_pos, seen):
+        """[B, S]: lower = evicted first. `seen` [B] = queries so far (tokens processed)."""
+        return score

@@ -1,0 +1,21 @@
+"""Llama-family decoders (Llama 2/3/3.1/3.2, Mistral) as pure functions over weight pytrees."""
+
+from .config import ConfigError, ModelConfig, RopeScaling
+from .llama import LayerWeights, Weights, embed, final_logits, layer_qkv, mlp, rms_norm, rope_inv_freq
+from .llama import apply_rope, forward
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "RopeScaling",
+    "LayerWeights",
+    "Weights",
+    "apply_rope",
+    "embed",
+    "final_logits",
+    "forward",
+    "layer_qkv",
+    "mlp",
+    "rms_norm",
+    "rope_inv_freq",
+]

@@ -1,0 +1,78 @@
+"""Causal self-attention over a prompt, chunked over queries so `[T, T]` never exists at once.
+
+Layout: queries are grouped by KV head (`[B, KV, G, T, D]`) so every matmul is batch-major
+(`[B*KV, G*C, D] x [B*KV, D, T]`), which XLA:CPU runs several times faster than a 4-D einsum, and
+the cache never has to be expanded to query heads.
+
+Besides the output, the same pass can return the column sums of the softmax probabilities
+(`sum_t a[h, t, j]`), which H2O-style scorers need; they come out of the same chunks, with the exact
+softmax normaliser, at no extra `[T, T]` memory.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30
+
+
+def attention_mask(q_pos, k_pos, lengths, sliding_window: int | None):
+    """Which keys each query may see.
+
+    q_pos [C] and k_pos [T] are positions; lengths [B] the valid prompt length per sequence.
+    Returns mask [B, C, T] bool.
+    """
+    causal = k_pos[None, :] <= q_pos[:, None]
+    if sliding_window is not None:
+        causal &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
+    valid_key = k_pos[None, :] < lengths[:, None]  # [B, T]
+    return causal[None] & valid_key[:, None, :]
+
+
+def causal_attention(
+    q,
+    k,
+    v,
+    lengths,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    chunk: int = 512,
+    column_sums: bool = False,
+):
+    """Softmax attention of every prompt token over the prompt.
+
+    q [B, KV, G, T, D], k/v [B, KV, T, D], lengths [B] int32 (right-padded prompts).
+    Returns out [B, KV, G, T, D] in q's dtype and, if `column_sums`, colsum [B, KV, G, T] float32:
+    the attention each key received summed over the valid queries.
+    """
+    b, kv, g, t, d = q.shape
+    chunk = min(chunk, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    q_chunks = q.reshape(b, kv, g, n_chunks, chunk, d).transpose(3, 0, 1, 2, 4, 5)
+    k_t = jnp.swapaxes(k, -1, -2)  # [B, KV, D, T]
+    k_pos = jnp.arange(t)
+
+    def one_chunk(carry, xs):
+        qc, c_idx = xs  # qc [B, KV, G, C, D]
+        q_pos = c_idx * chunk + jnp.arange(chunk)
+        logits = jnp.matmul(
+            qc.reshape(b, kv, g * chunk, d), k_t, preferred_element_type=jnp.float32
+        ).reshape(b, kv, g, chunk, t) * scale
+        mask = attention_mask(q_pos, k_pos, lengths, sliding_window)  # [B, C, T]
+        logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.matmul(probs.astype(v.dtype).reshape(b, kv, g * chunk, t), v).reshape(b, kv, g, chunk, d)
+        if column_sums:
+            q_valid = (q_pos[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, C]
+            carry = carry + jnp.einsum("bkgct,bc->bkgt", probs, q_valid)
+        return carry, out.astype(q.dtype)
+
+    init = jnp.zeros((b, kv, g, t), jnp.float32)
+    colsum, outs = jax.lax.scan(one_chunk, init, (q_chunks, jnp.arange(n_chunks)))
+    out = outs.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, n_chunks * chunk, d)[:, :, :, :t]
+    return (out, colsum) if column_sums else out

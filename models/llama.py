@@ -1,0 +1,162 @@
+"""Llama / Mistral decoder as pure functions over a weight pytree with stacked layers.
+
+    x = embed(tokens)
+    for each layer:  x += W_o · attn(rope(W_q · norm(x)), rope(W_k · norm(x)), W_v · norm(x))
+                     x += W_down · (silu(W_gate · norm(x)) * W_up · norm(x))
+    logits = norm(x) · W_out          (W_out = embedᵀ when embeddings are tied)
+
+RoPE is rotate-half, as in Hugging Face, so checkpoints load without permuting weights.
+Activations are `[B, T, E]`; queries are grouped by KV head as `[B, KV, G, T, D]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import causal_attention
+from .config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer's weights; in `Weights.layers` every leaf has a leading `[L]` axis.
+
+    Projections are stored input-major (`x @ w`): wq [E, H*D], wk/wv [E, KV*D], wo [H*D, E],
+    w_gate/w_up [E, F], w_down [F, E]. Biases are None unless the config enables them.
+    """
+
+    attn_norm: jax.Array
+    wq: jax.Array
+    wk: jax.Array
+    wv: jax.Array
+    wo: jax.Array
+    mlp_norm: jax.Array
+    w_gate: jax.Array
+    w_up: jax.Array
+    w_down: jax.Array
+    bq: jax.Array | None = None
+    bk: jax.Array | None = None
+    bv: jax.Array | None = None
+    bo: jax.Array | None = None
+    b_gate: jax.Array | None = None
+    b_up: jax.Array | None = None
+    b_down: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """embed [V, E], layers (stacked [L, ...]), final_norm [E], lm_head [E, V] or None when tied."""
+
+    embed: jax.Array
+    layers: LayerWeights
+    final_norm: jax.Array
+    lm_head: jax.Array | None = None
+
+
+def rms_norm(x, weight, eps: float):
+    """x [..., E] normalised in float32, then scaled (as HF: cast back before the weight)."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies [D/2] (float32), with linear or llama3 scaling applied."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    s = config.rope_scaling
+    if s.kind == "linear":
+        inv = inv / s.factor
+    elif s.kind == "llama3":
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * inv / s.factor + smooth * inv
+        inv = np.where(wavelen > low_wavelen, inv / s.factor, inv)
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = np.where(medium, smoothed, inv)
+    return inv.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE. x [B, T, N, D], positions [B, T] int -> same shape and dtype as x."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _linear(x, w, b):
+    y = x @ w
+    return y if b is None else y + b
+
+
+def embed(weights: Weights, tokens):
+    """tokens [B, T] int -> x [B, T, E]."""
+    return weights.embed[tokens]
+
+
+def layer_qkv(lw: LayerWeights, x, positions, config: ModelConfig, inv_freq):
+    """Pre-norm, project and rotate. x [B, T, E] -> q [B, KV, G, T, D], k, v [B, KV, T, D]."""
+    b, t, _ = x.shape
+    h = rms_norm(x, lw.attn_norm, config.rms_norm_eps)
+    kv, g, d = config.num_kv_heads, config.group_size, config.head_dim
+    q = _linear(h, lw.wq, lw.bq).reshape(b, t, kv * g, d)
+    k = _linear(h, lw.wk, lw.bk).reshape(b, t, kv, d)
+    v = _linear(h, lw.wv, lw.bv).reshape(b, t, kv, d)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+    return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+def attn_output(lw: LayerWeights, attn):
+    """attn [B, KV, G, T, D] -> [B, T, E] through W_o."""
+    b, kv, g, t, d = attn.shape
+    return _linear(attn.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g * d), lw.wo, lw.bo)
+
+
+def mlp(lw: LayerWeights, x, config: ModelConfig):
+    """The gated MLP block with its pre-norm and residual. x [B, T, E] -> [B, T, E]."""
+    h = rms_norm(x, lw.mlp_norm, config.rms_norm_eps)
+    gate = _linear(h, lw.w_gate, lw.b_gate)
+    up = _linear(h, lw.w_up, lw.b_up)
+    return x + _linear(jax.nn.silu(gate) * up, lw.w_down, lw.b_down)
+
+
+def final_logits(weights: Weights, x, config: ModelConfig):
+    """x [B, T, E] -> logits [B, T, V] in float32."""
+    h = rms_norm(x, weights.final_norm, config.rms_norm_eps)
+    w_out = weights.embed.T if weights.lm_head is None else weights.lm_head
+    return jnp.matmul(h, w_out, preferred_element_type=jnp.float32)
+
+
+def forward(weights: Weights, config: ModelConfig, tokens, lengths=None, *, chunk: int = 512):
+    """Logits of every position with no cache. tokens [B, T] int, lengths [B] -> [B, T, V] float32."""
+    b, t = tokens.shape
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    inv_freq = rope_inv_freq(config)
+
+    def layer(x, lw):
+        q, k, v = layer_qkv(lw, x, positions, config, inv_freq)
+        attn = causal_attention(
+            q, k, v, lengths, scale=config.attention_scale, sliding_window=config.sliding_window, chunk=chunk
+        )
+        x = x + attn_output(lw, attn)
+        return mlp(lw, x, config), None
+
+    x, _ = jax.lax.scan(layer, embed(weights, tokens), weights.layers)
+    return final_logits(weights, x, config)

