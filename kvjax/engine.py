@@ -71,9 +71,10 @@ def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, max_new_toke
             bound = int(budget)
         else:
             bound = int(np.max(budget))
+        if np.ndim(budget) == 0:  # nearby budgets share one compile; exact when a multiple
+            bound = _round_up(bound, BUDGET_ROUNDING)
         bounds = policy.allocator.static_layer_bounds(min(bound, prompt_len), num_layers)
         bounds = np.minimum(np.asarray(bounds), prompt_len)
-        bounds = np.minimum([_round_up(b, BUDGET_ROUNDING) for b in bounds], prompt_len)
     ev = policy.decode_eviction
     headroom = ev.every if ev is not None else max_new_tokens
     spans = [h * (int(b) + headroom) for b in bounds]

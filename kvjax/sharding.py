@@ -1,0 +1,69 @@
+"""Sharding rules: logical axes of the weights and cache -> mesh axes ("data", "model").
+
+KV heads (and so query heads, MLP columns and vocabulary) shard over `model`; sequences over `data`.
+A dimension that the mesh axis does not divide stays replicated rather than failing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from kvjax.models import LayerWeights, ModelConfig, Weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """Logical axis -> mesh axis name (None = replicated)."""
+
+    batch: str | None = "data"
+    heads: str | None = "model"
+    kv_heads: str | None = "model"
+    mlp: str | None = "model"
+    vocab: str | None = "model"
+    embed: str | None = None
+
+
+def _axis(mesh: Mesh, name: str | None, size: int) -> str | None:
+    if name is None or name not in mesh.shape:
+        return None
+    return name if size % mesh.shape[name] == 0 else None
+
+
+def weight_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = Rules()) -> Weights:
+    """A `Weights`-shaped pytree of NamedShardings for `config` on `mesh`."""
+    heads = _axis(mesh, rules.heads, config.num_heads)
+    kv = _axis(mesh, rules.kv_heads, config.num_kv_heads)
+    mlp = _axis(mesh, rules.mlp, config.intermediate_size)
+    vocab = _axis(mesh, rules.vocab, config.vocab_size)
+    s = lambda *spec: NamedSharding(mesh, P(*spec))
+    layers = LayerWeights(
+        attn_norm=s(None, None),
+        wq=s(None, None, heads),
+        wk=s(None, None, kv),
+        wv=s(None, None, kv),
+        wo=s(None, heads, None),
+        mlp_norm=s(None, None),
+        w_gate=s(None, None, mlp),
+        w_up=s(None, None, mlp),
+        w_down=s(None, mlp, None),
+        bq=s(None, heads) if config.attention_bias else None,
+        bk=s(None, kv) if config.attention_bias else None,
+        bv=s(None, kv) if config.attention_bias else None,
+        bo=s(None, None) if config.attention_bias else None,
+        b_gate=s(None, mlp) if config.mlp_bias else None,
+        b_up=s(None, mlp) if config.mlp_bias else None,
+        b_down=s(None, None) if config.mlp_bias else None,
+    )
+    return Weights(
+        embed=s(None, None),
+        layers=layers,
+        final_norm=s(None),
+        lm_head=None if config.tie_word_embeddings else s(None, vocab),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = Rules()) -> NamedSharding:
+    """Shard the leading (batch) axis of an ndim array over `data`."""
+    return NamedSharding(mesh, P(rules.batch if rules.batch in mesh.shape else None, *([None] * (ndim - 1))))
