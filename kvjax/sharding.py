@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from kvjax.models import LayerWeights, ModelConfig, Weights
 
@@ -31,8 +31,15 @@ def _axis(mesh: Mesh, name: str | None, size: int) -> str | None:
     return name if size % mesh.shape[name] == 0 else None
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with automatic (compiler-propagated) sharding, which the
+    model's einsums need; `jax.make_mesh` may default to explicit axes."""
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def weight_shardings(config: ModelConfig, mesh: Mesh, rules: Rules = Rules()) -> Weights:
     """A `Weights`-shaped pytree of NamedShardings for `config` on `mesh`."""
+    mesh = auto_mesh(mesh)
     heads = _axis(mesh, rules.heads, config.num_heads)
     kv = _axis(mesh, rules.kv_heads, config.num_kv_heads)
     mlp = _axis(mesh, rules.mlp, config.intermediate_size)

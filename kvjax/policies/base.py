@@ -103,8 +103,8 @@ def check_budget(budget) -> None:
         if not 0.0 < budget <= 1.0:
             raise PolicyError(f"a ratio budget must be in (0, 1], got {budget}")
         return
-    if isinstance(budget, jax.core.Tracer):
-        return
+    if not isinstance(budget, (np.ndarray, list, tuple)):
+        return  # abstract values while JAX unflattens the pytree (tracers, lowering arguments)
     arr = np.asarray(budget)
     if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
         raise PolicyError(f"an array budget must be integer with shape [L] or [L, H], got {arr.dtype}{arr.shape}")
