@@ -1,5 +1,6 @@
 """Eviction policies: scorer x allocator, as frozen dataclasses (see `policy.py`)."""
 
+from kvjax.policies.adakv import AdaKV
 from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
 from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer
 from kvjax.policies.policy import (
@@ -17,6 +18,7 @@ from kvjax.policies.policy import (
 )
 
 __all__ = [
+    "AdaKV",
     "Compose",
     "DecodeEviction",
     "Full",
@@ -35,3 +37,7 @@ __all__ = [
     "Uniform",
     "make",
 ]
+
+from kvjax.policies import policy as _policy  # noqa: E402
+
+_policy._BY_NAME["adakv"] = AdaKV

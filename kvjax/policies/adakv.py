@@ -1,0 +1,131 @@
+"""Ada-KV (Feng et al. 2024): head-wise adaptive budgets inside each layer, on top of any scorer.
+
+For one layer with H KV heads and a per-head budget B (window w included, B' = B - w):
+1. take the top H·B' scores over the flattened [H x prefix] scores; n_h = how many fall in head h;
+2. floor alpha: B'_h = alpha·B' + (1 - alpha)·n_h, rounded so that sum_h B'_h = H·B' exactly
+   (largest remainders get the extra token);
+3. head h keeps its top B'_h prefix tokens plus the window.
+The layer's share of the pool stays H·B: heads trade tokens, memory does not grow. With
+`head_groups` > 1 the trade happens only inside groups of consecutive heads (the heads one device
+holds when KV heads are sharded), so every shard keeps the same share.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.pallas_kernels import masked_topk as mt
+from kvjax.policies.base import PolicyError, policy_dataclass, static_field
+from kvjax.policies.policy import Policy
+
+
+def adaptive_head_budgets(scores, prefix, head_budget, alpha, *, head_groups: int = 1, normalize: bool = False):
+    """Per-head prefix budgets of one layer.
+
+    scores [B, H, T] float32 (higher = keep); prefix [B, H, T] bool (evictable, valid tokens);
+    head_budget [B] int (B' per head); alpha scalar. Returns [B, H] int32 summing to H·B' per
+    sequence (per head group), capped by each head's prefix length.
+    """
+    b, h, t = scores.shape
+    if h % head_groups:
+        raise PolicyError(f"head_groups ({head_groups}) must divide the number of KV heads ({h})")
+    s = jnp.where(prefix, scores, -jnp.inf)
+    if normalize:
+        # weight each head by the share of its mass its own top-B' tokens hold
+        top = mt.masked_topk(s.reshape(b * h, t), jnp.repeat(head_budget, h), prefix.reshape(b * h, t))
+        pos = jnp.where(prefix, jnp.maximum(scores, 0.0), 0.0)
+        share = jnp.sum(jnp.where(top.reshape(b, h, t), pos, 0.0), -1) / jnp.maximum(pos.sum(-1), 1e-30)
+        s = jnp.where(prefix, scores * share[..., None], -jnp.inf)
+    hg = h // head_groups
+    flat = s.reshape(b * head_groups, hg * t)
+    total = jnp.repeat(head_budget * hg, head_groups)
+    chosen = mt.masked_topk(flat, total, prefix.reshape(b * head_groups, hg * t)).reshape(b, h, t)
+    n_h = chosen.sum(-1).astype(jnp.float32)  # [B, H]
+    ideal = alpha * head_budget[:, None].astype(jnp.float32) + (1.0 - alpha) * n_h
+    base = jnp.floor(ideal)
+    # hand the leftover tokens of each group to the largest remainders (ties: lower head first)
+    grouped = lambda x: x.reshape(b, head_groups, hg)
+    target = n_h.reshape(b, head_groups, hg).sum(-1, keepdims=True)
+    short = (target - grouped(base).sum(-1, keepdims=True)).astype(jnp.int32)
+    frac = grouped(ideal - base)
+    rank = jnp.argsort(jnp.argsort(-frac, axis=-1, stable=True), axis=-1)
+    extra = (rank < short).astype(jnp.float32)
+    budgets = (grouped(base) + extra).reshape(b, h)
+    return jnp.minimum(budgets, prefix.sum(-1)).astype(jnp.int32)
+
+
+@policy_dataclass
+class AdaAllocator:
+    """Allocator wrapping another one: layers as `inner` decides, heads adaptively."""
+
+    inner: Any = static_field()
+    alpha: Any = 0.2
+    window: int = static_field(0)
+    sinks: int = static_field(0)
+    head_groups: int = static_field(1)
+    normalize: bool = static_field(False)
+    adaptive_heads = True
+
+    def layer_budgets(self, budget, num_layers: int):
+        return self.inner.layer_budgets(budget, num_layers)
+
+    def static_layer_bounds(self, bound: int, num_layers: int) -> np.ndarray:
+        return self.inner.static_layer_bounds(bound, num_layers)
+
+    def head_budgets(self, scores, layer_budget, valid, layer):
+        forced = jnp.isposinf(scores)
+        prefix = valid[:, None, :] & ~forced
+        n_forced = jnp.sum(forced & valid[:, None, :], axis=-1)  # [B, H]
+        per_head = jnp.maximum(layer_budget - n_forced.max(axis=1), 0)
+        prefix_budgets = adaptive_head_budgets(
+            scores, prefix, per_head, self.alpha, head_groups=self.head_groups, normalize=self.normalize
+        )
+        return prefix_budgets + n_forced
+
+
+@policy_dataclass
+class AdaKV(Policy):
+    """Ada-KV on top of another policy's scorer and layer allocation: `AdaKV(SnapKV(budget=128))`.
+
+    alpha is the safeguard floor (each head gets at least alpha·B); `normalize` weighs heads by how
+    concentrated their scores are; `head_groups` keeps the trade within KV-head shards.
+    """
+
+    inner: Any = None  # a pytree child: the wrapped policy's numbers stay traced
+    alpha: Any = 0.2
+    normalize: bool = static_field(False)
+    head_groups: int = static_field(1)
+
+    def __post_init__(self):
+        if not isinstance(self.inner, Policy) or self.inner.keeps_everything:
+            raise PolicyError(f"AdaKV wraps a scoring policy such as SnapKV(budget=...), got {self.inner!r}")
+        if self.inner.scorer.layer_shared:
+            raise PolicyError(f"AdaKV needs per-head scores; {type(self.inner).__name__} shares one set per layer")
+        if isinstance(self.alpha, (int, float)) and not 0.0 <= self.alpha <= 1.0:
+            raise PolicyError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.inner.decode_eviction is not None:
+            raise PolicyError("AdaKV allocates prefill budgets; wrap a prefill-only policy (SnapKV, PyramidKV, KNorm)")
+
+    @property
+    def budget(self):
+        return self.inner.budget
+
+    @property
+    def scorer(self):
+        return self.inner.scorer
+
+    @property
+    def allocator(self):
+        return AdaAllocator(self.inner.allocator, self.alpha, self.inner.protected_window,
+                            self.inner.protected_sinks, self.head_groups, self.normalize)
+
+    @property
+    def protected_window(self):
+        return self.inner.protected_window
+
+    @property
+    def protected_sinks(self):
+        return self.inner.protected_sinks
