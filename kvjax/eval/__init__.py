@@ -1,0 +1,1 @@
+"""Evaluation tasks (pass-key retrieval, needles) and metrics."""
