@@ -156,7 +156,7 @@ def prefill(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
     scorer = policy.scorer
     window = scorer.window
     per_head = resolve_budget(policy, lengths)
-    layer_budgets = policy.allocator.layer_budgets(per_head, num_layers)  # [B, L]
+    layer_budgets = policy.allocator.layer_budgets(per_head, num_layers, lengths)  # [B, L]
     layer_budgets = jnp.minimum(layer_budgets, jnp.asarray(plan.stream_bound)[None, :])
     keep_running = policy.decode_eviction is not None
     dtype = weights.embed.dtype

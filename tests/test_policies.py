@@ -61,7 +61,7 @@ def test_pyramid_budgets_shrink_with_depth_and_average_the_budget():
 
 @pytest.mark.parametrize(
     "policy,expected_stream",
-    [(P.KNorm(budget=16), [16, 16]), (P.PyramidKV(budget=32, window=4, beta=2), None),
+    [(P.KNorm(budget=16), [16, 16]), (P.PyramidKV(budget=32, window=4, beta=2, style="paper"), None),
      (P.Compose(scorer_=P.scorers.KeyNorm(), budget=np.array([16, 32]), allocator_=P.PerLayer((16, 32))),
       [16, 32])],
     ids=["uniform", "pyramid", "per-layer"],

@@ -57,6 +57,21 @@ def adaptive_head_budgets(scores, prefix, head_budget, alpha, *, head_groups: in
     return jnp.minimum(budgets, prefix.sum(-1)).astype(jnp.int32)
 
 
+def kvpress_head_budgets(scores, valid, head_budget, alpha, *, head_groups: int = 1):
+    """kvpress 0.5.5's AdaKVPress: lift each head's top int(alpha·B) (at least 1) above everything,
+    then keep the layer's top H·B over the flattened scores; a head keeps what falls in it.
+    scores [B, H, T] (window already +inf), valid [B, T], head_budget [B] -> [B, H] int32."""
+    b, h, t = scores.shape
+    v = jnp.broadcast_to(valid[:, None, :], scores.shape)
+    n_safe = jnp.where(alpha > 0, jnp.maximum(1, jnp.floor(head_budget * alpha).astype(jnp.int32)), 0)
+    safe = mt.masked_topk(scores.reshape(b * h, t), jnp.repeat(n_safe, h), v.reshape(b * h, t)).reshape(b, h, t)
+    lifted = jnp.where(safe, jnp.inf, scores)
+    hg = h // head_groups
+    chosen = mt.masked_topk(lifted.reshape(b * head_groups, hg * t), jnp.repeat(head_budget * hg, head_groups),
+                            v.reshape(b * head_groups, hg * t)).reshape(b, h, t)
+    return chosen.sum(-1).astype(jnp.int32)
+
+
 @policy_dataclass
 class AdaAllocator:
     """Allocator wrapping another one: layers as `inner` decides, heads adaptively."""
@@ -67,15 +82,18 @@ class AdaAllocator:
     sinks: int = static_field(0)
     head_groups: int = static_field(1)
     normalize: bool = static_field(False)
+    convention: str = static_field("adakv")
     adaptive_heads = True
 
-    def layer_budgets(self, budget, num_layers: int):
-        return self.inner.layer_budgets(budget, num_layers)
+    def layer_budgets(self, budget, num_layers: int, lengths=None):
+        return self.inner.layer_budgets(budget, num_layers, lengths)
 
     def static_layer_bounds(self, bound: int, num_layers: int) -> np.ndarray:
         return self.inner.static_layer_bounds(bound, num_layers)
 
     def head_budgets(self, scores, layer_budget, valid, layer):
+        if self.convention == "kvpress":
+            return kvpress_head_budgets(scores, valid, layer_budget, self.alpha, head_groups=self.head_groups)
         forced = jnp.isposinf(scores)
         prefix = valid[:, None, :] & ~forced
         n_forced = jnp.sum(forced & valid[:, None, :], axis=-1)  # [B, H]
@@ -92,14 +110,19 @@ class AdaKV(Policy):
 
     alpha is the safeguard floor (each head gets at least alpha·B); `normalize` weighs heads by how
     concentrated their scores are; `head_groups` keeps the trade within KV-head shards.
+    convention "adakv" is the AdaKV repository's rule (module docstring); "kvpress" is kvpress
+    0.5.5's (protect each head's top alpha·B, then one flattened top-k, window included).
     """
 
     inner: Any = None  # a pytree child: the wrapped policy's numbers stay traced
     alpha: Any = 0.2
     normalize: bool = static_field(False)
     head_groups: int = static_field(1)
+    convention: str = static_field("adakv")
 
     def __post_init__(self):
+        if self.convention not in ("adakv", "kvpress"):
+            raise PolicyError(f"convention must be 'adakv' or 'kvpress', got {self.convention!r}")
         if not isinstance(self.inner, Policy) or self.inner.keeps_everything:
             raise PolicyError(f"AdaKV wraps a scoring policy such as SnapKV(budget=...), got {self.inner!r}")
         if self.inner.scorer.layer_shared:
@@ -120,7 +143,7 @@ class AdaKV(Policy):
     @property
     def allocator(self):
         return AdaAllocator(self.inner.allocator, self.alpha, self.inner.protected_window,
-                            self.inner.protected_sinks, self.head_groups, self.normalize)
+                            self.inner.protected_sinks, self.head_groups, self.normalize, self.convention)
 
     @property
     def protected_window(self):

@@ -124,7 +124,7 @@ class SnapKV(Policy):
     group_reduce: str = static_field("mean")
 
     def __post_init__(self):
-        self.scorer  # validates the scorer's options
+        self.scorer, self.allocator  # validate their options
         self._validate()
 
     @property
@@ -141,10 +141,11 @@ class PyramidKV(SnapKV):
     """PyramidKV (Cai et al. 2024): SnapKV scores, budgets shrinking linearly with depth (beta)."""
 
     beta: int = static_field(20)
+    style: str = static_field("kvpress")
 
     @property
     def allocator(self):
-        return allocators.Pyramid(window=self.window, beta=self.beta)
+        return allocators.Pyramid(window=self.window, beta=self.beta, style=self.style)
 
 
 @policy_dataclass

@@ -53,6 +53,10 @@ class WindowAttention(Scorer):
         per_query_head = jnp.sum(jnp.where(rows, attn, 0.0), axis=3) / jnp.maximum(
             jnp.sum(stats.window_valid, axis=1), 1
         )[:, None, None, None]
+        # pool over the prefix only: the window's own keys count as zero padding (as kvpress does;
+        # the window is kept regardless)
+        prefix = stats.positions[None, :] < (stats.lengths - self.window)[:, None]
+        per_query_head = jnp.where(prefix[:, None, None, :], per_query_head, 0.0)
         if self.pool_before_group:
             return reduce_group(pool1d(per_query_head, self.kernel, self.pooling), self.group_reduce)
         return pool1d(reduce_group(per_query_head, self.group_reduce), self.kernel, self.pooling)
