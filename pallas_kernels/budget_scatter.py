@@ -53,15 +53,42 @@ def _gather_kernel(head_ref, tok_ref, written_ref, src_ref, pool_ref, out_ref, *
     jax.lax.fori_loop(0, block, one_slot, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "interpret"))
-def budget_scatter_pallas(pool, src, src_head, src_token, written, *, block: int = 8, interpret=False):
-    """Pallas gather: grid over (sequence, block of slots); indices arrive as scalar prefetch."""
+def _gather_kernel_gpu(head_ref, tok_ref, written_ref, src_ref, pool_ref, out_ref, *, block: int):
+    """Triton has no scalar prefetch: indices come in as blocks, the slot loop is unrolled."""
+    for i in range(block):
+        row = src_ref[0, head_ref[0, i], tok_ref[0, i], :]
+        keep_old = written_ref[0, i] == 0
+        out_ref[0, i, :] = jnp.where(keep_old, pool_ref[0, i, :], row.astype(out_ref.dtype))
+
+
+def _budget_scatter_gpu(pool, src, heads, toks, wr, *, block: int, interpret):
+    b, p, d = pool.shape
+    _, h, t, _ = src.shape
+    slots = lambda i, j: (i, j)
+    return pl.pallas_call(
+        functools.partial(_gather_kernel_gpu, block=block),
+        grid=(b, p // block),
+        in_specs=[pl.BlockSpec((1, block), slots), pl.BlockSpec((1, block), slots), pl.BlockSpec((1, block), slots),
+                  pl.BlockSpec((1, h, t, d), lambda i, j: (i, 0, 0, 0)),
+                  pl.BlockSpec((1, block, d), lambda i, j: (i, j, 0))],
+        out_specs=pl.BlockSpec((1, block, d), lambda i, j: (i, j, 0)),
+        out_shape=jax.ShapeDtypeStruct(pool.shape, pool.dtype),
+        interpret=interpret,
+    )(heads, toks, wr, src, pool)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "interpret", "gpu"))
+def budget_scatter_pallas(pool, src, src_head, src_token, written, *, block: int = 8, interpret=False, gpu=False):
+    """Pallas gather: grid over (sequence, block of slots); on TPU the indices arrive as scalar
+    prefetch, on GPU (Triton, no scalar prefetch) as ordinary blocks."""
     b, p, d = pool.shape
     _, h, t, _ = src.shape
     p_pad = -(-p // block) * block
     pad = lambda x: jnp.pad(x, ((0, 0), (0, p_pad - p)))
     heads, toks, wr = pad(src_head), pad(src_token), pad(written.astype(jnp.int32))
     pool_p = jnp.pad(pool, ((0, 0), (0, p_pad - p), (0, 0)))
+    if gpu:
+        return _budget_scatter_gpu(pool_p, src, heads, toks, wr, block=block, interpret=interpret)[:, :p]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=3,
         grid=(b, p_pad // block),
@@ -88,7 +115,8 @@ def budget_scatter(pool, src, src_head, src_token, written, *,
     if src_head.shape != pool.shape[:2] or src_token.shape != pool.shape[:2] or written.shape != pool.shape[:2]:
         raise ValueError(f"src_head, src_token and written must be [B, P] = {pool.shape[:2]}")
     if implementation == "pallas":
-        return budget_scatter_pallas(pool, src, src_head, src_token, written, interpret=interpret)
+        gpu = jax.default_backend() == "gpu"
+        return budget_scatter_pallas(pool, src, src_head, src_token, written, interpret=interpret, gpu=gpu)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     return budget_scatter_reference(pool, src, src_head, src_token, written)

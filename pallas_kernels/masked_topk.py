@@ -69,7 +69,7 @@ def _select_rows(keys, k, n: int):
 
 
 def _kernel(keys_ref, k_ref, valid_ref, out_ref, *, n: int):
-    k = k_ref[...][:, :1]
+    k = jnp.max(k_ref[...], axis=1, keepdims=True)  # every lane holds the row's k (no slicing on Triton)
     keep = _select_rows(keys_ref[...], k, n)
     out_ref[...] = (keep & (valid_ref[...] != 0)).astype(jnp.int32)
 
@@ -77,7 +77,7 @@ def _kernel(keys_ref, k_ref, valid_ref, out_ref, *, n: int):
 @functools.partial(jax.jit, static_argnames=("block_rows", "interpret"))
 def masked_topk_pallas(scores, k, valid, *, block_rows: int = 8, interpret=False):
     r, n = scores.shape
-    n_pad = -(-n // 128) * 128
+    n_pad = max(128, 1 << (n - 1).bit_length())  # a power of two: Triton blocks need it, TPU lanes too
     r_pad = -(-r // block_rows) * block_rows
     keys = _order_keys(scores, valid)
     keys = jnp.pad(keys, ((0, r_pad - r), (0, n_pad - n)), constant_values=_INT_MIN)

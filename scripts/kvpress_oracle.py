@@ -53,8 +53,10 @@ def _import_kvpress():
 
 
 def ratio_for(n: int, budget: int) -> float:
-    """A compression ratio for which kvpress keeps exactly `budget` of n tokens."""
-    return (n - budget - 0.5) / n
+    """A compression ratio for which kvpress keeps exactly `budget` of n tokens, with
+    n (1 - ratio) a hair above `budget` so that float rounding neither drops a token nor moves
+    PyramidKV's budget formula."""
+    return 1.0 - (budget + 1e-6) / n
 
 
 def record_scores(press, store: dict):
