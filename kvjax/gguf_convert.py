@@ -1,9 +1,25 @@
 """GGUF (llama.cpp) -> Hugging Face checkpoint directory, without torch.
 
-The `gguf` package reads the file and dequantises every tensor in numpy; this module renames the
-tensors to Hugging Face's names, undoes llama.cpp's interleaved-RoPE permutation of the q/k rows,
-and rebuilds the byte-level BPE tokenizer from the GGUF vocabulary and merges. The result loads in
+    convert_gguf_to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")  # -> pathlib.Path("smollm2")
+
+The `gguf` package parses the file and dequantises every tensor in numpy. This module renames the
+tensors to Hugging Face's names, undoes llama.cpp's q/k row permutation, writes `config.json` from
+the `llama.*` metadata and rebuilds the byte-level BPE tokenizer from the `tokenizer.ggml.*`
+vocabulary, merges and token types. The result equals what transformers' own GGUF loader builds
+(tests/test_gguf_convert.py checks every tensor, the config and the token ids) and loads both in
 transformers and in `kvjax.load`.
+
+The q/k permutation: llama.cpp's converter reorders the rows of each attention head of q_proj and
+k_proj from Hugging Face's rotate-half layout (the first half of the head's rows pair with the
+second half) to GGML's interleaved layout (rows 2i and 2i+1 form a pair), using the query head
+count for q and the key/value head count for k. `unpermute_rope_rows` restores the halves.
+
+Tokenizer: by default the pre-tokenizer is the one transformers builds from a GGUF (the GPT-2
+regex of `ByteLevel`, whatever `tokenizer.ggml.pre` says, for the pre-tokenizer names accepted
+here). llama.cpp reads `tokenizer.ggml.pre` = "smollm" (and "starcoder", "refact", ...) as "split
+every numeric character off first", which is also what SmolLM2's original `tokenizer.json` does
+(`Digits(individual_digits=True)`). The two differ on whitespace runs before a digit ("a  5",
+"\\n\\n5"); `pretokenizer="llama.cpp"` writes the digit-splitting variant.
 """
 
 from __future__ import annotations
@@ -13,12 +29,26 @@ import os
 import pathlib
 import shutil
 import tempfile
+import uuid
 
 import numpy as np
 
-CONVERTER_VERSION = 1
+# Bump when the files written change: `kvjax.embedded` reconverts caches of another version.
+CONVERTER_VERSION = 2
 
-_LAYER_NAMES = {
+SUPPORTED_ARCHITECTURES = ("llama",)
+DTYPES = ("float32", "float16", "bfloat16")
+PRETOKENIZERS = ("transformers", "llama.cpp")
+
+# `tokenizer.ggml.pre` values whose llama.cpp regex is GPT-2's, and those that split every numeric
+# character off before it. transformers uses the GPT-2 regex for all of them.
+_GPT2_REGEX_PRE = frozenset({"gpt2", "mpt", "olmo", "jais"})
+_DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
+
+_GGUF_MAGIC = b"GGUF"
+_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
+
+_LAYER_TENSORS = {  # GGUF name inside blk.{i} -> HF name inside model.layers.{i}
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
@@ -29,51 +59,127 @@ _LAYER_NAMES = {
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
 }
-_GLOBAL_NAMES = {
+_GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
+    "output.weight": "lm_head.weight",  # absent when the embeddings are tied
 }
 
 
-def _hf_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".", 2)
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}")
+def convert_gguf_to_hf(gguf_path, out_dir, dtype: str = "float32", *, pretokenizer: str = "transformers") -> pathlib.Path:
+    """Write a Hugging Face checkpoint directory (config, model.safetensors, tokenizer) from a GGUF file.
+
+    dtype: "float32" (default), "float16" or "bfloat16" for the saved weights.
+    pretokenizer: "transformers" (the tokenizer transformers builds from the same GGUF) or
+        "llama.cpp" (honour `tokenizer.ggml.pre` the way llama.cpp does: see the module docstring).
+    The directory is built next to out_dir and renamed into place; an existing out_dir is replaced
+    only when it is empty or looks like a checkpoint (has a config.json). Returns out_dir.
+    Raises ValueError for a file that is not GGUF, an unsupported architecture, tokenizer or tensor
+    type, missing metadata, or a missing or misshapen tensor.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
+    if pretokenizer not in PRETOKENIZERS:
+        raise ValueError(f"pretokenizer must be one of {PRETOKENIZERS}, not {pretokenizer!r}")
+    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
+    _check_replaceable(out_dir)
+    reader = _open(gguf_path)
+    arch = _meta(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{gguf_path.name}: unsupported GGUF architecture {arch!r} "
+                         f"(kvjax converts {', '.join(SUPPORTED_ARCHITECTURES)})")
+    config = _config(reader, arch, dtype)
+    tokenizer_files = _tokenizer_files(reader, arch, pretokenizer)  # before the tensors: fail fast
+    tensors = _tensors(reader, config, dtype)
+
+    from safetensors.numpy import save_file
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        _write_json(tmp / "config.json", config)
+        generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
+        _write_json(tmp / "generation_config.json", generation)
+        for name, text in tokenizer_files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)  # safetensors writes its file private
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
 
 
 def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of llama.cpp's q/k permutation: per head, its rows were reordered from HF's
-    rotate-half layout [first halves | second halves] to interleaved pairs; restore the halves."""
-    out_dim = w.shape[0]
-    return w.reshape(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    """Inverse of llama.cpp's q/k permutation. Per head of `head_dim` rows, llama.cpp put row i of the
+    first half and row i of the second half next to each other (rows 2i, 2i+1); restore the halves."""
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"{rows} rows do not split into {n_heads} heads of an even size")
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _meta(reader, key, default=None):
+# ----------------------------------------------------------------------------------------------
+# reading
+
+
+def _open(path: pathlib.Path):
+    import gguf
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no GGUF file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != _GGUF_MAGIC:
+        raise ValueError(f"{path} is not a GGUF file (its first bytes are {magic!r}, not {_GGUF_MAGIC!r})")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # truncated or corrupt: the reader raises assorted errors
+        raise ValueError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from e
+
+
+def _meta(reader, key: str, default=None):
     field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
+    return default if field is None else field.contents()
 
 
-def _config(reader, arch: str, n_tokens: int) -> dict:
-    def req(key):
-        value = _meta(reader, f"{arch}.{key}")
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
-        return value
+def _required(reader, key: str):
+    value = _meta(reader, key)
+    if value is None:
+        raise ValueError(f"the GGUF metadata lacks {key!r}")
+    return value
+
+
+def _config(reader, arch: str, dtype: str) -> dict:
+    def key(name, default=None):
+        return _scalar(name, _meta(reader, f"{arch}.{name}", default))
+
+    def req(name):
+        return _scalar(name, _required(reader, f"{arch}.{name}"))
 
     hidden = int(req("embedding_length"))
     n_heads = int(req("attention.head_count"))
-    head_dim = int(_meta(reader, f"{arch}.rope.dimension_count", hidden // n_heads))
-    theta = float(_meta(reader, f"{arch}.rope.freq_base", 10000.0))
-    bos = _meta(reader, "tokenizer.ggml.bos_token_id")
-    eos = _meta(reader, "tokenizer.ggml.eos_token_id")
-    pad = _meta(reader, "tokenizer.ggml.padding_token_id")
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
+    n_kv = key("attention.head_count_kv", n_heads)
+    head_dim = int(key("attention.key_length", hidden // n_heads))
+    if int(key("attention.value_length", head_dim)) != head_dim:
+        raise ValueError("unsupported GGUF: key and value head sizes differ")
+    rope_dim = int(key("rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"unsupported GGUF: RoPE on {rope_dim} of {head_dim} head dimensions (partial rotary)")
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none") or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ValueError(f"unsupported GGUF: RoPE scaling ({scaling or 'rope_freqs.weight'}); kvjax converts plain RoPE")
+    theta = float(key("rope.freq_base", 10000.0))
+    n_tokens = len(_required(reader, "tokenizer.ggml.tokens"))
+
+    def token_id(name):
+        value = _meta(reader, f"tokenizer.ggml.{name}")
+        return None if value is None else int(value)
+
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -81,117 +187,233 @@ def _config(reader, arch: str, n_tokens: int) -> dict:
         "intermediate_size": int(req("feed_forward_length")),
         "num_hidden_layers": int(req("block_count")),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(_meta(reader, f"{arch}.attention.head_count_kv", n_heads)),
+        "num_key_value_heads": int(n_kv),
         "head_dim": head_dim,
+        "hidden_act": "silu",
+        # the float32 of the file, widened (9.999999747378752e-06): what transformers' loader keeps
         "rms_norm_eps": float(req("attention.layer_norm_rms_epsilon")),
         "max_position_embeddings": int(req("context_length")),
-        "vocab_size": int(_meta(reader, f"{arch}.vocab_size", n_tokens)),
-        "tie_word_embeddings": tied,
+        "vocab_size": int(key("vocab_size", n_tokens)),
+        "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
         "attention_bias": False,
+        "attention_dropout": 0.0,
         "mlp_bias": False,
-        "hidden_act": "silu",
+        # transformers 5 reads rope_parameters; older loaders (and transformers 4) read rope_theta
         "rope_theta": theta,
         "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
-        "bos_token_id": None if bos is None else int(bos),
-        "eos_token_id": None if eos is None else int(eos),
-        "pad_token_id": None if pad is None else int(pad),
-        "torch_dtype": "float32",
+        "bos_token_id": token_id("bos_token_id"),
+        "eos_token_id": token_id("eos_token_id"),
+        "pad_token_id": token_id("padding_token_id"),
+        "dtype": dtype,
+        "use_cache": True,
     }
 
 
-def _tokenizer_files(reader) -> dict[str, str]:
-    """tokenizer.json (byte-level BPE, as transformers builds it from GGUF) and its configs."""
+def _scalar(name: str, value):
+    """Some files store a per-layer list (head counts, FFN widths); kvjax needs one value for all layers."""
+    if isinstance(value, list):
+        if not value or any(v != value[0] for v in value):
+            raise ValueError(f"unsupported GGUF: {name} differs between layers ({value[:8]}...)")
+        return value[0]
+    return value
+
+
+def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """HF name -> numpy shape ([out, in] for projections) of every tensor the checkpoint needs."""
+    h, f, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], h), "model.norm.weight": (h,)}
+    if not config["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (config["vocab_size"], h)
+    layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+        "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    for i in range(config["num_hidden_layers"]):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    return shapes
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+        return f"model.layers.{int(parts[1])}.{_LAYER_TENSORS[parts[2]]}"
+    return None
+
+
+def _tensors(reader, config: dict, dtype: str) -> dict[str, np.ndarray]:
+    import gguf
+
+    expected = _expected_shapes(config)
+    by_name = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None or name not in expected:
+            raise ValueError(f"unexpected tensor {t.name!r} in a {config['num_hidden_layers']}-layer llama GGUF")
+        by_name[name] = t
+    missing = [n for n in expected if n not in by_name]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"the GGUF file lacks tensors: {shown}")
+    out_dtype = _numpy_dtype(dtype)
+    tensors = {}
+    for name, shape in expected.items():
+        t = by_name[name]
+        gguf_shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the innermost dimension first
+        if gguf_shape != shape:
+            raise ValueError(f"tensor {t.name!r} has shape {gguf_shape} (numpy order); {name} needs {shape}")
+        try:
+            x = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise ValueError(f"tensor {t.name!r}: cannot dequantise GGML type {t.tensor_type.name}: {e}") from e
+        x = np.asarray(x, np.float32).reshape(shape)
+        if name.endswith("q_proj.weight"):
+            x = unpermute_rope_rows(x, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight"):
+            x = unpermute_rope_rows(x, config["num_key_value_heads"])
+        tensors[name] = np.ascontiguousarray(x.astype(out_dtype, copy=False))
+    return tensors
+
+
+def _numpy_dtype(dtype: str):
+    if dtype == "bfloat16":
+        import ml_dtypes  # a dependency of jax
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for themselves, the
+    others (controls, space, ...) take the characters from U+0100 on, in byte order."""
+    keep = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(0x100 + shifted)
+            shifted += 1
+    return table
+
+
+def _tokenizer_files(reader, arch: str, pretokenizer: str) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json and special_tokens_map.json, as text."""
     model = _meta(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise ValueError(f"unsupported GGUF tokenizer model {model!r}: kvjax converts byte-level BPE ('gpt2')")
+    pre = _meta(reader, "tokenizer.ggml.pre", "gpt2")
+    if pre not in _GPT2_REGEX_PRE | _DIGIT_SPLIT_PRE:
+        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); kvjax knows "
+                         f"{sorted(_GPT2_REGEX_PRE | _DIGIT_SPLIT_PRE)}")
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, processors
 
-    tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
-    types = list(_meta(reader, "tokenizer.ggml.token_type"))
-    merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges")]
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False, byte_fallback=False)
-    tok = tokenizers.Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    bos_id = _meta(reader, "tokenizer.ggml.bos_token_id")
-    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False))
-    special = [tokenizers.AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3]
-    tok.add_special_tokens(special)
-    if add_bos and bos_id is not None:
-        bos = tokens[int(bos_id)]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
-        )
-    else:
-        tok.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+    tokens = list(_required(reader, "tokenizer.ggml.tokens"))
+    types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = _required(reader, "tokenizer.ggml.merges")
+    alphabet = _byte_alphabet()
+    spelled = set(alphabet.values())
 
-    def name(key):
-        i = _meta(reader, key)
+    def byte_spelling(token: str) -> str:  # a token written in plain text, not in the byte alphabet
+        return token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode("utf-8"))
+
+    vocab = {byte_spelling(t): i for i, t in enumerate(tokens)}
+    pairs = []
+    for m in merges:
+        left, sep, right = m.partition(" ")
+        if not sep or not left or not right:
+            raise ValueError(f"malformed BPE merge {m!r} in tokenizer.ggml.merges")
+        pairs.append((left, right))
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    if pretokenizer == "llama.cpp" and pre in _DIGIT_SPLIT_PRE:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    # control tokens (<|im_start|>, ...) are special and matched whole; a "control" token outside the
+    # byte alphabet would be a mislabel (and would grow the vocabulary), so it stays a plain token.
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL and set(t) <= spelled])
+    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                    for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED and t in vocab])
+
+    def token_name(key):
+        i = _meta(reader, f"tokenizer.ggml.{key}")
         return None if i is None else tokens[int(i)]
 
-    cfg = {
-        "bos_token": name("tokenizer.ggml.bos_token_id"),
-        "eos_token": name("tokenizer.ggml.eos_token_id"),
-        "unk_token": name("tokenizer.ggml.unknown_token_id"),
-        "pad_token": name("tokenizer.ggml.padding_token_id"),
+    bos, eos = token_name("bos_token_id"), token_name("eos_token_id")
+    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+    single = ([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else [])
+    pair = single + [x if x != "$A" else "$B:1" for x in single]
+    specials = sorted({(t, vocab[byte_spelling(t)]) for t in (bos if add_bos else None, eos if add_eos else None) if t})
+    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
+
+    special_map = {"bos_token": bos, "eos_token": eos, "unk_token": token_name("unknown_token_id"),
+                   "pad_token": token_name("padding_token_id")}
+    special_map = {k: v for k, v in special_map.items() if v is not None}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # keeps transformers from rebuilding a LlamaTokenizer
+        **special_map,
         "add_bos_token": add_bos,
-        "model_max_length": int(_meta(reader, f"{_meta(reader, 'general.architecture')}.context_length", 2048)),
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_meta(reader, f"{arch}.context_length", 2048)),
     }
     template = _meta(reader, "tokenizer.chat_template")
     if template:
-        cfg["chat_template"] = template
-    specials = {k: v for k, v in cfg.items() if k.endswith("_token") and v is not None}
+        config["chat_template"] = template
     return {
         "tokenizer.json": tok.to_str(),
-        "tokenizer_config.json": json.dumps(cfg, indent=1),
-        "special_tokens_map.json": json.dumps(specials, indent=1),
+        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+        "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False),
     }
 
 
-def convert_gguf_to_hf(gguf_path, out_dir, dtype: str = "float32") -> pathlib.Path:
-    """Write a Hugging Face checkpoint directory (config, safetensors, tokenizer) from a GGUF file."""
-    import gguf
-    from safetensors.numpy import save_file
+# ----------------------------------------------------------------------------------------------
+# writing
 
-    gguf_path, out_dir = pathlib.Path(gguf_path), pathlib.Path(out_dir)
-    with open(gguf_path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{gguf_path} is not a GGUF file (bad magic)")
-    reader = gguf.GGUFReader(gguf_path)
-    arch = _meta(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"unsupported GGUF architecture {arch!r}: kvjax converts llama")
-    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
-    config = _config(reader, arch, n_tokens)
-    tensors = {}
-    for t in reader.tensors:
-        x = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        x = x.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        name = _hf_name(t.name)
-        if t.name.endswith("attn_q.weight"):
-            x = unpermute_rope_rows(x, config["num_attention_heads"])
-        elif t.name.endswith("attn_k.weight"):
-            x = unpermute_rope_rows(x, config["num_key_value_heads"])
-        tensors[name] = np.ascontiguousarray(x.astype(dtype))
-    for i in range(config["num_hidden_layers"]):
-        for suffix in _LAYER_NAMES.values():
-            if f"model.layers.{i}.{suffix}" not in tensors:
-                raise ValueError(f"GGUF file lacks the tensor for model.layers.{i}.{suffix}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    try:
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=1))
-        for fname, text in _tokenizer_files(reader).items():
-            (tmp / fname).write_text(text)
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _check_replaceable(out_dir: pathlib.Path) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} exists and is not a directory")
+    if any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
+        raise ValueError(f"{out_dir} exists and is not a checkpoint directory (no config.json): not replacing it")
+
+
+def _move_into_place(tmp: pathlib.Path, out_dir: pathlib.Path) -> None:
+    """Rename the finished directory to out_dir; an old out_dir is renamed aside first, then removed."""
+    for _ in range(3):
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+            _check_replaceable(out_dir)
+            aside = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(out_dir, aside)
+            except FileNotFoundError:  # someone else moved it meanwhile
+                continue
+            os.rename(tmp, out_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+            return
+        try:
+            os.rename(tmp, out_dir)
+            return
+        except OSError:  # created meanwhile by another writer: replace it on the next round
+            if not out_dir.exists():
+                raise
+    raise OSError(f"could not move the converted checkpoint into {out_dir}: it keeps changing")
