@@ -1,18 +1,34 @@
 """Decode attention of one query per sequence over the streams of a pooled KV cache.
 
     ragged_decode_attention(q [B, H, G, D], k_pool [B, P, D], v_pool [B, P, D],
-                            start [B, H], length [B, H]) -> out [B, H, G, D]
+                            start [B, H] int32, length [B, H] int32, *, sm_scale,
+                            pos [B, P] int32 = None, min_pos [B] int32 = None) -> out [B, H, G, D]
 
-Stream (b, h) is `k_pool[b, start[b,h] : start[b,h] + length[b,h]]`; the G query heads of KV head h
-(its GQA group) share it. Optional `pos [B, P]` and `min_pos [B]` hide slots whose original
-position is below min_pos (sliding-window models). An empty stream gives zeros.
+Stream (b, h) is the slots `[start[b,h], start[b,h] + length[b,h])` of `k_pool[b]` / `v_pool[b]`;
+the G query heads of KV head h (its GQA group) share it. Optional `pos [B, P]` and `min_pos [B]`
+hide slots whose original position is below `min_pos[b]` (sliding-window models). An empty stream
+(length 0, or every slot hidden) gives zeros. The output has q's dtype; softmax and accumulation
+are float32. Callers guarantee `0 <= start` and `start + length <= P`.
 
 The kernel is flash-decoding: a grid over (sequence, KV head, split); each program walks its share
-of the stream in blocks of `block_kv` slots with an online softmax, reading only the stream's own
-slots, and the splits are merged by log-sum-exp outside. Block reads stay inside the pool by
-clamping the block start and masking slots by index, so no padding copy of the pool is needed.
-Written for GPU (Pallas lowered through Triton) and interpret mode; TPU would need explicit DMA
-from HBM and is not done.
+of the stream in blocks of `block_kv` slots with an online softmax (running max, sum, accumulator),
+reading only the stream's own slots, and the splits are merged by log-sum-exp in XLA. The G query
+heads of a group form one [G', D] operand (G padded to G' = max(16, next power of two)) so every
+K/V block is read once per group. Split and block boundaries are aligned to 16 slots from the
+stream's first slot rounded down; a block that would run past the pool is shifted back to end at P
+and the slots it re-reads are masked by index, so the pool is never padded or copied.
+
+Two kernels share that plan:
+- GPU (Pallas lowered through Triton): the pools are whole-array refs (no copy on Triton) read
+  with dynamic `pl.ds` slices inside the loop; Triton software-pipelines the loop.
+- TPU (Mosaic): the pools stay in HBM (`pl.ANY`); start/length/min_pos arrive as scalar prefetch;
+  each program double-buffers its K/V (and pos) blocks into VMEM with `pltpu.make_async_copy`.
+  DMA windows start on whole tiles: blocks start at multiples of 16 slots (of 128 with `pos`, whose
+  windows are lane slices), so P must be a multiple of 16 (128 with `pos`); otherwise the wrapper
+  pads the pools, which copies them: allocate pools with aligned P.
+`backend=None` picks the GPU kernel when `jax.default_backend() == "gpu"` and the TPU kernel
+otherwise (so `jax.export(..., platforms=["tpu"])` on a CPU host checks the TPU lowering).
+Both kernels run on CPU in interpret mode.
 """
 
 from __future__ import annotations
@@ -23,55 +39,112 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
-_NEG = -1e30
+from . import _common
+
+_NEG = -1e30  # finite: exp(_NEG - m) underflows to 0 without producing NaN
+_ALIGN = 16
 
 
 def ragged_decode_attention_reference(q, k_pool, v_pool, start, length, *, sm_scale: float, pos=None, min_pos=None):
-    """Masked dense softmax over the whole pool (reads everything; for tests)."""
-    b, h, g, d = q.shape
+    """Masked dense softmax over the whole pool (reads every slot; for tests and as the XLA path).
+
+    Slots outside every stream must hold finite values (0 * inf would leak NaN into the sum)."""
     p = k_pool.shape[1]
     s = jnp.arange(p)[None, None, :]
     mask = (s >= start[..., None]) & (s < (start + length)[..., None])  # [B, H, P]
     if min_pos is not None:
         mask &= (pos >= min_pos[:, None])[:, None, :]
-    logits = jnp.einsum("bhgd,bpd->bhgp", q.astype(jnp.float32), k_pool.astype(jnp.float32)) * sm_scale
+    logits = jnp.einsum("bhgd,bpd->bhgp", q.astype(jnp.float32), k_pool.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) * sm_scale
     logits = jnp.where(mask[:, :, None], logits, _NEG)
     probs = jnp.where(mask[:, :, None], jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bhgp,bpd->bhgd", probs, v_pool.astype(jnp.float32))
+    out = jnp.einsum("bhgp,bpd->bhgd", probs, v_pool.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return out.astype(q.dtype)
 
 
-def _kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref, *,
-            sm_scale, block_kv, num_splits, pool_size, use_pos):
-    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    start = start_ref[b, h]
-    length = len_ref[b, h]
-    per_split = pl.cdiv(pl.cdiv(length, num_splits), block_kv) * block_kv
-    lo = start + split * per_split
-    hi = jnp.minimum(start + length, lo + per_split)
-    n_blocks = pl.cdiv(jnp.maximum(hi - lo, 0), block_kv)
-    q = q_ref[0, 0].astype(jnp.float32) * sm_scale  # [G, D]
+# ---------------------------------------------------------------------------------------------
+# shared pieces of both kernels
+
+
+def _split_plan(start, length, split, *, num_splits: int, block_kv: int, align: int = _ALIGN):
+    """Slots [lo, hi) of this split, the first block's slot `base` (a multiple of `align`, a power of
+    two dividing block_kv), and the block count."""
+    start_a = start - (start & (align - 1))
+    span = length + (start - start_a)
+    per_split = _cdiv(_cdiv(span, num_splits), block_kv) * block_kv
+    base = start_a + split * per_split
+    lo = jnp.maximum(start, base)
+    hi = jnp.minimum(start + length, base + per_split)
+    n_blocks = jnp.where(hi > lo, _cdiv(jnp.maximum(hi - base, 0), block_kv), 0)
+    return base, lo, hi, n_blocks
+
+
+def _cdiv(a, b: int):
+    """Ceil division of a non-negative int32 scalar by a constant (lax.div truncates: no sign ops,
+    which Mosaic cannot lower without a TPU at hand)."""
+    return jax.lax.div(a + (b - 1), jnp.int32(b))
+
+
+def _block_offset(base, i, *, block_kv: int, pool_size: int):
+    """Block i's nominal first slot and the first slot actually read (shifted back inside the pool)."""
+    off = base + i * block_kv
+    return off, jnp.minimum(off, pool_size - block_kv)
+
+
+def _online_softmax_step(carry, q, k, v, row_valid, col_valid, *, sm_scale: float):
+    """One block of the online softmax. q [G, D]; k, v [blk, D]; row_valid [1, blk]; col_valid [blk, 1]."""
+    m, l, acc = carry
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.where(row_valid, s, _NEG)  # [G, blk]
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(row_valid, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    v = jnp.where(col_valid, v, jnp.zeros_like(v))  # slots of other streams may hold anything
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + pv
+
+
+def _merge_splits(out, m, l, g: int, dtype):
+    """Log-sum-exp merge of the splits. out [B, H, S, G', D], m and l [B, H, S, G', 1] -> [B, H, G, D]."""
+    out, m, l = out[:, :, :, :g], m[:, :, :, :g], l[:, :, :, :g]
+    m_all = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.where(l > 0, jnp.exp(m - m_all), 0.0)  # splits that saw nothing weigh 0
+    num = jnp.sum(out * w, axis=2)
+    den = jnp.sum(l * w, axis=2)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0).astype(dtype)
+
+
+def _compute_dtype(*dtypes):
+    return functools.reduce(jnp.promote_types, dtypes)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (Triton) kernel
+
+
+def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref, *,
+                sm_scale, block_kv, num_splits, pool_size, use_pos, cdtype):
+    split = pl.program_id(2)
+    start = start_ref[0, 0]
+    length = len_ref[0, 0]
+    base, lo, hi, n_blocks = _split_plan(start, length, split, num_splits=num_splits, block_kv=block_kv)
+    q = q_ref[0, 0].astype(cdtype)  # [G', D]
     g = q.shape[0]
 
     def body(i, carry):
-        m, l, acc = carry
-        off = lo + i * block_kv
-        off_c = jnp.minimum(off, pool_size - block_kv)  # stay inside the pool; mask by index below
-        idx = off_c + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-        valid = (idx >= off) & (idx < hi)
-        k = k_ref[b, pl.ds(off_c, block_kv), :].astype(jnp.float32)  # [blk, D]
-        v = v_ref[b, pl.ds(off_c, block_kv), :].astype(jnp.float32)
+        off, off_c = _block_offset(base, i, block_kv=block_kv, pool_size=pool_size)
+        first = jnp.maximum(off, lo)
+        row = off_c + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+        col = off_c + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
+        row_valid = (row >= first) & (row < hi)
+        col_valid = (col >= first) & (col < hi)
+        k = k_ref[0, pl.ds(off_c, block_kv), :].astype(cdtype)
+        v = v_ref[0, pl.ds(off_c, block_kv), :].astype(cdtype)
         if use_pos:
-            valid &= pos_ref[b, pl.ds(off_c, block_kv)][None, :] >= minpos_ref[b]
-        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [G, blk]
-        s = jnp.where(valid, s, _NEG)
-        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-        p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m - m_new)
-        l = l * alpha + p.sum(axis=1, keepdims=True)
-        acc = acc * alpha + jax.lax.dot(p, v, preferred_element_type=jnp.float32)
-        return m_new, l, acc
+            row_valid &= pos_ref[0, pl.ds(off_c, block_kv)][None, :] >= minpos_ref[0, 0]
+        return _online_softmax_step(carry, q, k, v, row_valid, col_valid, sm_scale=sm_scale)
 
     init = (jnp.full((g, 1), _NEG, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
@@ -80,65 +153,215 @@ def _kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref,
     l_ref[0, 0, 0] = l
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret"))
-def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, *, sm_scale: float,
-                                   block_kv: int = 64, num_splits: int = 4, interpret=False):
-    b, h, g, d = q.shape
+def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, *, sm_scale, block_kv, num_splits, use_pos,
+              interpret, num_warps, num_stages):
+    b, h, gp, d = qp.shape
     p = k_pool.shape[1]
-    block_kv = min(block_kv, p)
-    g_pad = max(16, g) if not interpret else g  # Triton dots need M >= 16
-    qp = jnp.pad(q, ((0, 0), (0, 0), (0, g_pad - g), (0, 0)))
-    use_pos = min_pos is not None
-    pos_arr = pos if use_pos else jnp.zeros((b, p), jnp.int32)
-    minpos = min_pos if use_pos else jnp.zeros((b,), jnp.int32)
-    whole = lambda shape: pl.BlockSpec(shape, lambda i, j, s: (0,) * len(shape))
-    kernel = functools.partial(_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
-                               pool_size=p, use_pos=use_pos)
-    out, m, l = pl.pallas_call(
+    block_kv = min(block_kv, 1 << (p.bit_length() - 1))  # a power of two no larger than the pool
+    cdtype = _compute_dtype(qp.dtype, k_pool.dtype, v_pool.dtype)
+    kernel = functools.partial(_gpu_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
+                               pool_size=p, use_pos=use_pos, cdtype=cdtype)
+    scalar = pl.BlockSpec((1, 1), lambda i, j, s: (i, j))
+    per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j, s: (i,) + (0,) * len(shape))
+    part = lambda last: pl.BlockSpec((1, 1, 1, gp, last), lambda i, j, s: (i, j, s, 0, 0))
+    return pl.pallas_call(
         kernel,
         grid=(b, h, num_splits),
-        in_specs=[
-            whole((b, h)), whole((b, h)), whole((b,)),
-            pl.BlockSpec((1, 1, g_pad, d), lambda i, j, s: (i, j, 0, 0)),
-            whole((b, p, d)), whole((b, p, d)), whole((b, p)),
-        ],
-        out_specs=[
-            pl.BlockSpec((1, 1, 1, g_pad, d), lambda i, j, s: (i, j, s, 0, 0)),
-            pl.BlockSpec((1, 1, 1, g_pad, 1), lambda i, j, s: (i, j, s, 0, 0)),
-            pl.BlockSpec((1, 1, 1, g_pad, 1), lambda i, j, s: (i, j, s, 0, 0)),
-        ],
-        out_shape=[
-            jax.ShapeDtypeStruct((b, h, num_splits, g_pad, d), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, num_splits, g_pad, 1), jnp.float32),
-            jax.ShapeDtypeStruct((b, h, num_splits, g_pad, 1), jnp.float32),
-        ],
+        in_specs=[scalar, scalar, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
+                  pl.BlockSpec((1, 1, gp, d), lambda i, j, s: (i, j, 0, 0)),
+                  per_seq((p, d)), per_seq((p, d)), per_seq((p,))],
+        out_specs=[part(d), part(1), part(1)],
+        out_shape=[jax.ShapeDtypeStruct((b, h, num_splits, gp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32)],
         interpret=interpret,
-    )(start.astype(jnp.int32), length.astype(jnp.int32), minpos.astype(jnp.int32), qp, k_pool, v_pool,
-      pos_arr.astype(jnp.int32))
-    # merge the splits (log-sum-exp); empty splits carry l = 0
-    m_all = m.max(axis=2, keepdims=True)
-    w = jnp.where(l > 0, jnp.exp(m - m_all), 0.0)
-    num = (out * w).sum(axis=2)
-    den = (l * w).sum(axis=2)
-    res = jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 0.0)
-    return res[:, :, :g].astype(q.dtype)
+        name="ragged_decode_attention_gpu",
+        **_common.triton_kwargs(interpret, num_warps, num_stages),
+    )(start, length, min_pos.reshape(b, 1), qp, k_pool, v_pool, pos)
 
 
-def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float, pos=None, min_pos=None,
-                            implementation: Literal["pallas", "xla"] = "xla", interpret=False,
-                            block_kv: int = 64, num_splits: int = 4):
-    """out [B, H, G, D] (see module docstring)."""
+# ---------------------------------------------------------------------------------------------
+# TPU (Mosaic) kernel: pools in HBM, manual double-buffered DMA
+
+
+def _tpu_kernel(start_s, len_s, minpos_s, q_ref, k_hbm, v_hbm, *rest, sm_scale, block_kv, num_splits, pool_size,
+                num_heads, use_pos, cdtype, align, dma_align):
+    if use_pos:
+        pos_hbm, o_ref, m_ref, l_ref, k_buf, v_buf, pos_buf, sem = rest
+    else:
+        o_ref, m_ref, l_ref, k_buf, v_buf, sem = rest
+        pos_hbm = pos_buf = None
+    b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start = start_s[b * num_heads + h]
+    length = len_s[b * num_heads + h]
+    min_pos = minpos_s[b]
+    base, lo, hi, n_blocks = _split_plan(start, length, split, num_splits=num_splits, block_kv=block_kv, align=align)
+
+    def copies(i, slot):
+        _, off_c = _block_offset(base, i, block_kv=block_kv, pool_size=pool_size)
+        off_c = pl.multiple_of(off_c, dma_align)  # whole (8|16, 128) tiles of the pool (128 lanes of pos)
+        out = [pltpu.make_async_copy(k_hbm.at[b, pl.ds(off_c, block_kv), :], k_buf.at[slot], sem.at[0, slot]),
+               pltpu.make_async_copy(v_hbm.at[b, pl.ds(off_c, block_kv), :], v_buf.at[slot], sem.at[1, slot])]
+        if use_pos:
+            out.append(pltpu.make_async_copy(pos_hbm.at[b, :, pl.ds(off_c, block_kv)], pos_buf.at[slot],
+                                             sem.at[2, slot]))
+        return out
+
+    @pl.when(n_blocks > 0)
+    def _():
+        for c in copies(0, 0):
+            c.start()
+
+    q = q_ref[0, 0].astype(cdtype)  # [G', D]
+    g = q.shape[0]
+
+    def body(i, carry):
+        slot = i & 1
+
+        @pl.when(i + 1 < n_blocks)
+        def _():
+            for c in copies(i + 1, 1 - slot):
+                c.start()
+
+        for c in copies(i, slot):
+            c.wait()
+        off, off_c = _block_offset(base, i, block_kv=block_kv, pool_size=pool_size)
+        first = jnp.maximum(off, lo)
+        row = off_c + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+        col = off_c + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
+        row_valid = (row >= first) & (row < hi)
+        col_valid = (col >= first) & (col < hi)
+        if use_pos:
+            row_valid &= pos_buf[slot] >= min_pos  # [1, blk]
+        k = k_buf[slot].astype(cdtype)
+        v = v_buf[slot].astype(cdtype)
+        return _online_softmax_step(carry, q, k, v, row_valid, col_valid, sm_scale=sm_scale)
+
+    init = (jnp.full((g, 1), _NEG, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    o_ref[0, 0, 0] = acc
+    m_ref[0, 0, 0] = jnp.broadcast_to(m, m_ref.shape[3:])  # lane-dense: 128 copies of each value
+    l_ref[0, 0, 0] = jnp.broadcast_to(l, l_ref.shape[3:])
+
+
+def _tpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, *, sm_scale, block_kv, num_splits, use_pos,
+              interpret):
+    b, h, gp, d = qp.shape
+    # DMA windows along P start on whole sublane tiles of the pool (16 rows covers 2- and 4-byte
+    # values) and, with pos, on whole 128-lane tiles of pos.
+    align = dma_align = 128 if use_pos else _ALIGN
+    p = k_pool.shape[1]
+    p_pad = -(-p // dma_align) * dma_align
+    if p_pad != p:  # P not tile-aligned: pad (this copies the pools; allocate them aligned instead)
+        k_pool = jnp.pad(k_pool, ((0, 0), (0, p_pad - p), (0, 0)))
+        v_pool = jnp.pad(v_pool, ((0, 0), (0, p_pad - p), (0, 0)))
+        pos = jnp.pad(pos, ((0, 0), (0, p_pad - p)))
+    block_kv = min(max(align, block_kv // align * align), p_pad)
+    cdtype = _compute_dtype(qp.dtype, k_pool.dtype, v_pool.dtype)
+    kernel = functools.partial(_tpu_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
+                               pool_size=p_pad, num_heads=h, use_pos=use_pos, cdtype=cdtype, align=align,
+                               dma_align=dma_align)
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    part = lambda last: pl.BlockSpec((1, 1, 1, gp, last), lambda i, j, s, *_: (i, j, s, 0, 0))
+    scratch = [pltpu.VMEM((2, block_kv, d), k_pool.dtype), pltpu.VMEM((2, block_kv, d), v_pool.dtype)]
+    if use_pos:
+        scratch.append(pltpu.VMEM((2, 1, block_kv), jnp.int32))
+    scratch.append(pltpu.SemaphoreType.DMA((3, 2)))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=3,
+        grid=(b, h, num_splits),
+        in_specs=[pl.BlockSpec((1, 1, gp, d), lambda i, j, s, *_: (i, j, 0, 0)), hbm, hbm] + ([hbm] if use_pos else []),
+        out_specs=[part(d), part(128), part(128)],
+        scratch_shapes=scratch,
+    )
+    out, m, l = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, h, num_splits, gp, d), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, num_splits, gp, 128), jnp.float32),
+                   jax.ShapeDtypeStruct((b, h, num_splits, gp, 128), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+        interpret=interpret,
+        name="ragged_decode_attention_tpu",
+    )(start.reshape(-1), length.reshape(-1), min_pos, qp, k_pool, v_pool, *([pos.reshape(b, 1, p_pad)] if use_pos else []))
+    return out, m[..., :1], l[..., :1]
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int) -> int:
+    """Enough programs to fill a GPU (~512), but no split shorter than ~2 blocks of an average stream."""
+    per_stream = max(1, pool_size // max(1, heads))
+    want = -(-512 // max(1, batch * heads))
+    return int(max(1, min(want, per_stream // (2 * block_kv), 32)))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
+                                             "num_warps", "num_stages"))
+def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, *, sm_scale: float,
+                                   block_kv: int | None = None, num_splits: int | None = None, interpret=False,
+                                   backend: str | None = None, num_warps: int | None = None,
+                                   num_stages: int | None = None):
+    """The Pallas kernel (see module docstring); arguments as `ragged_decode_attention`."""
     b, h, g, d = q.shape
-    if k_pool.shape != v_pool.shape or k_pool.shape[0] != b or k_pool.shape[2] != d:
-        raise ValueError(f"k_pool/v_pool must be [B, P, D] = [{b}, P, {d}], got {k_pool.shape} and {v_pool.shape}")
-    if start.shape != (b, h) or length.shape != (b, h):
-        raise ValueError(f"start and length must be [B, H] = {(b, h)}, got {start.shape} and {length.shape}")
+    p = k_pool.shape[1]
+    backend = _common.default_backend_kind(backend)
+    if block_kv is None:
+        block_kv = 64 if backend == "gpu" else 128
+    if num_splits is None:
+        num_splits = default_num_splits(b, h, p, block_kv)
+    gp = max(16, 1 << (g - 1).bit_length())  # Triton dots need M >= 16; Mosaic likes full sublane tiles
+    qp = jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
+    use_pos = min_pos is not None
+    pos_arr = pos.astype(jnp.int32) if use_pos else jnp.zeros((b, p), jnp.int32)
+    minpos = min_pos.astype(jnp.int32) if use_pos else jnp.zeros((b,), jnp.int32)
+    args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
+    kw = dict(sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits, use_pos=use_pos, interpret=interpret)
+    if backend == "gpu":
+        out, m, l = _gpu_call(*args, **kw, num_warps=num_warps, num_stages=num_stages)
+    else:
+        out, m, l = _tpu_call(*args, **kw)
+    return _merge_splits(out, m, l, g, q.dtype)
+
+
+def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float, min_pos=None, pos=None,
+                            implementation: Literal["pallas", "xla"] = "xla", interpret=False,
+                            block_kv: int | None = None, num_splits: int | None = None,
+                            backend: Literal["gpu", "tpu"] | None = None):
+    """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
+
+    q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
+    int (together, or neither). `implementation="xla"` is the dense reference; "pallas" the
+    flash-decoding kernel with `block_kv` slots per step (default 64 on GPU, 128 on TPU) and
+    `num_splits` programs per stream (default: `default_num_splits`). `interpret`: False, True or a
+    `pltpu.InterpretParams`. `backend`: which kernel ("gpu" Triton, "tpu" Mosaic; None = by the
+    default backend)."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
+    b, h, g, d = q.shape
+    for name, x in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if x.ndim != 3 or x.shape[0] != b or x.shape[2] != d:
+            raise ValueError(f"{name} must be [B, P, D] = [{b}, P, {d}], got {x.shape}")
+    if k_pool.shape != v_pool.shape:
+        raise ValueError(f"k_pool and v_pool must have one shape, got {k_pool.shape} and {v_pool.shape}")
+    for name, x in (("start", start), ("length", length)):
+        if x.shape != (b, h) or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must be an integer [B, H] = {(b, h)} array, got {x.dtype}{list(x.shape)}")
     if (pos is None) != (min_pos is None):
-        raise ValueError("pos and min_pos go together")
+        raise ValueError("pos and min_pos must be given together")
+    if pos is not None:
+        if pos.shape != k_pool.shape[:2] or not jnp.issubdtype(pos.dtype, jnp.integer):
+            raise ValueError(f"pos must be an integer [B, P] = {k_pool.shape[:2]} array, got {pos.dtype}{list(pos.shape)}")
+        if min_pos.shape != (b,) or not jnp.issubdtype(min_pos.dtype, jnp.integer):
+            raise ValueError(f"min_pos must be an integer [B] = ({b},) array, got {min_pos.dtype}{list(min_pos.shape)}")
     if implementation == "pallas":
         return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, sm_scale=sm_scale,
-                                              block_kv=block_kv, num_splits=num_splits, interpret=interpret)
+                                              block_kv=block_kv, num_splits=num_splits, interpret=interpret,
+                                              backend=backend)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     return ragged_decode_attention_reference(q, k_pool, v_pool, start, length, sm_scale=sm_scale, pos=pos,
                                              min_pos=min_pos)
+

@@ -63,8 +63,6 @@ def test_reference_equals_per_stream_softmax():
         np.testing.assert_allclose(out[0, h], w @ np.asarray(v[0, s0:s0 + n]), atol=1e-5)
 
 
-@pytest.mark.xfail(reason="the TPU path needs explicit DMA from HBM (pl.ANY + async copies); not written yet",
-                   strict=True)
 def test_kernel_lowers_for_tpu():
     q, k, v, start, length = _case(1, 2, 4, 128, [[300, 100]], seed=0)
     lowers_for_tpu(lambda *a: rda.ragged_decode_attention(*a, sm_scale=0.1, implementation="pallas"),
