@@ -85,7 +85,10 @@ def test_pallas_gather_lowers_for_tpu():
 def test_pallas_gather_lowers_for_gpu_triton():
     keep, dst, src, pool = _case(2, 3, 50, 64, seed=0, dtype=jnp.bfloat16)
     plan = bs.pack_plan(keep, dst, pool.shape[1])
-    lc.lower_for_gpu(lambda *a: bs.budget_scatter(*a, implementation="pallas", backend="gpu"), pool, src, *plan)
+    try:
+        lc.lower_for_gpu(lambda *a: bs.budget_scatter(*a, implementation="pallas", backend="gpu"), pool, src, *plan)
+    except lc.GpuLoweringUnavailable:
+        pytest.skip("this JAX lowers Pallas-Triton only with a GPU attached (checked on jax 0.10.2 and on the H100)")
 
 
 def test_errors_name_the_argument():
