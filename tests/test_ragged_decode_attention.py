@@ -1,55 +1,89 @@
-"""ragged_decode_attention: the flash-decoding kernel equals the dense masked reference."""
+"""ragged_decode_attention: the flash-decoding kernel (GPU and TPU kernels, both interpret modes)
+equals the dense masked reference, and lowers for TPU (Mosaic) and GPU (Triton)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_cases import INTERPRET_MODES, interpret_arg, lowers_for_tpu
+from kernel_cases import interpret_arg
+from kvjax.pallas_kernels import _lowering_checks as lc
 from kvjax.pallas_kernels import ragged_decode_attention as rda
 
 
-def _case(b, h, g, d, lengths, seed, dtype=np.float32, gap=3):
+def _case(b, h, g, d, lengths, seed, dtype=np.float32, gap=3, offset=0, tail=2):
+    """Streams laid out one after another (segment capacity = the longest length + gap), starting
+    at `offset`, with `tail` spare slots at the end of the pool."""
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, np.int32).reshape(b, h)
     caps = lengths.max(axis=0, keepdims=True).repeat(b, 0) + gap
-    start = (np.cumsum(caps, axis=1) - caps).astype(np.int32)
-    p = int(caps.sum(axis=1).max()) + 2
+    start = (np.cumsum(caps, axis=1) - caps).astype(np.int32) + offset
+    p = int(caps.sum(axis=1).max()) + offset + tail
     q = rng.normal(size=(b, h, g, d)).astype(dtype)
     k = rng.normal(size=(b, p, d)).astype(dtype)
     v = rng.normal(size=(b, p, d)).astype(dtype)
     return [jnp.asarray(x) for x in (q, k, v, start, lengths)]
 
 
-CASES = [
-    ((2, 3, 3, 16), [[100, 0, 37], [1, 64, 129]]),  # empty, single, ragged, block-aligned streams
-    ((1, 2, 4, 64), [[200, 5]]),
-    ((3, 1, 1, 32), [[0], [7], [90]]),
-]
+CASES = {  # dims (B, H, G, D), lengths [B, H], extra _case arguments
+    "empty-single-ragged-aligned": ((2, 3, 3, 16), [[100, 0, 37], [1, 64, 129]], {}),
+    "gqa4-unaligned-start": ((1, 2, 4, 64), [[200, 5]], dict(offset=7)),
+    "one-head-empty-row": ((3, 1, 1, 32), [[0], [7], [90]], {}),
+    "stream-ends-at-pool-end": ((1, 2, 2, 16), [[40, 33]], dict(gap=0, tail=0)),
+}
+RUNS = [  # (case, kernel, interpret mode); TPU interpret mode is slow: fewer cases
+    (c, k, "interpret") for c in CASES for k in ("gpu", "tpu")
+] + [("empty-single-ragged-aligned", "tpu", "tpu"), ("gqa4-unaligned-start", "gpu", "tpu")]
 
 
-@pytest.mark.parametrize("mode", INTERPRET_MODES)
-@pytest.mark.parametrize("dims,lengths", CASES)
-def test_kernel_equals_reference(dims, lengths, mode):
-    q, k, v, start, length = _case(*dims, lengths, seed=sum(dims))
+@pytest.mark.parametrize("case,backend,mode", RUNS, ids=["-".join(r) for r in RUNS])
+def test_kernel_equals_reference(case, backend, mode):
+    dims, lengths, extra = CASES[case]
+    q, k, v, start, length = _case(*dims, lengths, seed=sum(dims), **extra)
     ref = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3)
     got = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3, implementation="pallas",
-                                      interpret=interpret_arg(mode), block_kv=32, num_splits=3)
+                                      interpret=interpret_arg(True if mode == "interpret" else "tpu"),
+                                      backend=backend, block_kv=32, num_splits=3)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5)
     empty = np.asarray(length) == 0
     assert (np.asarray(got)[empty] == 0).all()
 
 
-def test_sliding_window_positions_are_hidden():
-    q, k, v, start, length = _case(2, 2, 2, 16, [[50, 20], [33, 60]], seed=1)
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_bf16_and_default_blocks(backend):
+    q, k, v, start, length = _case(2, 2, 4, 64, [[150, 0], [31, 200]], seed=4, dtype=jnp.bfloat16)
+    ref = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.125)
+    got = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.125, implementation="pallas",
+                                      interpret=True, backend=backend)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_sliding_window_positions_are_hidden(backend):
+    q, k, v, start, length = _case(2, 2, 2, 16, [[150, 20], [33, 160]], seed=1)
     pos = jnp.asarray(np.tile(np.arange(k.shape[1]), (2, 1)).astype(np.int32))
-    min_pos = jnp.asarray(np.array([30, 70], np.int32))
+    min_pos = jnp.asarray(np.array([60, 200], np.int32))  # (0, 0): a prefix hidden; (1, 0): all; (1, 1): part
     ref = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.25, pos=pos, min_pos=min_pos)
     got = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.25, pos=pos, min_pos=min_pos,
-                                      implementation="pallas", interpret=True, block_kv=16)
+                                      implementation="pallas", interpret=True, backend=backend, block_kv=16)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5)
+    assert (np.asarray(got)[1, 0] == 0).all()  # every slot of stream (1, 0) hidden: zeros
+
+
+def test_garbage_outside_the_streams_is_never_read_into_the_output():
+    q, k, v, start, length = _case(1, 2, 2, 16, [[20, 30]], seed=2, gap=20)
+    clean = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.5)
+    inside = np.zeros(k.shape[1], bool)
+    for h in range(2):
+        inside[int(start[0, h]): int(start[0, h] + length[0, h])] = True
+    k_bad = jnp.where(jnp.asarray(inside)[None, :, None], k, jnp.nan)
+    v_bad = jnp.where(jnp.asarray(inside)[None, :, None], v, jnp.inf)
+    for backend in ("gpu", "tpu"):
+        got = rda.ragged_decode_attention(q, k_bad, v_bad, start, length, sm_scale=0.5, implementation="pallas",
+                                          interpret=True, backend=backend, block_kv=16)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(clean), atol=2e-5)
 
 
 def test_reference_equals_per_stream_softmax():
@@ -63,7 +97,49 @@ def test_reference_equals_per_stream_softmax():
         np.testing.assert_allclose(out[0, h], w @ np.asarray(v[0, s0:s0 + n]), atol=1e-5)
 
 
-def test_kernel_lowers_for_tpu():
-    q, k, v, start, length = _case(1, 2, 4, 128, [[300, 100]], seed=0)
-    lowers_for_tpu(lambda *a: rda.ragged_decode_attention(*a, sm_scale=0.1, implementation="pallas"),
-                   q, k, v, start, length)
+@pytest.mark.parametrize("window", [False, True], ids=["plain", "window"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_kernel_lowers_for_tpu(dtype, window):
+    q, k, v, start, length = _case(2, 2, 4, 128, [[300, 100], [0, 250]], seed=0, dtype=dtype)  # P = 617: padded
+    if window:
+        pos = jnp.zeros(k.shape[:2], jnp.int32)
+        min_pos = jnp.zeros((2,), jnp.int32)
+        lc.lower_for_tpu(lambda *a: rda.ragged_decode_attention(*a[:5], pos=a[5], min_pos=a[6], sm_scale=0.1,
+                                                                implementation="pallas", backend="tpu"),
+                         q, k, v, start, length, pos, min_pos)
+    else:
+        lc.lower_for_tpu(lambda *a: rda.ragged_decode_attention(*a, sm_scale=0.1, implementation="pallas",
+                                                                backend="tpu"), q, k, v, start, length)
+
+
+@pytest.mark.parametrize("window", [False, True], ids=["plain", "window"])
+def test_kernel_lowers_for_gpu_triton(window):
+    q, k, v, start, length = _case(2, 3, 3, 64, [[300, 100, 7], [0, 250, 64]], seed=0, dtype=jnp.bfloat16)
+    extra = {}
+    if window:
+        extra = dict(pos=jnp.zeros(k.shape[:2], jnp.int32), min_pos=jnp.zeros((2,), jnp.int32))
+    lc.lower_for_gpu(lambda q, k, v, s, n: rda.ragged_decode_attention(q, k, v, s, n, sm_scale=0.1, **extra,
+                                                                       implementation="pallas", backend="gpu"),
+                     q, k, v, start, length)
+
+
+def test_errors_name_the_argument():
+    q, k, v, start, length = _case(1, 2, 2, 8, [[5, 9]], seed=2)
+    call = lambda **kw: rda.ragged_decode_attention(**{**dict(q=q, k_pool=k, v_pool=v, start=start, length=length,
+                                                              sm_scale=1.0), **kw})
+    with pytest.raises(ValueError, match="q must be"):
+        call(q=q[0])
+    with pytest.raises(ValueError, match="k_pool must be"):
+        call(k_pool=k[..., :4])
+    with pytest.raises(ValueError, match="v_pool"):
+        call(v_pool=v[:, :3])
+    with pytest.raises(ValueError, match="start must be"):
+        call(start=start[:, :1])
+    with pytest.raises(ValueError, match="length must be"):
+        call(length=length.astype(jnp.float32))
+    with pytest.raises(ValueError, match="pos and min_pos"):
+        call(pos=jnp.zeros(k.shape[:2], jnp.int32))
+    with pytest.raises(ValueError, match="min_pos must be"):
+        call(pos=jnp.zeros(k.shape[:2], jnp.int32), min_pos=jnp.zeros((3,), jnp.int32))
+    with pytest.raises(ValueError, match="implementation"):
+        call(implementation="triton")
