@@ -118,9 +118,12 @@ def test_kernel_lowers_for_gpu_triton(window):
     extra = {}
     if window:
         extra = dict(pos=jnp.zeros(k.shape[:2], jnp.int32), min_pos=jnp.zeros((2,), jnp.int32))
-    lc.lower_for_gpu(lambda q, k, v, s, n: rda.ragged_decode_attention(q, k, v, s, n, sm_scale=0.1, **extra,
-                                                                       implementation="pallas", backend="gpu"),
-                     q, k, v, start, length)
+    try:
+        lc.lower_for_gpu(lambda q, k, v, s, n: rda.ragged_decode_attention(q, k, v, s, n, sm_scale=0.1, **extra,
+                                                                           implementation="pallas", backend="gpu"),
+                         q, k, v, start, length)
+    except lc.GpuLoweringUnavailable:
+        pytest.skip("this JAX lowers Pallas-Triton only with a GPU attached (checked on jax 0.10.2 and on the H100)")
 
 
 def test_errors_name_the_argument():
