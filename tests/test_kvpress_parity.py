@@ -106,3 +106,20 @@ def test_passkey_answers_agree_with_kvpress(smollm2_f32, name, ratio):
     assert agree >= 4, f"{name} at {ratio}: {agree}/5 answers equal kvpress's"
     kvpress_correct = sum(c["correct"] for c in cases)
     assert abs(ours_correct - kvpress_correct) <= 1
+
+
+def test_pyramidkv_with_an_active_pyramid_equals_kvpress(smollm2_f32):
+    """At 768 tokens per head the pyramid does not fall back: layer budgets 1435 - 46 l."""
+    ref = np.load(FIXTURES / "kept_pyramidkv_768.npz")
+    pre = kvjax.prefill(smollm2_f32, [IDS], P.PyramidKV(budget=768), max_new_tokens=1)
+    kept = kvjax.kept_positions(pre.cache)
+    cfg = smollm2_f32.config
+    assert np.asarray(pre.cache.length)[0, :, 0].tolist() == ref["n_kept"].tolist()
+    for layer in range(cfg.num_layers):
+        ref_kept = ref[f"kept_layer{layer}"]
+        for h in range(cfg.num_kv_heads):
+            if np.array_equal(kept[layer][0][h], ref_kept[h]):
+                continue
+            s = ref["scores"][layer, h].astype(np.float64)
+            assert_same_selection(kept[layer][0][h], s, len(ref_kept[h]), _forced("pyramidkv", 768) | np.isinf(s),
+                                  where=f"pyramidkv 768 layer {layer} head {h}")
