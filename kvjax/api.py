@@ -72,29 +72,30 @@ def forward(params: Params, tokens, lengths=None, *, chunk: int = 512):
 # prompts
 
 
-def _encode(params: Params, prompt, chat: bool) -> list[list[int]]:
-    """A string, a list of strings, or token arrays -> list of token lists (validated)."""
+def _encode(params: Params, prompt, chat: bool, *, special_tokens: bool = True, what: str = "prompt"):
+    """A string, a list of strings, or token arrays -> list of token lists (validated).
+    `special_tokens=False` for text appended after a prompt (no BOS)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     elif isinstance(prompt, np.ndarray) or isinstance(prompt, jax.Array):
         arr = np.asarray(prompt)
         prompt = [arr.tolist()] if arr.ndim == 1 else [row.tolist() for row in arr]
     if not isinstance(prompt, Sequence) or len(prompt) == 0:
-        raise ValueError("prompt is empty: give a string, a list of strings or token arrays")
+        raise ValueError(f"{what} is empty: give a string, a list of strings or token arrays")
     seqs = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             if params.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer: pass token ids instead of text")
             text = params.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p
-            ids = params.tokenizer.encode(text, add_special_tokens=not chat)
+            ids = params.tokenizer.encode(text, add_special_tokens=special_tokens and not chat)
         else:
             ids = [int(t) for t in np.asarray(p).reshape(-1)]
         if len(ids) == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"{what} {i} is empty")
         bad = [t for t in ids if not 0 <= t < params.config.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {params.config.vocab_size}): {bad[:5]}")
+            raise ValueError(f"{what} {i} has token ids outside the vocabulary [0, {params.config.vocab_size}): {bad[:5]}")
         seqs.append(ids)
     return seqs
 
@@ -240,17 +241,7 @@ def _encode_questions(params, question, batch):
     qs = [question] * batch if isinstance(question, str) else list(question)
     if len(qs) != batch:
         raise ValueError(f"{len(qs)} questions for {batch} contexts")
-    return _encode_no_bos(params, qs)
-
-
-def _encode_no_bos(params, qs):
-    out = []
-    for q in qs:
-        ids = params.tokenizer.encode(q, add_special_tokens=False) if isinstance(q, str) else [int(t) for t in q]
-        if not ids:
-            raise ValueError("question is empty")
-        out.append(ids)
-    return out
+    return _encode(params, qs, chat=False, special_tokens=False, what="question")
 
 
 def _budget_covers(policy: Policy, n: int) -> bool:

@@ -35,12 +35,6 @@ class Layout:
     layer_span: tuple[int, ...]
     num_kv_heads: int
 
-    @classmethod
-    def from_spans(cls, spans, num_kv_heads: int) -> "Layout":
-        spans = tuple(int(s) for s in spans)
-        base = tuple(int(b) for b in np.concatenate([[0], np.cumsum(spans)[:-1]]))
-        return cls(base, spans, num_kv_heads)
-
     @property
     def num_layers(self) -> int:
         return len(self.layer_span)

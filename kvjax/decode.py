@@ -98,7 +98,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             s2_r = jnp.where(active[:, None], s2_new, s2_r)
             new_pos = cache.next_pos[:, None]
             regions = (k_r, v_r, pos_r, s_r, s2_r)
-            target = jnp.where(step_due & active[:, None], budget, jnp.iinfo(jnp.int32).max)
+            target = jnp.where((step_due & active)[:, None], budget, jnp.iinfo(jnp.int32).max)
             for _ in range(ev.every):
                 _, _, pos_now, s_now, s2_now = regions
                 key = scorer.eviction_key(s_now, s2_now, pos_now, cache.next_pos + 1)
@@ -109,16 +109,17 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         carry = (x, put(k_pool, k_r), put(v_pool, v_r), put(pos_pool, pos_r), put(s_pool, s_r), put(s2_pool, s2_r))
         return carry, length
 
-    step_due = jnp.ones((), bool)
+    # each sequence evicts on its own schedule (its own position), so a batch behaves like its rows alone
+    step_due = jnp.ones((b,), bool)
     if ev is not None and ev.every > 1:
-        step_due = (cache.next_pos[0] % ev.every) == 0
+        step_due = (cache.next_pos % ev.every) == 0
     xs = (
         weights.layers,
         jnp.asarray(cache.layout.layer_base, jnp.int32),
         cache.start.transpose(1, 0, 2),
         cache.length.transpose(1, 0, 2),
         cache.budget.transpose(1, 0, 2),
-        jnp.broadcast_to(step_due, (config.num_layers,)),
+        jnp.broadcast_to(step_due, (config.num_layers, b)),
     )
     init = (embed(weights, tokens[:, None]), cache.k, cache.v, cache.pos, cache.score, cache.score2)
     (x, k, v, pos, s, s2), length = jax.lax.scan(layer_step, init, xs)

@@ -47,7 +47,6 @@ class Plan:
     stream_bound: tuple[int, ...]
     headroom: int
     adaptive_heads: bool
-    prompt_len: int
 
     @property
     def max_span(self) -> int:
@@ -86,7 +85,7 @@ def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, max_new_toke
         base[l] = offset
         offset += spans[l]
     layout = Layout(tuple(base), tuple(spans), h)
-    return Plan(layout, tuple(int(b) for b in bounds), int(headroom), bool(policy.allocator.adaptive_heads), prompt_len)
+    return Plan(layout, tuple(int(b) for b in bounds), int(headroom), bool(policy.allocator.adaptive_heads))
 
 
 def resolve_budget(policy: Policy, lengths):
@@ -120,7 +119,7 @@ def window_attention(q, k, lengths, window: int, scale: float):
     return jax.nn.softmax(logits, axis=-1), row_valid
 
 
-def _select(policy: Policy, plan: Plan, stats: PrefillStats, layer_budget, implementation: str):
+def _select(policy: Policy, stats: PrefillStats, layer_budget, implementation: str):
     """Keep-mask [B, H, T] and per-head budgets [B, H] of one layer."""
     valid = stats.valid
     b, h, t = stats.k.shape[:3]
@@ -176,7 +175,7 @@ def prefill(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
         if window and not policy.keeps_everything:
             win_attn, row_valid = window_attention(q, k, lengths, window, config.attention_scale)
         stats = PrefillStats(k, v, lengths, win_attn, row_valid, colsum, None, layer, rng)
-        keep, budgets = _select(policy, plan, stats, layer_budget, implementation)
+        keep, budgets = _select(policy, stats, layer_budget, implementation)
         if keep_running:
             run1, run2 = scorer.prefill_running(stats)
         else:

@@ -93,6 +93,22 @@ def _block_offset(base, i, *, block_kv: int, pool_size: int):
     return off, jnp.minimum(off, pool_size - block_kv)
 
 
+def _block_masks(base, i, lo, hi, *, block_kv: int, pool_size: int):
+    """Block i's first slot read and which of its slots belong to [max(off, lo), hi): as a row
+    [1, blk] (for the logits) and as a column [blk, 1] (for the values)."""
+    off, off_c = _block_offset(base, i, block_kv=block_kv, pool_size=pool_size)
+    first = jnp.maximum(off, lo)
+    row = off_c + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
+    col = off_c + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
+    return off_c, (row >= first) & (row < hi), (col >= first) & (col < hi)
+
+
+def _softmax_init(q_shape):
+    """(running max, running sum, accumulator) before the first block. q_shape = [G, D]."""
+    g = q_shape[0]
+    return jnp.full((g, 1), _NEG, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros(q_shape, jnp.float32)
+
+
 def _online_softmax_step(carry, q, k, v, row_valid, col_valid, *, sm_scale: float):
     """One block of the online softmax. q [G, D]; k, v [blk, D]; row_valid [1, blk]; col_valid [blk, 1]."""
     m, l, acc = carry
@@ -134,19 +150,14 @@ def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, o_
     g = q.shape[0]
 
     def body(i, carry):
-        off, off_c = _block_offset(base, i, block_kv=block_kv, pool_size=pool_size)
-        first = jnp.maximum(off, lo)
-        row = off_c + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-        col = off_c + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
-        row_valid = (row >= first) & (row < hi)
-        col_valid = (col >= first) & (col < hi)
+        off_c, row_valid, col_valid = _block_masks(base, i, lo, hi, block_kv=block_kv, pool_size=pool_size)
         k = k_ref[0, pl.ds(off_c, block_kv), :].astype(cdtype)
         v = v_ref[0, pl.ds(off_c, block_kv), :].astype(cdtype)
         if use_pos:
             row_valid &= pos_ref[0, pl.ds(off_c, block_kv)][None, :] >= minpos_ref[0, 0]
         return _online_softmax_step(carry, q, k, v, row_valid, col_valid, sm_scale=sm_scale)
 
-    init = (jnp.full((g, 1), _NEG, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    init = _softmax_init(q.shape)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[0, 0, 0] = acc
     m_ref[0, 0, 0] = m
@@ -225,19 +236,14 @@ def _tpu_kernel(start_s, len_s, minpos_s, q_ref, k_hbm, v_hbm, *rest, sm_scale, 
 
         for c in copies(i, slot):
             c.wait()
-        off, off_c = _block_offset(base, i, block_kv=block_kv, pool_size=pool_size)
-        first = jnp.maximum(off, lo)
-        row = off_c + jax.lax.broadcasted_iota(jnp.int32, (1, block_kv), 1)
-        col = off_c + jax.lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
-        row_valid = (row >= first) & (row < hi)
-        col_valid = (col >= first) & (col < hi)
+        off_c, row_valid, col_valid = _block_masks(base, i, lo, hi, block_kv=block_kv, pool_size=pool_size)
         if use_pos:
             row_valid &= pos_buf[slot] >= min_pos  # [1, blk]
         k = k_buf[slot].astype(cdtype)
         v = v_buf[slot].astype(cdtype)
         return _online_softmax_step(carry, q, k, v, row_valid, col_valid, sm_scale=sm_scale)
 
-    init = (jnp.full((g, 1), _NEG, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros(q.shape, jnp.float32))
+    init = _softmax_init(q.shape)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     o_ref[0, 0, 0] = acc
     m_ref[0, 0, 0] = jnp.broadcast_to(m, m_ref.shape[3:])  # lane-dense: 128 copies of each value

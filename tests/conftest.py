@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import pytest
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

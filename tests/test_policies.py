@@ -111,7 +111,8 @@ def test_h2o_without_decode_pressure_matches_full_cache(params):
 
 def test_batch_with_different_lengths_and_ratio_budgets_equals_each_alone(params):
     prompts = [_prompt(n, seed=n) for n in (60, 25, 41)]
-    for policy in (P.SnapKV(budget=0.5, window=4), P.H2O(budget=0.4, recent=4), P.KNorm(budget=12)):
+    for policy in (P.SnapKV(budget=0.5, window=4), P.H2O(budget=0.4, recent=4), P.KNorm(budget=12),
+                   P.H2O(budget=12, recent=4, evict_every=3)):  # eviction schedule per sequence
         batch = kvjax.generate(params, prompts, policy=policy, max_new_tokens=6)
         for i, p in enumerate(prompts):
             alone = kvjax.generate(params, [p], policy=policy, max_new_tokens=6)
