@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import engine
+from kvjax import cascade, engine
 from kvjax.cache import Cache, occupancy
 from kvjax.checkpoint import Params, load_checkpoint, save_params
 from kvjax.decode import decode_step
@@ -123,9 +123,14 @@ def _pad(seqs: list[list[int]], length: int, pad_id: int):
 @functools.partial(jax.jit, static_argnames=("config", "plan", "implementation"))
 def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, config, plan, implementation):
     """Prefill (compressing) the prompt, then feed the question tokens (if any) through the cache."""
-    cache, logits = engine.prefill(
-        weights, tokens, lengths, policy, rng, config=config, plan=plan, implementation=implementation
-    )
+    if policy.cascades:
+        cache, logits, _ = cascade.prefill(
+            weights, tokens, lengths, policy, rng, config=config, plan=plan, implementation=implementation
+        )
+    else:
+        cache, logits = engine.prefill(
+            weights, tokens, lengths, policy, rng, config=config, plan=plan, implementation=implementation
+        )
     if q_tokens.shape[1] == 0:
         return cache, logits
 
@@ -222,7 +227,8 @@ def prefill(params: Params, prompt=None, policy: Policy | None = None, *, max_ne
     bucket = length_bucket(longest, limit)
     q_bucket = 0 if not q_longest else new_tokens_bucket(q_longest)
     headroom = new_tokens_bucket(max_new_tokens) + q_bucket
-    plan = engine.make_plan(policy, params.config, bucket, headroom)
+    make_plan = cascade.make_plan if policy.cascades else engine.make_plan
+    plan = make_plan(policy, params.config, bucket, headroom)
     pad_id = params.tokenizer.pad_token_id if params.tokenizer is not None else 0
     tokens, lengths = _pad(seqs, bucket, pad_id)
     q_tokens, q_lengths = _pad(q_seqs, q_bucket, pad_id) if q_seqs else (np.zeros((len(seqs), 0), np.int32), np.zeros(len(seqs), np.int32))
@@ -287,6 +293,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
         "kv_bytes": cache.kv_nbytes,
         "live_tokens": np.asarray(occupancy(cache)).tolist(),
         "pool_slots": cache.layout.pool_size,
+        "layer_budgets": np.asarray(cache.budget).tolist(),  # [B][L][H] tokens each stream keeps
         "budget_covers_prompt": pre.budget_covers_prompt,
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,

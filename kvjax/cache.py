@@ -41,7 +41,8 @@ class Layout:
 
     @property
     def pool_size(self) -> int:
-        return sum(self.layer_span)
+        # layers' regions are disjoint, or all the same whole pool (kvjax/cascade.py)
+        return max(b + s for b, s in zip(self.layer_base, self.layer_span))
 
 
 @jax.tree_util.register_dataclass

@@ -94,8 +94,10 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             if scorer.layer_shared:
                 p = _layer_mean_by_offset(p, rel, length, plan)
             s_new, s2_new = scorer.decode_update(s_r, s2_r, p, pos_r, cache.next_pos)
-            s_r = jnp.where(active[:, None], s_new, s_r)
-            s2_r = jnp.where(active[:, None], s2_new, s2_r)
+            # only this layer's streams: layers may share one region (kvjax/cascade.py)
+            mine = active[:, None] & stream_mask(rel, length, span).any(axis=1)
+            s_r = jnp.where(mine, s_new, s_r)
+            s2_r = jnp.where(mine, s2_new, s2_r)
             new_pos = cache.next_pos[:, None]
             regions = (k_r, v_r, pos_r, s_r, s2_r)
             target = jnp.where((step_due & active)[:, None], budget, jnp.iinfo(jnp.int32).max)

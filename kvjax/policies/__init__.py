@@ -1,6 +1,7 @@
 """Eviction policies: scorer x allocator, as frozen dataclasses (see `policy.py`)."""
 
 from kvjax.policies.adakv import AdaKV
+from kvjax.policies.cake import CAKE
 from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
 from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer
 from kvjax.policies.policy import (
@@ -19,6 +20,7 @@ from kvjax.policies.policy import (
 
 __all__ = [
     "AdaKV",
+    "CAKE",
     "Compose",
     "DecodeEviction",
     "Full",
@@ -41,3 +43,4 @@ __all__ = [
 from kvjax.policies import policy as _policy  # noqa: E402
 
 _policy._BY_NAME["adakv"] = AdaKV
+_policy._BY_NAME["cake"] = CAKE

@@ -49,6 +49,11 @@ class Policy:
     def keeps_everything(self) -> bool:
         return False
 
+    #: layer budgets depend on every layer: prefill through kvjax.cascade
+    @property
+    def cascades(self) -> bool:
+        return False
+
     def _validate(self):
         check_budget(self.budget)
         w, b = self.protected_window + self.protected_sinks, self.budget
