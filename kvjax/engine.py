@@ -76,7 +76,9 @@ def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, max_new_toke
         bounds = np.minimum(np.asarray(bounds), prompt_len)
     ev = policy.decode_eviction
     headroom = ev.every if ev is not None else max_new_tokens
-    spans = [h * (int(b) + headroom) for b in bounds]
+    # Ada-KV's rounding may give a layer's heads up to H/2 tokens beyond H·B (kvjax/policies/adakv.py)
+    slack = h // 2 + 1 if policy.allocator.adaptive_heads else 0
+    spans = [h * (int(b) + headroom) + slack for b in bounds]
     # Lay the largest region last, so a max-span slice from any layer's base stays inside the pool.
     order = sorted(range(num_layers), key=lambda l: spans[l])
     base = [0] * num_layers

@@ -2,10 +2,11 @@
 
 For one layer with H KV heads and a per-head budget B (window w included, B' = B - w):
 1. take the top H·B' scores over the flattened [H x prefix] scores; n_h = how many fall in head h;
-2. floor alpha: B'_h = alpha·B' + (1 - alpha)·n_h, rounded so that sum_h B'_h = H·B' exactly
-   (largest remainders get the extra token);
+2. floor alpha, as the AdaKV repository computes it: B'_h = round((1 - alpha)·n_h + int(alpha·B'))
+   (float32, round half to even); rounding can move the layer total by at most H/2 tokens either
+   way, so every layer region has H/2 spare slots (kvjax.engine.make_plan);
 3. head h keeps its top B'_h prefix tokens plus the window.
-The layer's share of the pool stays H·B: heads trade tokens, memory does not grow. With
+The layer's share of the pool stays H·B (+ H/2): heads trade tokens, memory does not grow. With
 `head_groups` > 1 the trade happens only inside groups of consecutive heads (the heads one device
 holds when KV heads are sharded), so every shard keeps the same share.
 """
@@ -27,7 +28,8 @@ def adaptive_head_budgets(scores, prefix, head_budget, alpha, *, head_groups: in
 
     scores [B, H, T] float32 (higher = keep); prefix [B, H, T] bool (evictable, valid tokens);
     head_budget [B] int (B' per head); alpha scalar. Returns [B, H] int32 summing to H·B' per
-    sequence (per head group), capped by each head's prefix length.
+    sequence (per head group) up to rounding (at most hg/2 per group), capped by each head's
+    prefix length.
     """
     b, h, t = scores.shape
     if h % head_groups:
@@ -44,16 +46,8 @@ def adaptive_head_budgets(scores, prefix, head_budget, alpha, *, head_groups: in
     total = jnp.repeat(head_budget * hg, head_groups)
     chosen = mt.masked_topk(flat, total, prefix.reshape(b * head_groups, hg * t)).reshape(b, h, t)
     n_h = chosen.sum(-1).astype(jnp.float32)  # [B, H]
-    ideal = alpha * head_budget[:, None].astype(jnp.float32) + (1.0 - alpha) * n_h
-    base = jnp.floor(ideal)
-    # hand the leftover tokens of each group to the largest remainders (ties: lower head first)
-    grouped = lambda x: x.reshape(b, head_groups, hg)
-    target = n_h.reshape(b, head_groups, hg).sum(-1, keepdims=True)
-    short = (target - grouped(base).sum(-1, keepdims=True)).astype(jnp.int32)
-    frac = grouped(ideal - base)
-    rank = jnp.argsort(jnp.argsort(-frac, axis=-1, stable=True), axis=-1)
-    extra = (rank < short).astype(jnp.float32)
-    budgets = (grouped(base) + extra).reshape(b, h)
+    floor = jnp.floor(alpha * head_budget.astype(jnp.float32))[:, None]
+    budgets = jnp.round(n_h * (1.0 - jnp.asarray(alpha, jnp.float32)) + floor)
     return jnp.minimum(budgets, prefix.sum(-1)).astype(jnp.int32)
 
 
