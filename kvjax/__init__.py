@@ -7,6 +7,7 @@
 from kvjax import policies
 from kvjax.api import Generation, Prefilled, forward, generate, load, prefill, save
 from kvjax.cache import Cache, kept_positions
+from kvjax.chunked import perplexity
 from kvjax.checkpoint import Params
 from kvjax.models.config import ConfigError
 from kvjax.safetensors_io import CheckpointError
@@ -24,6 +25,7 @@ __all__ = [
     "generate",
     "kept_positions",
     "load",
+    "perplexity",
     "policies",
     "prefill",
     "save",

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import cascade, engine
+from kvjax import cascade, chunked, engine
 from kvjax.cache import Cache, occupancy
 from kvjax.checkpoint import Params, load_checkpoint, save_params
 from kvjax.decode import decode_step
@@ -127,6 +127,10 @@ def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, conf
         cache, logits, _ = cascade.prefill(
             weights, tokens, lengths, policy, rng, config=config, plan=plan, implementation=implementation
         )
+    elif policy.chunked_prefill:
+        cache, logits = chunked.prefill(
+            weights, tokens, lengths, policy, rng, config=config, plan=plan, implementation=implementation
+        )
     else:
         cache, logits = engine.prefill(
             weights, tokens, lengths, policy, rng, config=config, plan=plan, implementation=implementation
@@ -227,7 +231,7 @@ def prefill(params: Params, prompt=None, policy: Policy | None = None, *, max_ne
     bucket = length_bucket(longest, limit)
     q_bucket = 0 if not q_longest else new_tokens_bucket(q_longest)
     headroom = new_tokens_bucket(max_new_tokens) + q_bucket
-    make_plan = cascade.make_plan if policy.cascades else engine.make_plan
+    make_plan = cascade.make_plan if policy.cascades else chunked.make_plan if policy.chunked_prefill else engine.make_plan
     plan = make_plan(policy, params.config, bucket, headroom)
     pad_id = params.tokenizer.pad_token_id if params.tokenizer is not None else 0
     tokens, lengths = _pad(seqs, bucket, pad_id)

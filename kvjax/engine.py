@@ -166,17 +166,20 @@ def prefill(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
         x, k_pool, v_pool, pos_pool, s_pool, s2_pool = carry
         lw, layer, base, span, layer_budget, bound = xs
         q, k, v = layer_qkv(lw, x, positions, config, inv_freq)
-        attn, colsum = causal_attention(
-            q, k, v, lengths, scale=config.attention_scale, sliding_window=config.sliding_window,
-            column_sums=True,
-        ) if scorer.needs_colsum else (
-            causal_attention(q, k, v, lengths, scale=config.attention_scale,
-                             sliding_window=config.sliding_window), None)
+        kw = dict(scale=config.attention_scale, sliding_window=config.sliding_window)
+        colsum = colsq = None
+        if scorer.needs_colsq:  # RoCo: the squared attention comes from the same chunked pass
+            attn, colsum, colsq = causal_attention(q, k, v, lengths, column_squares=True,
+                                                   group_reduce=getattr(scorer, "group_reduce", "mean"), **kw)
+        elif scorer.needs_colsum:
+            attn, colsum = causal_attention(q, k, v, lengths, column_sums=True, **kw)
+        else:
+            attn = causal_attention(q, k, v, lengths, **kw)
         x = mlp(lw, x + attn_output(lw, attn), config)
         win_attn = row_valid = None
         if window and not policy.keeps_everything:
             win_attn, row_valid = window_attention(q, k, lengths, window, config.attention_scale)
-        stats = PrefillStats(k, v, lengths, win_attn, row_valid, colsum, None, layer, rng)
+        stats = PrefillStats(k, v, lengths, win_attn, row_valid, colsum, colsq, layer, rng)
         keep, budgets = _select(policy, stats, layer_budget, implementation)
         if keep_running:
             run1, run2 = scorer.prefill_running(stats)

@@ -5,8 +5,9 @@ Layout: queries are grouped by KV head (`[B, KV, G, T, D]`) so every matmul is b
 the cache never has to be expanded to query heads.
 
 Besides the output, the same pass can return the column sums of the softmax probabilities
-(`sum_t a[h, t, j]`), which H2O-style scorers need; they come out of the same chunks, with the exact
-softmax normaliser, at no extra `[T, T]` memory.
+(`sum_t a[h, t, j]`), which H2O-style scorers need, and the column sums of the squared, group-reduced
+probabilities (`sum_t (reduce_g a[g, t, j])^2`), which RoCo's robustness needs; they come out of the
+same chunks, with the exact softmax normaliser, at no extra `[T, T]` memory.
 """
 
 from __future__ import annotations
@@ -40,12 +41,18 @@ def causal_attention(
     sliding_window: int | None = None,
     chunk: int = 512,
     column_sums: bool = False,
+    column_squares: bool = False,
+    group_reduce: str = "mean",
 ):
     """Softmax attention of every prompt token over the prompt.
 
     q [B, KV, G, T, D], k/v [B, KV, T, D], lengths [B] int32 (right-padded prompts).
     Returns out [B, KV, G, T, D] in q's dtype and, if `column_sums`, colsum [B, KV, G, T] float32:
     the attention each key received summed over the valid queries.
+    `column_squares` returns (out, colsum, colsq) with colsq [B, KV, T] float32: the squared attention
+    each key received, summed over the valid queries, after reducing the G query heads of its KV head
+    (`group_reduce`: "mean" or "max"). The group is reduced before squaring because RoCo (EasyKV)
+    tracks the variance of the KV head's attention, not of each query head's.
     """
     b, kv, g, t, d = q.shape
     chunk = min(chunk, t)
@@ -56,6 +63,8 @@ def causal_attention(
     q_chunks = q.reshape(b, kv, g, n_chunks, chunk, d).transpose(3, 0, 1, 2, 4, 5)
     k_t = jnp.swapaxes(k, -1, -2)  # [B, KV, D, T]
     k_pos = jnp.arange(t)
+
+    column_sums = column_sums or column_squares
 
     def one_chunk(carry, xs):
         qc, c_idx = xs  # qc [B, KV, G, C, D]
@@ -69,10 +78,18 @@ def causal_attention(
         out = jnp.matmul(probs.astype(v.dtype).reshape(b, kv, g * chunk, t), v).reshape(b, kv, g, chunk, d)
         if column_sums:
             q_valid = (q_pos[None, :] < lengths[:, None]).astype(jnp.float32)  # [B, C]
-            carry = carry + jnp.einsum("bkgct,bc->bkgt", probs, q_valid)
+            colsum, colsq = carry
+            colsum = colsum + jnp.einsum("bkgct,bc->bkgt", probs, q_valid)
+            if column_squares:
+                reduced = jnp.max(probs, axis=2) if group_reduce == "max" else jnp.mean(probs, axis=2)
+                colsq = colsq + jnp.einsum("bkct,bc->bkt", reduced * reduced, q_valid)
+            carry = (colsum, colsq)
         return carry, out.astype(q.dtype)
 
-    init = jnp.zeros((b, kv, g, t), jnp.float32)
-    colsum, outs = jax.lax.scan(one_chunk, init, (q_chunks, jnp.arange(n_chunks)))
+    # the squares' accumulator is a placeholder scalar unless asked for
+    init = (jnp.zeros((b, kv, g, t), jnp.float32), jnp.zeros((b, kv, t) if column_squares else (), jnp.float32))
+    (colsum, colsq), outs = jax.lax.scan(one_chunk, init, (q_chunks, jnp.arange(n_chunks)))
     out = outs.transpose(1, 2, 3, 0, 4, 5).reshape(b, kv, g, n_chunks * chunk, d)[:, :, :, :t]
+    if column_squares:
+        return out, colsum, colsq
     return (out, colsum) if column_sums else out

@@ -2,6 +2,7 @@
 
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.cake import CAKE
+from kvjax.policies.roco import RoCo
 from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
 from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer
 from kvjax.policies.policy import (
@@ -32,6 +33,7 @@ __all__ = [
     "PrefillStats",
     "PyramidKV",
     "Random",
+    "RoCo",
     "Scorer",
     "SnapKV",
     "StreamingLLM",
@@ -44,3 +46,4 @@ from kvjax.policies import policy as _policy  # noqa: E402
 
 _policy._BY_NAME["adakv"] = AdaKV
 _policy._BY_NAME["cake"] = CAKE
+_policy._BY_NAME["roco"] = RoCo

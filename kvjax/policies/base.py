@@ -46,7 +46,7 @@ class PrefillStats:
     window_attn     [B, H, G, w, T]  softmax attention of the last w valid queries (None if w=0)
     window_valid    [B, w]           which of those w query rows exist (short prompts)
     colsum          [B, H, G, T]     attention summed over all queries (None unless needed)
-    colsq           [B, H, G, T]     squared attention summed over all queries (None unless needed)
+    colsq           [B, H, T]        squared group-reduced attention summed over all queries (None unless needed)
     layer           scalar int32     layer index
     rng             PRNG key         for random scorers
     """

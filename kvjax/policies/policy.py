@@ -54,6 +54,11 @@ class Policy:
     def cascades(self) -> bool:
         return False
 
+    #: the prompt streams through the cache in chunks, evicting as it goes: prefill through kvjax.chunked
+    @property
+    def chunked_prefill(self) -> bool:
+        return False
+
     def _validate(self):
         check_budget(self.budget)
         w, b = self.protected_window + self.protected_sinks, self.budget
