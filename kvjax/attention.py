@@ -21,21 +21,23 @@ def stream_mask(rel_start, length, span: int):
 
 
 def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: float,
-                     implementation: str = "xla", need_probs: bool = False):
+                     implementation: str = "xla", need_probs: bool = False, region_slots: int | None = None):
     """One query per sequence over each KV head's stream in a layer region.
 
     q [B, H, G, D]; k_r, v_r [B, S, D]; rel_start, length [B, H] (slots relative to the region);
     pos_r [B, S]; min_pos [B] or None (sliding window: slots with pos < min_pos are hidden).
+    region_slots: with the Pallas kernel over a whole pool, the size of the layer's region (sizes
+    the kernel's split count by the streams, not by the pool).
     Returns (out [B, H, G, D] float32, probs [B, H, G, S] float32 or None).
     """
     b, h, g, d = q.shape
     s = k_r.shape[1]
     if implementation == "pallas" and not need_probs:
-        from kvjax.pallas_kernels.ragged_decode_attention import ragged_decode_attention
+        from kvjax.pallas_kernels.ragged_decode_attention import default_num_splits, ragged_decode_attention
 
         out = ragged_decode_attention(
             q, k_r, v_r, rel_start, length, sm_scale=scale, pos=pos_r if min_pos is not None else None,
-            min_pos=min_pos, implementation="pallas",
+            min_pos=min_pos, implementation="pallas", num_splits=default_num_splits(b, h, region_slots or s, 64),
         )
         return out.astype(jnp.float32), None
     mask = stream_mask(rel_start, length, s)

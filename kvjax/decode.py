@@ -48,12 +48,14 @@ def stream_key(scorer, score, score2, slot_pos, seen, candidates, budget, excess
     return jnp.where(candidates, scorer.eviction_key(score, score2, slot_pos, seen)[:, None, :], jnp.inf)
 
 
-def _evict_one(regions, rel_start, length, budget, key, has_candidate):
+def _evict_one(moves, rel_start, length, budget, key, has_candidate):
     """Swap-remove the lowest-key slot of each stream whose length exceeds its budget.
 
-    regions: tuple of [B, S, ...] arrays moved together; rel_start/length/budget [B, H];
-    key [B, H, S] (lower = evict first, +inf outside the stream's candidates, see `stream_key`);
-    has_candidate [B, H] (a stream with no candidate keeps its length).
+    moves: tuple of ([B, S', ...] array, offset) moved together: a layer region (offset 0) or the
+    whole pool (offset = the region's base), so keys and values move in place in the pool;
+    rel_start/length/budget [B, H] relative to the region; key [B, H, S] (lower = evict first,
+    +inf outside the stream's candidates, see `stream_key`); has_candidate [B, H] (a stream with
+    no candidate keeps its length). Returns (moved arrays, new length).
     """
     b = key.shape[0]
     victim = jnp.argmin(key, axis=-1)  # [B, H]
@@ -61,11 +63,11 @@ def _evict_one(regions, rel_start, length, budget, key, has_candidate):
     last = rel_start + length - 1
     rows = jnp.arange(b)[:, None]
     out = []
-    for r in regions:
-        moved = r[rows, last]
-        cur = r[rows, victim]
+    for r, offset in moves:
+        moved = r[rows, last + offset]
+        cur = r[rows, victim + offset]
         cond = over.reshape(over.shape + (1,) * (r.ndim - 2))
-        out.append(r.at[rows, victim].set(jnp.where(cond, moved, cur)))
+        out.append(r.at[rows, victim + offset].set(jnp.where(cond, moved, cur)))
     return tuple(out), length - over.astype(length.dtype)
 
 
@@ -89,25 +91,32 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         x, k_pool, v_pool, pos_pool, s_pool, s2_pool = carry
         lw, base, start, length, budget, step_due = xs
         q, kn, vn = layer_qkv(lw, x, positions, config, inv_freq)  # q [B,H,G,1,D], kn [B,H,1,D]
-        take = lambda a: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
-        k_r, v_r, pos_r, s_r, s2_r = map(take, (k_pool, v_pool, pos_pool, s_pool, s2_pool))
-        rel = start - base
-        slot = rel + length
-        k_r = _append(k_r, slot, kn[:, :, 0].astype(k_r.dtype), active)
-        v_r = _append(v_r, slot, vn[:, :, 0].astype(v_r.dtype), active)
-        pos_r = _append(pos_r, slot, jnp.broadcast_to(cache.next_pos[:, None], (b, h)), active)
-        s_r = _append(s_r, slot, jnp.zeros((b, h), s_r.dtype), active)
-        s2_r = _append(s2_r, slot, jnp.zeros((b, h), s2_r.dtype), active)
+        # The new token goes straight into the pool and evictions move slots in place: the pool is
+        # a loop carry, so XLA updates it without copying; only reads slice the layer's region.
+        slot = start + length
+        k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
+        v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)
+        pos_pool = _append(pos_pool, slot, jnp.broadcast_to(cache.next_pos[:, None], (b, h)), active)
+        s_pool = _append(s_pool, slot, jnp.zeros((b, h), s_pool.dtype), active)
+        s2_pool = _append(s2_pool, slot, jnp.zeros((b, h), s2_pool.dtype), active)
         length = length + active[:, None].astype(length.dtype)
         min_pos = None
         if config.sliding_window is not None:
             min_pos = cache.next_pos - config.sliding_window + 1
-        out, probs = decode_attention(
-            q[:, :, :, 0], k_r, v_r, rel, length, pos_r, min_pos,
-            scale=config.attention_scale, implementation=implementation, need_probs=ev is not None,
-        )
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
+        rel = start - base
+        if implementation == "pallas" and ev is None:
+            # the kernel reads only each stream's used slots, wherever they lie in the pool
+            out, _ = decode_attention(q[:, :, :, 0], k_pool, v_pool, start, length, pos_pool, min_pos,
+                                      scale=config.attention_scale, implementation="pallas", region_slots=span)
+        else:
+            out, probs = decode_attention(
+                q[:, :, :, 0], take(k_pool), take(v_pool), rel, length, take(pos_pool), min_pos,
+                scale=config.attention_scale, implementation=implementation, need_probs=ev is not None,
+            )
         x = mlp(lw, x + attn_output(lw, out[:, :, :, None].astype(x.dtype)), config)
         if ev is not None:
+            pos_r, s_r, s2_r = take(pos_pool), take(s_pool), take(s2_pool)
             p = reduce_group(probs, getattr(scorer, "group_reduce", "mean")).sum(axis=1)  # [B, S]
             if scorer.layer_shared:
                 p = _layer_mean_by_offset(p, rel, length, plan)
@@ -117,17 +126,17 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             s_r = jnp.where(mine, s_new, s_r)
             s2_r = jnp.where(mine, s2_new, s2_r)
             new_pos = cache.next_pos[:, None]
-            regions = (k_r, v_r, pos_r, s_r, s2_r)
             target = jnp.where((step_due & active)[:, None], budget, jnp.iinfo(jnp.int32).max)
             for _ in range(ev.every):
-                _, _, pos_now, s_now, s2_now = regions
-                protected = (pos_now > new_pos - ev.recent) | (pos_now < ev.sinks)
+                protected = (pos_r > new_pos - ev.recent) | (pos_r < ev.sinks)
                 cand = stream_mask(rel, length, span) & ~protected[:, None, :]
-                key = stream_key(scorer, s_now, s2_now, pos_now, cache.next_pos + 1, cand, budget, length - budget)
-                regions, length = _evict_one(regions, rel, length, target, key, cand.any(axis=-1))
-            k_r, v_r, pos_r, s_r, s2_r = regions
-        put = lambda pool, r: jax.lax.dynamic_update_slice_in_dim(pool, r, base, axis=1)
-        carry = (x, put(k_pool, k_r), put(v_pool, v_r), put(pos_pool, pos_r), put(s_pool, s_r), put(s2_pool, s2_r))
+                key = stream_key(scorer, s_r, s2_r, pos_r, cache.next_pos + 1, cand, budget, length - budget)
+                moves = ((k_pool, base), (v_pool, base), (pos_r, 0), (s_r, 0), (s2_r, 0))
+                (k_pool, v_pool, pos_r, s_r, s2_r), length = _evict_one(
+                    moves, rel, length, target, key, cand.any(axis=-1))
+            put = lambda pool, r: jax.lax.dynamic_update_slice_in_dim(pool, r, base, axis=1)
+            pos_pool, s_pool, s2_pool = put(pos_pool, pos_r), put(s_pool, s_r), put(s2_pool, s2_r)
+        carry = (x, k_pool, v_pool, pos_pool, s_pool, s2_pool)
         return carry, length
 
     # each sequence evicts on its own schedule (its own position), so a batch behaves like its rows alone
