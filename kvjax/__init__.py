@@ -6,15 +6,18 @@
 
 from kvjax import policies
 from kvjax.api import Generation, Prefilled, forward, generate, load, prefill, save
+from kvjax.budget_profile import BudgetProfile, load_profile
 from kvjax.cache import Cache, kept_positions
 from kvjax.chunked import perplexity
 from kvjax.checkpoint import Params
+from kvjax.profiling import profile
 from kvjax.models.config import ConfigError
 from kvjax.safetensors_io import CheckpointError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetProfile",
     "Cache",
     "CheckpointError",
     "ConfigError",
@@ -25,8 +28,10 @@ __all__ = [
     "generate",
     "kept_positions",
     "load",
+    "load_profile",
     "perplexity",
     "policies",
     "prefill",
+    "profile",
     "save",
 ]

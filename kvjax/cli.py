@@ -1,4 +1,4 @@
-"""Command line: `kvjax demo` (and `python -m kvjax.cli demo`)."""
+"""Command line: `kvjax demo`, `kvjax profile` (and `python -m kvjax.cli ...`)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,32 @@ def demo(args) -> int:
     return 0
 
 
+def profile(args) -> int:
+    """XKV profiling: per-layer budgets for a total, written as JSON (see kvjax/profiling.py)."""
+    import pathlib
+
+    import jax.numpy as jnp
+
+    import kvjax
+    from kvjax.profiling import default_path, profile as run_profile, uniform_retention
+
+    print(f"loading {args.model} ...", flush=True)
+    params = kvjax.load(args.model, dtype=jnp.dtype(args.dtype))
+    name = pathlib.Path(args.model).resolve().name if pathlib.Path(args.model).exists() else args.model
+    cfg = params.config
+    print(f"profiling {cfg.num_layers} layers x {cfg.num_kv_heads} KV heads on {args.prompts} prompts of "
+          f"~{args.tokens} tokens (seed {args.seed}, window {args.window}, metric {args.metric}) ...", flush=True)
+    prof = run_profile(params, args.prompts, args.total, window=args.window, seed=args.seed, metric=args.metric,
+                       n_tokens=args.tokens, name=name)
+    path = prof.save(args.output or default_path(name, args.total, args.out))
+    print(f"solver: {prof.solver}; summed retention {prof.retention:.4f} "
+          f"(uniform {args.total // cfg.num_layers} per layer: ~{uniform_retention(prof):.4f})")
+    print("per-layer budgets (tokens per KV head, window included):")
+    print(" ".join(f"{l}:{b}" for l, b in enumerate(prof.budgets)))
+    print(f"sum {sum(prof.budgets)} of {args.total}; wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kvjax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +67,19 @@ def main(argv=None) -> int:
     d.add_argument("--budget", type=int, default=256, help="tokens kept per KV head")
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.set_defaults(func=demo)
+    p = sub.add_parser("profile", help="XKV: profile per-layer budgets for a total and write them as JSON")
+    p.add_argument("--model", default="smollm2-135m", help="embedded model name or checkpoint directory")
+    p.add_argument("--total", type=int, required=True,
+                   help="tokens per KV head summed over layers, windows included (e.g. 128 x layers)")
+    p.add_argument("--prompts", type=int, default=8, help="synthetic prompts to profile on")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per prompt (about)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=32, help="observation window, kept by every layer")
+    p.add_argument("--metric", default="mass", choices=("mass", "oracle"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--out", default="configs/budgets", help="folder of <model>-<total>.json")
+    p.add_argument("--output", default=None, help="exact output file (overrides --out)")
+    p.set_defaults(func=profile)
     args = parser.parse_args(argv)
     return args.func(args)
 

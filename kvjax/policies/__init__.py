@@ -2,6 +2,7 @@
 
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.cake import CAKE
+from kvjax.policies.profiled import Profiled
 from kvjax.policies.roco import RoCo
 from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
 from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer
@@ -30,6 +31,7 @@ __all__ = [
     "PerLayer",
     "Policy",
     "PolicyError",
+    "Profiled",
     "PrefillStats",
     "PyramidKV",
     "Random",
@@ -46,4 +48,5 @@ from kvjax.policies import policy as _policy  # noqa: E402
 
 _policy._BY_NAME["adakv"] = AdaKV
 _policy._BY_NAME["cake"] = CAKE
+_policy._BY_NAME["profiled"] = Profiled
 _policy._BY_NAME["roco"] = RoCo
