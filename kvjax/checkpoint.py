@@ -141,8 +141,12 @@ def save_params(params: Params, directory) -> pathlib.Path:
 
     directory = pathlib.Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
+    weights = params.weights
+    if weights.per_layer:  # saved stacked, whatever the in-memory layout
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *weights.layers)
+        weights = dataclasses.replace(weights, layers=stacked)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory / "weights", params.weights, force=True)
+        ckpt.save(directory / "weights", weights, force=True)
     if params.source:
         for name in TOKENIZER_FILES:
             src = pathlib.Path(params.source) / name

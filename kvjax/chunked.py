@@ -27,7 +27,7 @@ from kvjax.decode import extend_step
 from kvjax.engine import Plan, make_plan as engine_plan, resolve_budget
 from kvjax.models import ModelConfig, Weights
 from kvjax.models.attention import causal_attention
-from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq
+from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.policies.base import PrefillStats
 from kvjax.policies.policy import Full, Policy
 
@@ -124,7 +124,7 @@ def _prefix_prefill(weights: Weights, tokens, n_prefix, budgets, policy: Policy,
             s1 = s2 = jnp.zeros((b, h, p), jnp.float32)
         return x, (k, v, s1.astype(jnp.float32), s2.astype(jnp.float32))
 
-    x, (k, v, s1, s2) = jax.lax.scan(layer_step, embed(weights, tokens), (weights.layers, jnp.arange(num_layers)))
+    x, (k, v, s1, s2) = scan_layers(layer_step, embed(weights, tokens), (weights.layers, jnp.arange(num_layers)))
     valid = jnp.arange(p)[None, :] < n_prefix[:, None]  # [B, P]
     dtype = weights.embed.dtype
 

@@ -21,7 +21,7 @@ from kvjax.cache import Cache
 from kvjax.engine import TRACE_COUNTS, Plan
 from kvjax.models import ModelConfig, Weights
 from kvjax.models.attention import NEG_INF
-from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq
+from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.policies.base import reduce_group
 from kvjax.policies.policy import Policy
 
@@ -152,7 +152,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         jnp.broadcast_to(step_due, (config.num_layers, b)),
     )
     init = (embed(weights, tokens[:, None]), cache.k, cache.v, cache.pos, cache.score, cache.score2)
-    (x, k, v, pos, s, s2), length = jax.lax.scan(layer_step, init, xs)
+    (x, k, v, pos, s, s2), length = scan_layers(layer_step, init, xs)
     logits = final_logits(weights, x, config)[:, 0]
     new = Cache(
         k=k, v=v, pos=pos, score=s, score2=s2, start=cache.start, length=length.transpose(1, 0, 2),
@@ -290,7 +290,7 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
         cache.budget.transpose(1, 0, 2),
     )
     init = (embed(weights, tokens), cache.k, cache.v, cache.pos, cache.score, cache.score2)
-    (x, k, v, pos, s, s2), (length, peak) = jax.lax.scan(layer_step, init, xs)
+    (x, k, v, pos, s, s2), (length, peak) = scan_layers(layer_step, init, xs)
     logits = final_logits(weights, x, config)
     new = Cache(
         k=k, v=v, pos=pos, score=s, score2=s2, start=cache.start, length=length.transpose(1, 0, 2),

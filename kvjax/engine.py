@@ -21,7 +21,7 @@ import numpy as np
 from kvjax.cache import Cache, Layout
 from kvjax.models import ModelConfig, Weights
 from kvjax.models.attention import NEG_INF, causal_attention
-from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq
+from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.pallas_kernels import budget_scatter as bs
 from kvjax.pallas_kernels import masked_topk as mt
 from kvjax.policies.base import PrefillStats, reduce_group
@@ -233,7 +233,7 @@ def prefill(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
         layer_budgets.T,
         jnp.asarray(plan.stream_bound, jnp.int32),
     )
-    (x, k_pool, v_pool, pos_pool, s_pool, s2_pool), (start, length, cap, budget) = jax.lax.scan(layer_step, init, xs)
+    (x, k_pool, v_pool, pos_pool, s_pool, s2_pool), (start, length, cap, budget) = scan_layers(layer_step, init, xs)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
     logits = final_logits(weights, last, config)[:, 0]
     cache = Cache(

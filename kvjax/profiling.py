@@ -40,7 +40,7 @@ from kvjax.checkpoint import Params
 from kvjax.engine import window_attention
 from kvjax.eval.synthetic import sample_prompts
 from kvjax.models.attention import causal_attention
-from kvjax.models.llama import attn_output, embed, layer_qkv, mlp, rope_inv_freq
+from kvjax.models.llama import attn_output, embed, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.policies.base import reduce_group
 from kvjax.policies.scorers import pool1d
 
@@ -82,14 +82,15 @@ def _curves(weights, tokens, lengths, *, config, window, sizes, metric, kernel, 
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     inv_freq = rope_inv_freq(config)
 
-    def layer_step(x, lw):
+    def layer_step(x, xs):
+        (lw,) = xs
         q, k, v = layer_qkv(lw, x, positions, config, inv_freq)
         attn = causal_attention(q, k, v, lengths, scale=config.attention_scale, sliding_window=config.sliding_window)
         x = mlp(lw, x + attn_output(lw, attn), config)
         probs, _ = window_attention(q, k, lengths, window, config.attention_scale)
         return x, retention_curves(probs, lengths, window, sizes, metric, kernel, pooling)
 
-    _, curves = jax.lax.scan(layer_step, embed(weights, tokens), weights.layers)
+    _, curves = scan_layers(layer_step, embed(weights, tokens), (weights.layers,))
     return curves
 
 

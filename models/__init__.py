@@ -2,7 +2,7 @@
 
 from .config import ConfigError, ModelConfig, RopeScaling
 from .llama import LayerWeights, Weights, embed, final_logits, layer_qkv, mlp, rms_norm, rope_inv_freq
-from .llama import apply_rope, forward
+from .llama import apply_rope, forward, scan_layers, unstack_layers
 
 __all__ = [
     "ConfigError",
@@ -18,4 +18,6 @@ __all__ = [
     "mlp",
     "rms_norm",
     "rope_inv_freq",
+    "scan_layers",
+    "unstack_layers",
 ]

@@ -52,12 +52,45 @@ class LayerWeights:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Weights:
-    """embed [V, E], layers (stacked [L, ...]), final_norm [E], lm_head [E, V] or None when tied."""
+    """embed [V, E], layers, final_norm [E], lm_head [E, V] or None when tied.
+
+    `layers` is one LayerWeights with stacked `[L, ...]` leaves (scanned: fast to compile), or a
+    tuple of L per-layer LayerWeights (unrolled: on GPU, XLA copies a stacked layer's slice before
+    every matmul, which made decode read the weights three times; see docs/PERFORMANCE.md).
+    """
 
     embed: jax.Array
-    layers: LayerWeights
+    layers: LayerWeights | tuple[LayerWeights, ...]
     final_norm: jax.Array
     lm_head: jax.Array | None = None
+
+    @property
+    def per_layer(self) -> bool:
+        return not isinstance(self.layers, LayerWeights)
+
+
+def unstack_layers(weights: Weights) -> Weights:
+    """Per-layer buffers (a tuple of LayerWeights) from stacked ones, one leaf at a time."""
+    if weights.per_layer:
+        return weights
+    leaves, treedef = jax.tree_util.tree_flatten(weights.layers)
+    num_layers = leaves[0].shape[0]
+    split = [[leaf[i] for i in range(num_layers)] for leaf in leaves]
+    layers = tuple(jax.tree_util.tree_unflatten(treedef, [s[i] for s in split]) for i in range(num_layers))
+    return dataclasses.replace(weights, layers=layers)
+
+
+def scan_layers(step, carry, xs):
+    """`lax.scan(step, carry, xs)` over the layers, where `xs[0]` is `Weights.layers`: a real scan
+    for stacked weights, an unrolled loop (outputs stacked like scan's) for per-layer weights."""
+    layers, *rest = xs
+    if isinstance(layers, LayerWeights):
+        return jax.lax.scan(step, carry, xs)
+    ys = []
+    for i, lw in enumerate(layers):
+        carry, y = step(carry, (lw, *jax.tree_util.tree_map(lambda a: a[i], tuple(rest))))
+        ys.append(y)
+    return carry, jax.tree_util.tree_map(lambda *a: jnp.stack(a), *ys)
 
 
 def rms_norm(x, weight, eps: float):
@@ -150,7 +183,8 @@ def forward(weights: Weights, config: ModelConfig, tokens, lengths=None, *, chun
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     inv_freq = rope_inv_freq(config)
 
-    def layer(x, lw):
+    def layer(x, xs):
+        (lw,) = xs
         q, k, v = layer_qkv(lw, x, positions, config, inv_freq)
         attn = causal_attention(
             q, k, v, lengths, scale=config.attention_scale, sliding_window=config.sliding_window, chunk=chunk
@@ -158,5 +192,5 @@ def forward(weights: Weights, config: ModelConfig, tokens, lengths=None, *, chun
         x = x + attn_output(lw, attn)
         return mlp(lw, x, config), None
 
-    x, _ = jax.lax.scan(layer, embed(weights, tokens), weights.layers)
+    x, _ = scan_layers(layer, embed(weights, tokens), (weights.layers,))
     return final_logits(weights, x, config)

@@ -180,7 +180,8 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, *, sm_scale, bloc
         grid=(b, h, num_splits),
         in_specs=[scalar, scalar, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
                   pl.BlockSpec((1, 1, gp, d), lambda i, j, s: (i, j, 0, 0)),
-                  per_seq((p, d)), per_seq((p, d)), per_seq((p,))],
+                  per_seq((p, d)), per_seq((p, d)),
+                  per_seq((p,)) if use_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))],
         out_specs=[part(d), part(1), part(1)],
         out_shape=[jax.ShapeDtypeStruct((b, h, num_splits, gp, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32),
@@ -321,7 +322,7 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
     gp = max(16, 1 << (g - 1).bit_length())  # Triton dots need M >= 16; Mosaic likes full sublane tiles
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     use_pos = min_pos is not None
-    pos_arr = pos.astype(jnp.int32) if use_pos else jnp.zeros((b, p), jnp.int32)
+    pos_arr = pos.astype(jnp.int32) if use_pos else jnp.zeros((b, 1), jnp.int32)  # unused: no [B, P] fill
     minpos = min_pos.astype(jnp.int32) if use_pos else jnp.zeros((b,), jnp.int32)
     args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
     kw = dict(sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits, use_pos=use_pos, interpret=interpret)

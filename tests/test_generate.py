@@ -111,3 +111,27 @@ def test_full_cache_bytes_match_the_pool(params):
     slots = cfg.num_layers * cfg.num_kv_heads * (64 + 16)  # prompt bucket + decode bucket per stream
     assert c.layout.pool_size == slots
     assert c.kv_nbytes == 2 * slots * cfg.head_dim * 4
+
+
+@pytest.mark.parametrize("policy", [None, "snapkv", "h2o", "cake", "roco"])
+def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
+    """GPU loads keep each layer's weights in their own buffers (an unrolled layer loop); the
+    results must not depend on the layout."""
+    import dataclasses
+
+    from kvjax import policies as P
+    from kvjax.models import unstack_layers
+
+    params = _tiny_params()
+    per_layer = dataclasses.replace(params, weights=unstack_layers(params.weights))
+    assert per_layer.weights.per_layer and not params.weights.per_layer
+    pol = {None: None, "snapkv": P.SnapKV(budget=32, window=8), "h2o": P.H2O(budget=32, recent=8),
+           "cake": P.CAKE(budget=32, window=8), "roco": P.RoCo(budget=48, chunk=16)}[policy]
+    prompts = [_prompt(150, 0), _prompt(90, 1)]
+    a = kvjax.generate(params, prompts, policy=pol, max_new_tokens=6)
+    b = kvjax.generate(per_layer, prompts, policy=pol, max_new_tokens=6)
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(np.asarray(a.cache.k), np.asarray(b.cache.k), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(a.cache.length), np.asarray(b.cache.length))
+    np.testing.assert_allclose(np.asarray(kvjax.forward(params, prompts[0][None])),
+                               np.asarray(kvjax.forward(per_layer, prompts[0][None])), atol=1e-5)
