@@ -1,0 +1,194 @@
+"""The needle tasks (kvjax/eval/needles.py) and their scorer, with a whitespace tokenizer stub: fast, no model,
+no torch."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+import sys
+
+import pytest
+
+from kvjax.eval import needles as N
+from kvjax.eval import passkey
+
+
+class Words:
+    """A stand-in tokenizer: one token per whitespace-separated word."""
+
+    def encode(self, text: str) -> list[str]:
+        return text.split()
+
+
+class WordsWithBos(Words):
+    def encode(self, text: str) -> list[str]:
+        return ["<s>"] + text.split()
+
+
+ENC = Words()
+LONGEST_UNIT = max(len(N.essay_sentence(__import__("random").Random(i)).split()) for i in range(2000))
+
+
+@pytest.mark.parametrize("task", N.TASKS)
+def test_same_seed_same_sample_other_seed_other_sample(task):
+    a = N.make_sample(task, 700, ENC, seed=3)
+    b = N.make_sample(task, 700, ENC, seed=3)
+    c = N.make_sample(task, 700, ENC, seed=4)
+    assert a == b
+    assert (a.context, a.answer) != (c.context, c.answer)
+    assert N.make_samples(task, 700, ENC, 3, seed=3)[0] == a
+    assert [s.seed for s in N.make_samples(task, 700, ENC, 3, seed=3)] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("task", N.TASKS)
+@pytest.mark.parametrize("target", [300, 2048, 6144])
+@pytest.mark.parametrize("enc", [Words(), WordsWithBos()], ids=["plain", "bos"])
+def test_length_is_exact_and_never_above_the_target(task, target, enc):
+    s = N.make_sample(task, target, enc, seed=1)
+    assert s.prompt == s.context + s.question
+    assert s.question.startswith(" ")
+    assert s.n_tokens == len(enc.encode(s.prompt)) <= target
+    # whole sentences are added while they fit: the gap is below one sentence
+    slack = len(passkey.FILLER.split()) if task == "passkey" else max(LONGEST_UNIT, len(passkey.FILLER.split()))
+    assert target - s.n_tokens < slack
+
+
+def test_haystack_is_filled_maximally():
+    s = N.single_needle(1000, ENC, seed=2)
+    # one more essay sentence would not fit
+    assert 1000 - s.n_tokens < LONGEST_UNIT
+    r = N.single_needle(1000, ENC, seed=2, haystack="repeat")
+    assert 1000 - r.n_tokens < len(passkey.FILLER.split())
+    assert passkey.FILLER in r.context
+
+
+@pytest.mark.parametrize("digits", [3, 5, 7])
+def test_single_needle_holds_its_answer_once(digits):
+    s = N.single_needle(1500, ENC, seed=5, digits=digits)
+    assert re.fullmatch(rf"[1-9]\d{{{digits - 1}}}", s.answer)
+    needle = N.NEEDLE.format(key=s.keys[0], value=s.answer)
+    assert s.context.count(needle) == 1
+    assert s.context.startswith(N.PREAMBLE)
+    assert s.keys[0] in s.question and s.answer not in s.question
+    # the haystack has no digits: the needle is the only number in the prompt
+    assert re.findall(r"\d+", s.prompt) == [s.answer]
+    assert 0.0 <= s.depth <= 1.0
+
+
+def test_needle_depth_matches_its_position():
+    for seed in range(6):
+        s = N.single_needle(3000, ENC, seed=seed)
+        where = s.context.index("One of the special magic numbers") / len(s.context)
+        assert abs(where - s.depth) < 0.06, (seed, where, s.depth)
+
+
+def test_repeated_needle():
+    s = N.single_needle(800, ENC, seed=0, repeat_needle=2)
+    needle = N.NEEDLE.format(key=s.keys[0], value=s.answer)
+    assert s.context.count(needle) == 2
+
+
+@pytest.mark.parametrize("n_keys", [2, 4, 8])
+def test_multikey_has_distinct_keys_and_asks_for_one(n_keys):
+    s = N.multikey(2500, ENC, seed=7, n_keys=n_keys)
+    assert len(s.keys) == len(set(s.keys)) == n_keys
+    numbers = re.findall(r"magic numbers for (\w+) is: (\d+)\.", s.context)
+    assert len(numbers) == n_keys
+    assert len({v for _, v in numbers}) == n_keys
+    asked = [k for k in s.keys if f"number for {k} mentioned" in s.question]
+    assert len(asked) == 1
+    assert dict(numbers)[asked[0]] == s.answer
+
+
+def test_multikey_asks_different_keys_across_seeds():
+    asked = {N.multikey(600, ENC, seed=i).answer for i in range(10)}
+    assert len(asked) == 10
+
+
+def test_passkey_task_matches_the_passkey_module():
+    s = N.passkey_task(1200, ENC, seed=0)
+    assert s.question == " " + passkey.QUESTION
+    assert passkey.NEEDLE.format(key=s.answer) in s.context
+    assert len(s.answer) == passkey.KEY_DIGITS
+    assert s.n_tokens <= 1200
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        N.make_sample("nope", 100, ENC)
+    with pytest.raises(ValueError, match="target"):
+        N.single_needle(20, ENC)  # the preamble, needle and question alone are longer
+    with pytest.raises(ValueError, match="haystack"):
+        N.single_needle(500, ENC, haystack="poems")
+    with pytest.raises(ValueError, match="n_keys"):
+        N.multikey(500, ENC, n_keys=0)
+    with pytest.raises(ValueError, match="options"):
+        N.make_sample("passkey", 500, ENC, digits=3)
+
+
+@pytest.mark.parametrize(
+    "text, answer, ok",
+    [
+        (" 4071853.", "4071853", True),
+        (": 4071853. The", "4071853", True),
+        ("4071853", "4071853", True),
+        (" 407185.", "4071853", False),  # a digit lost
+        (" 40718531", "4071853", False),  # a digit too many
+        (" 1 4071853", "4071853", False),  # another number first
+        (" four million", "4071853", False),
+        ("", "4071853", False),
+        (" 60494. Remember", "60494", True),
+    ],
+)
+def test_score(text, answer, ok):
+    assert N.score(text, answer) is ok
+
+
+@pytest.mark.parametrize(
+    "text, answer, value",
+    [(" 4071853.", "4071853", 1.0), (": 369. The", "3698526", 3 / 7), (": 365. The", "3698526", 2 / 7), (" 36627123", "36627", 5 / 8),
+     (" 9", "36627", 0.0), (" none", "36627", 0.0), (" 1 36627", "36627", 0.0)],
+)
+def test_digit_score(text, answer, value):
+    assert N.digit_score(text, answer) == pytest.approx(value)
+    assert (N.digit_score(text, answer) == 1.0) is N.score(text, answer)
+
+
+def test_extract_number():
+    assert N.extract_number("is: 123, then 456") == "123"
+    assert N.extract_number("no digits") is None
+
+
+def _quality_module():
+    """benchmarks/quality.py, imported by path (benchmarks/ is not a package)."""
+    if "quality_bench" not in sys.modules:
+        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+        spec = importlib.util.spec_from_file_location("quality_bench", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["quality_bench"] = mod  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(mod)
+    return sys.modules["quality_bench"]
+
+
+def test_benchmark_builds_every_policy_at_every_budget():
+    q = _quality_module()
+    for name in q.available_policies():
+        for budget in q.BUDGETS:
+            pol, why = q.make_policy(name, budget)
+            if name == "Profiled" and pol is None:
+                assert "profile" in why  # a budget without a profile file is skipped, not an error
+                continue
+            assert pol is not None, (name, budget, why)
+            w = q.policy_window(pol)
+            assert w is None or w <= budget // 2 or name == "Profiled"
+
+
+def test_benchmark_cli_helpers():
+    q = _quality_module()
+    assert q._split_top("AdaKV(SnapKV),H2O,AdaKV(PyramidKV)") == ["AdaKV(SnapKV)", "H2O", "AdaKV(PyramidKV)"]
+    assert q.window_for(32) == 16 and q.window_for(256) == 32
+    chunks = q.batches(list("abcde"), 2)
+    assert chunks == [(["a", "b"], 2), (["c", "d"], 2), (["e", "e"], 1)]
+    args = q.parse_args(["--quick", "--policies", "SnapKV,AdaKV(SnapKV)"])
+    assert args.lengths == [2048] and args.samples == [1] and args.policies == ["SnapKV", "AdaKV(SnapKV)"]
