@@ -67,7 +67,8 @@ from kvjax import policies as P  # noqa: E402
 from kvjax.cache import Cache  # noqa: E402
 from kvjax.eval import needles  # noqa: E402
 from quality_report import MODES, write_markdown, write_plot  # noqa: E402
-from quality_shared import SharedRunner, compare_kept, feed_question, generate_cell, shareable  # noqa: E402
+from quality_shared import SharedRunner, compare_kept, feed_question, generate_cell, release_executables  # noqa: E402
+from quality_shared import shareable  # noqa: E402
 
 POLICY_NAMES = ("StreamingLLM", "SnapKV", "PyramidKV", "AdaKV(SnapKV)", "AdaKV(PyramidKV)", "H2O", "TOVA", "KNorm",
                 "Random", "CAKE", "RoCo", "Profiled")
@@ -110,7 +111,14 @@ def available_policies() -> list[str]:
     return [n for n in POLICY_NAMES if n not in OPTIONAL or hasattr(P, n)]
 
 
-def make_policy(name: str, budget: int):
+#: PyramidKV's layer split: "paper" (the PyramidKV repository) by default. kvjax's default, kvpress's
+#: split, falls back to uniform budgets whenever (budget - window) / beta < window, i.e. at every
+#: budget here (measured: identical answers to SnapKV at 32-256), which would make PyramidKV a
+#: second SnapKV in this benchmark.
+PYRAMID_STYLE = "paper"
+
+
+def make_policy(name: str, budget: int, pyramid_style: str | None = None):
     """The policy `name` at `budget` tokens per KV head, or (None, reason) when it cannot be built."""
     if name == "Full":
         return P.Full(), None
@@ -126,6 +134,8 @@ def make_policy(name: str, budget: int):
             pol = cls(str(path))
         elif base in ("StreamingLLM", "TOVA", "KNorm", "Random", "RoCo"):
             pol = cls(budget=budget)
+        elif base == "PyramidKV":
+            pol = _windowed(cls, budget, style=pyramid_style or PYRAMID_STYLE)
         else:
             pol = _windowed(cls, budget)
         if name.startswith("AdaKV("):
@@ -247,7 +257,7 @@ def run(args, log):
     skipped = []
     for name in args.policies:
         for budget in args.budgets:
-            pol, why = make_policy(name, budget)
+            pol, why = make_policy(name, budget, args.pyramid_style)
             if pol is None:
                 skipped.append(dict(policy=name, budget=budget, reason=why))
                 log(f"skip {name} @ {budget}: {why}")
@@ -260,14 +270,14 @@ def run(args, log):
         why = shareable(pol) if args.engine == "shared" else "--engine generate"
         engines[(name, budget)] = "shared" if why is None else "generate"
     verification = None
-    timings: dict[str, Any] = {"verify_s": 0.0, "per_length": {}}
+    timings: dict[str, Any] = {"verify_s": 0.0, "per_length": {}, "releases": 0}
     if args.engine == "shared" and args.verify:
         t0 = time.perf_counter()
         check = {}
         for name, budget, pol in grid:
             if engines[(name, budget)] == "shared" and name not in check:
                 vb = 64 if budget is None or any(b == 64 and n == name for n, b, _ in grid) else budget
-                pol_v = pol if budget in (None, vb) else make_policy(name, vb)[0]
+                pol_v = pol if budget in (None, vb) else make_policy(name, vb, args.pyramid_style)[0]
                 check[name] = pol_v
         log(f"verifying the shared prefill against kvjax.prefill for {len(check)} policies ...")
         verification = verify(params, runner, check, args.modes, args.max_new_tokens, log)
@@ -276,6 +286,7 @@ def run(args, log):
                 engines[(name, budget)] = "generate"
                 log(f"  {name} falls back to kvjax.generate per cell")
         timings["verify_s"] = round(time.perf_counter() - t0, 1)
+        timings["releases"] += release_executables(runner, log, limit=0)  # verification shapes are not reused
 
     cells: dict[tuple, Cell] = {}
     outputs = []
@@ -301,6 +312,7 @@ def run(args, log):
                     for (name, budget, pol), plan, cache in zip(shared, plans, caches):
                         texts, pre = runner.finish(pol, plan, cache, logits, qt, ql)
                         results[(name, budget)] = (texts, per_sequence_bytes(pre, len(chunk)), "shared")
+                        timings["releases"] += release_executables(runner, log)
                     del caches
                     dt = time.perf_counter() - t0
                     tl["decode_s"] += dt
@@ -315,6 +327,7 @@ def run(args, log):
                     tl["generate_s"] += dt
                     results[(name, budget)] = (texts, (st["cache_bytes"] // len(chunk), st["kv_bytes"] // len(chunk)),
                                                "generate")
+                    timings["releases"] += release_executables(runner, log)
                     log(f"[{L} {mode}] generate {name}@{budget}: {dt:.1f} s")
                 for (name, budget), (texts, (cb, kb), eng) in results.items():
                     pol = dict(((n, b), p) for n, b, p in grid)[(name, budget)]
@@ -360,7 +373,11 @@ def parse_args(argv=None):
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--engine", choices=("shared", "generate"), default="shared")
     ap.add_argument("--no-verify", dest="verify", action="store_false")
+    ap.add_argument("--report-only", default=None, metavar="JSON",
+                    help="re-render the .md and .png of an existing result file, run nothing")
     ap.add_argument("--digits", type=int, default=7, help="digits of the needles' numbers")
+    ap.add_argument("--pyramid-style", default=PYRAMID_STYLE, choices=("paper", "kvpress"),
+                    help="PyramidKV's layer split (kvpress's is uniform at every budget here)")
     ap.add_argument("--haystack", default="essay", choices=needles.HAYSTACKS)
     ap.add_argument("--max-new-tokens", type=int, default=12)
     ap.add_argument("--batch-tokens", type=int, default=18432,
@@ -447,6 +464,15 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
+    if args.report_only:
+        src = pathlib.Path(args.report_only)
+        data = json.loads(src.read_text())
+        meta, result = data["meta"], {k: v for k, v in data.items() if k != "meta"}
+        stem = src.with_suffix("")
+        write_markdown(stem.with_suffix(".md"), result, meta, meta["policies"], meta["budgets"])
+        log(f"wrote {stem}.md; plot: {write_plot(stem.with_suffix('.png'), result, meta, meta['policies'], meta['budgets'])}")
+        return
+
     log(f"policies {args.policies}; budgets {args.budgets}; lengths {args.lengths}; samples/task {args.samples}; "
         f"tasks {args.tasks}; modes {args.modes}; engine {args.engine}")
     result = run(args, log)
@@ -456,10 +482,11 @@ def main(argv=None):
                 host=platform.node(), tasks=args.tasks, lengths=args.lengths,
                 samples_per_task=dict(zip(map(str, args.lengths), args.samples)), budgets=args.budgets,
                 modes=args.modes, policies=args.policies, engine=args.engine, digits=args.digits,
-                jax_cache=args.jax_cache,
+                jax_cache=args.jax_cache, pyramid_style=args.pyramid_style,
                 haystack=args.haystack, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                window_rule="min(32, budget // 2) for SnapKV/PyramidKV/AdaKV/CAKE/RoCo windows and H2O's recent; "
-                            "StreamingLLM sinks 4; Profiled keeps its profile's window",
+                window_rule="min(32, budget // 2) for SnapKV/PyramidKV/AdaKV/CAKE windows and H2O's recent; "
+                            "StreamingLLM sinks 4; RoCo its defaults (recent 10, sinks 4, chunk 32); Profiled its "
+                            "profile's window",
                 bytes_note="cache_bytes / kv_bytes are per sequence: out.stats['cache_bytes'] (or the shared path's "
                            "cache.nbytes) divided by the batch size; every cache array leads with the batch axis",
                 argv=sys.argv[1:])

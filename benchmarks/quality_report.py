@@ -131,9 +131,12 @@ def write_markdown(path, result, meta, policies, budgets):
                  f"{meta['haystack']} haystack, multikey with 4 keys; pass key 5 digits), lengths "
                  f"{', '.join(map(str, meta['lengths']))} tokens (exact: each prompt is at most its length), samples "
                  f"per task {meta['samples_per_task']}, greedy, {meta['max_new_tokens']} new tokens, exact match "
-                 f"of the first digit run. Budgets are tokens per KV head (window included); windowed policies use "
-                 f"window = min(32, budget // 2); StreamingLLM 4 sinks. Engine: {meta['engine']} (see "
-                 f"benchmarks/quality.py). Accuracy is the mean over (task, length) cells.")
+                 f"of the first digit run (digit score: common leading digits / length). Budgets are tokens per KV "
+                 f"head (window included); SnapKV, PyramidKV, Ada-KV and CAKE windows and H2O's recent window = "
+                 f"min(32, budget // 2); StreamingLLM 4 sinks; RoCo its defaults (recent 10, sinks 4, chunked "
+                 f"encoding 32 tokens at a time); PyramidKV's split: {meta.get('pyramid_style', 'kvpress')} style; "
+                 f"Profiled: configs/budgets/smollm2-135m-<30 x budget>.json. Engine: {meta['engine']} (see "
+                 f"benchmarks/quality.py). Every number is the mean over (task, length) cells.")
     lines.append("")
     for metric, label in (("accuracy", "Accuracy (exact match)"),
                           ("digit_score", "Digit score (partial credit for the leading digits)")):
@@ -188,7 +191,7 @@ def write_markdown(path, result, meta, policies, budgets):
         lines.append("Not run: " + "; ".join(f"{s['policy']}@{s['budget']} ({s['reason']})" for s in result["skipped"]))
         lines.append("")
     t = result["timings"]
-    lines += ["## Timings", "", f"Total {t['total_s'] / 60:.1f} min (verification {t['verify_s']:.0f} s).", "",
+    lines += ["## Timings", "", f"Total {t['total_s'] / 60:.1f} min (verification {t['verify_s']:.0f} s; compiled executables dropped {t.get('releases', 0)} times to stay under the memory-map limit).", "",
               "| length | batch | batches (both modes) | compile s | shared prefill s | decode s | generate s |",
               "|---|---|---|---|---|---|---|"]
     for L, tl in t["per_length"].items():

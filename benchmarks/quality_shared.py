@@ -5,6 +5,7 @@ against them before every run by benchmarks/quality.py)."""
 from __future__ import annotations
 
 import functools
+import gc
 import pathlib
 import sys
 import time
@@ -329,6 +330,35 @@ def generate_cell(params, samples, mode, pol, max_new_tokens, seed=0):
         out = kvjax.generate(params, context=[s.context for s in samples], question=[s.question for s in samples],
                              policy=pol, max_new_tokens=max_new_tokens, seed=seed)
     return out.text, out.stats
+
+
+def memory_maps() -> int:
+    """Memory mappings of this process (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
+
+
+#: XLA:CPU maps a few hundred regions per loaded executable (over a thousand for the shared
+#: prefill). The kernel refuses more than vm.max_map_count (65530 by default): LLVM then fails with
+#: "Cannot allocate memory" and the process segfaults (the first default run died so at 4K tokens).
+#: Above this count the compiled executables are dropped; the persistent compilation cache reloads
+#: the ones needed again.
+MAX_MAPS = 40000
+
+
+def release_executables(runner, log, limit: int = MAX_MAPS) -> bool:
+    """Drop every compiled executable when this process holds more than `limit` memory maps."""
+    n = memory_maps()
+    if n <= limit:
+        return False
+    runner._compiled.clear()
+    jax.clear_caches()
+    gc.collect()
+    log(f"  dropped compiled executables: {n} memory maps -> {memory_maps()}")
+    return True
 
 
 def compare_kept(cache_a: Cache, cache_b: Cache) -> float:

@@ -163,7 +163,10 @@ def test_extract_number():
 def _quality_module():
     """benchmarks/quality.py, imported by path (benchmarks/ is not a package)."""
     if "quality_bench" not in sys.modules:
-        path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
+        bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+        if str(bench) not in sys.path:
+            sys.path.insert(0, str(bench))  # quality.py imports its sibling modules
+        path = bench / "quality.py"
         spec = importlib.util.spec_from_file_location("quality_bench", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules["quality_bench"] = mod  # dataclasses look their module up while the class is built
