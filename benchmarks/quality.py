@@ -470,7 +470,8 @@ def main(argv=None):
         meta, result = data["meta"], {k: v for k, v in data.items() if k != "meta"}
         stem = src.with_suffix("")
         write_markdown(stem.with_suffix(".md"), result, meta, meta["policies"], meta["budgets"])
-        log(f"wrote {stem}.md; plot: {write_plot(stem.with_suffix('.png'), result, meta, meta['policies'], meta['budgets'])}")
+        plot = write_plot(stem.with_suffix(".png"), result, meta, meta["policies"], meta["budgets"])
+        log(f"wrote {stem}.md; plot: {plot}")
         return
 
     log(f"policies {args.policies}; budgets {args.budgets}; lengths {args.lengths}; samples/task {args.samples}; "

@@ -72,7 +72,8 @@ def analysis(result, policies, budgets):
         if a not in policies or b not in policies:
             lines.append(f"- {a} vs {b}: not measured ({a if a not in policies else b} not in this run).")
             continue
-        for metric, key, label in (("accuracy", "correct", "exact match"), ("digit_score", "digit_score", "digit score")):
+        for metric, key, label in (("accuracy", "correct", "exact match"),
+                                   ("digit_score", "digit_score", "digit score")):
             parts, means = [], []
             for mode in MODES:
                 table, _ = summary(cells, mode, [a, b], small, metric)
@@ -191,7 +192,8 @@ def write_markdown(path, result, meta, policies, budgets):
         lines.append("Not run: " + "; ".join(f"{s['policy']}@{s['budget']} ({s['reason']})" for s in result["skipped"]))
         lines.append("")
     t = result["timings"]
-    lines += ["## Timings", "", f"Total {t['total_s'] / 60:.1f} min (verification {t['verify_s']:.0f} s; compiled executables dropped {t.get('releases', 0)} times to stay under the memory-map limit).", "",
+    lines += ["## Timings", "", f"Total {t['total_s'] / 60:.1f} min (verification {t['verify_s']:.0f} s; compiled "
+              f"executables dropped {t.get('releases', 0)} times to stay under the memory-map limit).", "",
               "| length | batch | batches (both modes) | compile s | shared prefill s | decode s | generate s |",
               "|---|---|---|---|---|---|---|"]
     for L, tl in t["per_length"].items():

@@ -167,7 +167,8 @@ def shared_prefill(weights, tokens, lengths, policies, rng, *, config, plans, im
             pool_size = plan.layout.pool_size
             run_size = pool_size if p.cascade else max(pool_size, h * num_layers * (t + plan.headroom))
             per_head = engine.resolve_budget(p, lengths)
-            consts.append((run_size, num_layers * jnp.maximum(per_head - p.window, 0), jnp.maximum(lengths - p.window, 0),
+            consts.append((run_size, num_layers * jnp.maximum(per_head - p.window, 0),
+                           jnp.maximum(lengths - p.window, 0),
                            jnp.minimum(lengths, p.window)))
             inits.append((jnp.zeros((b, run_size, d), dtype), jnp.zeros((b, run_size, d), dtype),
                           jnp.full((b, run_size), -1, jnp.int32), jnp.zeros((b, run_size), jnp.float32),

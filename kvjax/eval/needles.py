@@ -113,7 +113,8 @@ def essay_sentence(rng: random.Random) -> str:
         s = f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_CLAUSES)}."
     elif form == 2:
         a, b = rng.sample(_ABSTRACT, 2)
-        s = f"It is tempting to think that {a} matters more than {b}, but {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} otherwise."
+        s = (f"It is tempting to think that {a} matters more than {b}, but {rng.choice(_SUBJECTS)} "
+             f"{rng.choice(_VERBS)} otherwise.")
     else:
         s = (f"{rng.choice(_CLAUSES).capitalize()}, {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} "
              f"{rng.choice(_OBJECTS)}, and that is where {rng.choice(_ABSTRACT)} comes from.")
