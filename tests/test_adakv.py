@@ -9,13 +9,9 @@ import pytest
 import kvjax
 from conftest import torch_or_skip
 from kvjax import policies as P
+from oracle_attention import avg_pool5, hf_attentions
 from selection import assert_same_selection
 from test_generate import _prompt, _tiny_params
-
-
-def _avg_pool5(x):
-    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(2, 2)])
-    return sum(padded[..., i : i + x.shape[-1]] for i in range(5)) / 5.0
 
 
 def snapkv_scores(attn, n, window, num_kv_heads):
@@ -24,7 +20,7 @@ def snapkv_scores(attn, n, window, num_kv_heads):
     rows = np.asarray(attn, np.float64)[:, n - window :, :]
     mean = rows.mean(axis=1)
     mean[:, n - window :] = 0.0
-    return _avg_pool5(mean).reshape(num_kv_heads, -1, n).mean(axis=1)
+    return avg_pool5(mean).reshape(num_kv_heads, -1, n).mean(axis=1)
 
 
 def adakv_repo_budgets(scores, n, window, budget, alpha):
@@ -43,18 +39,12 @@ def adakv_repo_budgets(scores, n, window, budget, alpha):
 @pytest.mark.slow
 @pytest.mark.parametrize("budget,alpha", [(128, 0.2), (64, 0.5)])
 def test_adakv_head_budgets_and_kept_positions_equal_the_repository_rule(smollm2_f32, smollm2_dir, budget, alpha):
-    torch = torch_or_skip()
-    import transformers
-
+    torch_or_skip()
     from kvjax.eval.passkey import passkey_prompt
 
     ids = smollm2_f32.tokenizer.encode(passkey_prompt(key="27182", depth=0.6, n_repeats=30))[:700]
     n, window = len(ids), 32
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():
-        attn = [a[0].numpy() for a in model(torch.tensor([ids]), output_attentions=True).attentions]
+    attn = hf_attentions(smollm2_dir, ids)
     cfg = smollm2_f32.config
     pre = kvjax.prefill(smollm2_f32, [ids], P.AdaKV(P.SnapKV(budget=budget, window=window), alpha=alpha),
                         max_new_tokens=1)

@@ -14,17 +14,13 @@ import kvjax
 from conftest import torch_or_skip
 from kvjax import cascade
 from kvjax import policies as P
+from oracle_attention import avg_pool5, hf_attentions
 from selection import assert_same_selection
 from test_generate import _prompt, _tiny_params
 
 
 # ----------------------------------------------------------------------------------------------
 # an independent implementation of CAKE's rules (numpy, float64 except where the reference is float32)
-
-
-def _avg_pool5(x):
-    padded = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(2, 2)])
-    return sum(padded[..., i : i + x.shape[-1]] for i in range(5)) / 5.0
 
 
 def _split(prefs, total, cap):
@@ -59,7 +55,7 @@ def cake_reference(attn, n, budget, window, gamma, num_kv_heads, cascade_=True):
         prefs.append(entropy * win.var(axis=1, ddof=1).sum())
         rows = a[:, n - window :, :]
         ind = (rows.mean(axis=1) + gamma * rows.var(axis=1, ddof=1))[:, : n - window]
-        pooled = _avg_pool5(ind).reshape(num_kv_heads, -1, n - window).mean(axis=1)
+        pooled = avg_pool5(ind).reshape(num_kv_heads, -1, n - window).mean(axis=1)
         indicators.append(np.concatenate([pooled, np.zeros((num_kv_heads, window))], axis=1))
     kept = np.full(num_layers, np.iinfo(np.int64).max)
     for layer in range(num_layers):
@@ -75,18 +71,12 @@ def cake_reference(attn, n, budget, window, gamma, num_kv_heads, cascade_=True):
 def test_cake_budgets_and_kept_positions_equal_the_formulas_on_the_embedded_model(
     smollm2_f32, smollm2_dir, budget, cascade_
 ):
-    torch = torch_or_skip()
-    import transformers
-
+    torch_or_skip()
     from kvjax.eval.passkey import passkey_prompt
 
     ids = smollm2_f32.tokenizer.encode(passkey_prompt(key="31415", depth=0.4, n_repeats=30))[:700]
     n, window, gamma = len(ids), 32, 200.0
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2_dir, dtype=torch.float32, attn_implementation="eager"
-    ).eval()
-    with torch.no_grad():
-        attn = [a[0].numpy() for a in model(torch.tensor([ids]), output_attentions=True).attentions]
+    attn = hf_attentions(smollm2_dir, ids)
     cfg = smollm2_f32.config
     ref_counts, indicators = cake_reference(attn, n, budget, window, gamma, cfg.num_kv_heads, cascade_)
 
