@@ -97,8 +97,9 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
         v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)
         pos_pool = _append(pos_pool, slot, jnp.broadcast_to(cache.next_pos[:, None], (b, h)), active)
-        s_pool = _append(s_pool, slot, jnp.zeros((b, h), s_pool.dtype), active)
-        s2_pool = _append(s2_pool, slot, jnp.zeros((b, h), s2_pool.dtype), active)
+        if ev is not None:  # only decode-time eviction reads the running statistics
+            s_pool = _append(s_pool, slot, jnp.zeros((b, h), s_pool.dtype), active)
+            s2_pool = _append(s2_pool, slot, jnp.zeros((b, h), s2_pool.dtype), active)
         length = length + active[:, None].astype(length.dtype)
         min_pos = None
         if config.sliding_window is not None:
