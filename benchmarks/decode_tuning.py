@@ -223,6 +223,9 @@ def profile(bench, batches, budget, out_dir, log):
         t0 = time.perf_counter()
         pools, tok = jax.block_until_ready(jitted(bench.weights, pools, meta, tok))
         wall = time.perf_counter() - t0
+        if batch == 1:  # the optimized program, to see what each fusion does
+            text = jitted.lower(bench.weights, pools, meta, tok).compile().as_text()
+            (out_dir / f"decode_tuning_hlo_b{batch}.txt.gz").write_bytes(gzip.compress(text.encode()))
         tdir = out_dir / f"trace_b{batch}"
         row = dict(batch=batch, budget=budget, wall_ms_per_step=wall / bench.n_steps * 1e3)
         try:
@@ -463,7 +466,7 @@ def main(argv=None):
         res["decode"] = decode_rows(bench, cases, best, bw, log, deadline)
         write()
     if "prefill" in parts:
-        res["prefill"] = prefill_attention(cfg, (256,) if args.tiny else (8192, 32768), log, args.tiny)
+        res["prefill"] = prefill_attention(cfg, (256, 251) if args.tiny else (8192, 30001, 32768), log, args.tiny)
         write()
     log("done")
     return 0

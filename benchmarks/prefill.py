@@ -67,6 +67,9 @@ def main(argv=None):
     ap.add_argument("--headroom", type=int, default=64, help="decode slots per stream (max_new_tokens)")
     ap.add_argument("--only", default=None, help="substring of 'policy/ctx/impl' to run")
     ap.add_argument("--tiny", action="store_true", help="miniature model on CPU (checks the script)")
+    ap.add_argument("--weights", default="per_layer", choices=("per_layer", "stacked"),
+                    help="per_layer: one buffer per layer (kvjax.load's default on GPU); stacked: [L, ...] arrays")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
 
@@ -91,8 +94,8 @@ def main(argv=None):
     slug = "tiny_" + _shapes.device_slug() if args.tiny else _shapes.device_slug()
     meta = _shapes.device_meta()
     log(f"device {meta['device']} jax {meta['jax']}")
-    weights = _shapes.random_weights(cfg, dtype)
-    meta.update(model="Llama-3.1-8B shapes (random weights)" if not args.tiny else "tiny", dtype=jnp.dtype(dtype).name,
+    weights = _shapes.random_weights(cfg, dtype, unstacked=args.weights == "per_layer")
+    meta.update(weights_layout=args.weights, model="Llama-3.1-8B shapes (random weights)" if not args.tiny else "tiny", dtype=jnp.dtype(dtype).name,
                 batch=1, reps=args.reps, headroom=args.headroom, budget=budget)
     jobs = [(name, pol, ctx, impl) for ctx in contexts for impl in impls for name, pol in pols.items()
             if not args.only or args.only in f"{name}/{ctx}/{impl}"]
@@ -157,7 +160,7 @@ def main(argv=None):
                        trace=traceback.format_exc()[-3000:])
         rows.append(row)
         log(json.dumps({k: row.get(k) for k in ("policy", "ctx", "impl", "seconds", "compile_s", "error")}))
-        md = write(out_dir, slug, meta, rows, t_start)  # after every row: a timeout keeps what was measured
+        md = write(out_dir, slug + args.tag, meta, rows, t_start)  # after every row: a timeout keeps what was measured
     print(md)
     return 0
 

@@ -33,11 +33,15 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
     b, h, g, d = q.shape
     s = k_r.shape[1]
     if implementation == "pallas" and not need_probs:
-        from kvjax.pallas_kernels.ragged_decode_attention import default_num_splits, ragged_decode_attention
+        from kvjax.pallas_kernels import _common
+        from kvjax.pallas_kernels.ragged_decode_attention import (default_block_kv, default_num_splits,
+                                                                  ragged_decode_attention)
 
+        block_kv = default_block_kv(_common.default_backend_kind(None))
         out = ragged_decode_attention(
             q, k_r, v_r, rel_start, length, sm_scale=scale, pos=pos_r if min_pos is not None else None,
-            min_pos=min_pos, implementation="pallas", num_splits=default_num_splits(b, h, region_slots or s, 64),
+            min_pos=min_pos, implementation="pallas", block_kv=block_kv,
+            num_splits=default_num_splits(b, h, region_slots or s, block_kv),
         )
         return out.astype(jnp.float32), None
     mask = stream_mask(rel_start, length, s)
@@ -51,3 +55,28 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
     probs = jnp.where(mask[:, :, None, :], probs, 0.0)  # empty streams attend to nothing
     out = jnp.matmul(probs.reshape(b, h * g, s).astype(v_r.dtype), v_r, preferred_element_type=jnp.float32)
     return out.reshape(b, h, g, d), (probs if need_probs else None)
+
+
+def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_new, slot, *, scale: float,
+                      region_slots: int):
+    """The Pallas path of a decode step that does not evict: write each stream's new key/value at
+    `slot` [B, H] (-1: none) and attend over the stream with it. On GPU the kernel writes the pools
+    in place itself, so no scatter runs before it.
+
+    q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] (absolute slots, length before the
+    new token); pos [B, P], min_pos [B] or None; k_new, v_new [B, H, D].
+    Returns (out [B, H, G, D] float32, k_pool, v_pool).
+    """
+    from kvjax.pallas_kernels import _common
+    from kvjax.pallas_kernels.ragged_decode_attention import (default_block_kv, default_num_splits,
+                                                              ragged_decode_attention)
+
+    b, h = start.shape
+    block_kv = default_block_kv(_common.default_backend_kind(None))
+    out, k_pool, v_pool = ragged_decode_attention(
+        q, k_pool, v_pool, start, length, sm_scale=scale, pos=pos if min_pos is not None else None,
+        min_pos=min_pos, implementation="pallas", block_kv=block_kv,
+        num_splits=default_num_splits(b, h, region_slots, block_kv), append=(k_new, v_new, slot),
+    )
+    return out.astype(jnp.float32), k_pool, v_pool
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import decode_attention, stream_mask
+from kvjax.attention import append_and_attend, decode_attention, stream_mask
 from kvjax.cache import Cache
 from kvjax.engine import TRACE_COUNTS, Plan
 from kvjax.models import ModelConfig, Weights
@@ -27,11 +27,14 @@ from kvjax.policies.policy import Policy
 
 
 def _append(region, slot, value, active):
-    """region [B, S, ...]; write value [B, H, ...] at slot [B, H] where active [B]."""
-    b = region.shape[0]
+    """region [B, S, ...]; write value [B, H, ...] at slot [B, H] where active [B].
+
+    Inactive rows write out of range (dropped) instead of re-writing the slot's old value, so the
+    update is a plain in-place scatter with no gather of the old values before it."""
+    b, s = region.shape[:2]
     rows = jnp.arange(b)[:, None]
-    old = region[rows, slot]
-    return region.at[rows, slot].set(jnp.where(active.reshape((b, 1) + (1,) * (value.ndim - 2)), value, old))
+    slot = jnp.where(active[:, None], slot, s + jnp.arange(slot.shape[1])[None, :])  # unique, out of range
+    return region.at[rows, slot].set(value, mode="drop", unique_indices=True)
 
 
 def stream_key(scorer, score, score2, slot_pos, seen, candidates, budget, excess):
@@ -94,23 +97,27 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         # The new token goes straight into the pool and evictions move slots in place: the pool is
         # a loop carry, so XLA updates it without copying; only reads slice the layer's region.
         slot = start + length
-        k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
-        v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)
         pos_pool = _append(pos_pool, slot, jnp.broadcast_to(cache.next_pos[:, None], (b, h)), active)
+        min_pos = None
+        if config.sliding_window is not None:
+            min_pos = cache.next_pos - config.sliding_window + 1
+        fused = implementation == "pallas" and ev is None
+        if fused:
+            # the kernel writes the new key/value itself and reads only each stream's used slots,
+            # wherever they lie in the pool
+            out, k_pool, v_pool = append_and_attend(
+                q[:, :, :, 0], k_pool, v_pool, start, length, pos_pool, min_pos, kn[:, :, 0], vn[:, :, 0],
+                jnp.where(active[:, None], slot, -1), scale=config.attention_scale, region_slots=span)
+        else:
+            k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
+            v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)
         if ev is not None:  # only decode-time eviction reads the running statistics
             s_pool = _append(s_pool, slot, jnp.zeros((b, h), s_pool.dtype), active)
             s2_pool = _append(s2_pool, slot, jnp.zeros((b, h), s2_pool.dtype), active)
         length = length + active[:, None].astype(length.dtype)
-        min_pos = None
-        if config.sliding_window is not None:
-            min_pos = cache.next_pos - config.sliding_window + 1
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
         rel = start - base
-        if implementation == "pallas" and ev is None:
-            # the kernel reads only each stream's used slots, wherever they lie in the pool
-            out, _ = decode_attention(q[:, :, :, 0], k_pool, v_pool, start, length, pos_pool, min_pos,
-                                      scale=config.attention_scale, implementation="pallas", region_slots=span)
-        else:
+        if not fused:
             out, probs = decode_attention(
                 q[:, :, :, 0], take(k_pool), take(v_pool), rel, length, take(pos_pool), min_pos,
                 scale=config.attention_scale, implementation=implementation, need_probs=ev is not None,

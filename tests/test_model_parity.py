@@ -73,3 +73,24 @@ def test_right_padding_does_not_change_valid_logits(tmp_path):
     a = np.asarray(kvjax.forward(params, tokens))
     b = np.asarray(kvjax.forward(params, padded, lengths=np.array([32])))
     np.testing.assert_allclose(a, b[:, :32], atol=1e-5)
+
+
+@pytest.mark.parametrize("model,extra", [("llama", {}), ("mistral", dict(sliding_window=8))], ids=["llama", "mistral-window"])
+def test_fused_prompt_attention_matches_transformers(tmp_path, monkeypatch, model, extra):
+    # the path GPUs take (cuDNN flash through jax.nn.dot_product_attention), forced on the CPU,
+    # where dot_product_attention runs its XLA implementation: same logits as transformers,
+    # right padding included
+    import kvjax.models.attention as attention
+
+    calls = []
+    original = attention.fused_causal_attention
+    monkeypatch.setattr(attention, "fused_available", lambda q: True)
+    monkeypatch.setattr(attention, "fused_causal_attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+    d = save_tiny_hf(tmp_path, model, **extra)
+    tokens = _tokens(40)
+    params = kvjax.load(d, dtype=jnp.float32)
+    padded = np.concatenate([tokens, np.zeros((2, 9), np.int32)], axis=1)
+    ours = np.asarray(kvjax.forward(params, padded, lengths=np.array([40, 40])))[:, :40]
+    assert calls, "the fused path was not taken"
+    ref = hf_logits(d, tokens)
+    assert np.abs(ours - ref).max() <= 2e-4, np.abs(ours - ref).max()

@@ -50,6 +50,28 @@ def test_kernel_equals_reference(case, backend, mode):
     assert (np.asarray(got)[empty] == 0).all()
 
 
+@pytest.mark.parametrize("case", ["empty-single-ragged-aligned", "stream-ends-at-pool-end"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_single_split_gpu_kernel_normalises_in_the_kernel(case, dtype):
+    # one split: the GPU kernel writes the final output in q's dtype and no merge runs
+    dims, lengths, extra = CASES[case]
+    q, k, v, start, length = _case(*dims, lengths, seed=5, dtype=dtype, **extra)
+    ref = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3)
+    got = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3, implementation="pallas",
+                                      interpret=True, backend="gpu", block_kv=32, num_splits=1)
+    assert got.dtype == q.dtype and got.shape == q.shape
+    tol = 2e-5 if dtype == np.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32), atol=tol)
+    assert (np.asarray(got, np.float32)[np.asarray(length) == 0] == 0).all()
+
+
+def test_default_splits_fill_about_one_program_per_multiprocessor():
+    assert rda.default_num_splits(1, 8, 8 * 1040, 32) == 16
+    assert rda.default_num_splits(32, 8, 8 * 1040, 32) == 1
+    assert rda.default_num_splits(1, 8, 8 * 100, 32) == 1  # streams too short to split
+    assert rda.default_block_kv("gpu") == 32 and rda.default_block_kv("tpu") == 128
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_bf16_and_default_blocks(backend):
     q, k, v, start, length = _case(2, 2, 4, 64, [[150, 0], [31, 200]], seed=4, dtype=jnp.bfloat16)
@@ -146,3 +168,28 @@ def test_errors_name_the_argument():
         call(pos=jnp.zeros(k.shape[:2], jnp.int32), min_pos=jnp.zeros((3,), jnp.int32))
     with pytest.raises(ValueError, match="implementation"):
         call(implementation="triton")
+
+
+@pytest.mark.parametrize("backend,num_splits", [("gpu", 1), ("gpu", 3), ("tpu", 2)])
+def test_append_writes_the_new_token_and_attends_to_it(backend, num_splits):
+    # streams of different lengths (one empty), one row without a new token (slot -1)
+    q, k, v, start, length = _case(2, 3, 4, 32, [[40, 0, 77], [5, 64, 20]], seed=6, gap=4)
+    rng = np.random.default_rng(1)
+    k_new = jnp.asarray(rng.normal(size=(2, 3, 32)).astype(np.float32))
+    v_new = jnp.asarray(rng.normal(size=(2, 3, 32)).astype(np.float32))
+    slot = jnp.where(jnp.asarray([[True], [False]]), start + length, -1).astype(jnp.int32)
+    # oracle: write the tokens by hand, then the dense reference over the longer streams
+    k_ref, v_ref = np.asarray(k).copy(), np.asarray(v).copy()
+    for b in range(2):
+        for h in range(3):
+            if slot[b, h] >= 0:
+                k_ref[b, int(slot[b, h])], v_ref[b, int(slot[b, h])] = k_new[b, h], v_new[b, h]
+    grown = length + (slot >= 0)
+    want = rda.ragged_decode_attention(q, jnp.asarray(k_ref), jnp.asarray(v_ref), start, grown, sm_scale=0.3)
+    for impl in ("xla", "pallas"):
+        out, k2, v2 = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3, implementation=impl,
+                                                  interpret=True, backend=backend, block_kv=16,
+                                                  num_splits=num_splits, append=(k_new, v_new, slot))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(k2), k_ref)
+        np.testing.assert_array_equal(np.asarray(v2), v_ref)
