@@ -12,8 +12,9 @@ Cache states are synthetic: the pool is laid out as the engine lays it out (`kvj
 for a `kvjax.policies` policy), start/length/cap/budget are filled by this script, keys/values
 are random. Decode speed does not depend on the values, only on the layout and lengths.
 
-- uniform: every stream keeps B tokens (the Ada-KV plan's layout, which has H/2 + 1 spare slots per
-  layer region, so that uniform and Ada-KV rows share one compiled program);
+- uniform: every stream keeps B tokens, in `SnapKV(B)`'s plan (until run 8 these rows used the Ada-KV
+  plan's layout; since the kernel's split count depends on whether head budgets vary, they now use
+  the uniform policy's own plan);
 - adakv:   Ada-KV-like: per (sequence, layer) the layer's H*B tokens are split over the heads by a
   seeded Dirichlet(1) draw (at least the 64-token window each, at most the 8K shortest context);
 - cake:    CAKE-like: per-layer budgets (seeded Dirichlet(1) split of L*B over the layers, same
@@ -310,7 +311,7 @@ def adakv_head_budgets(budget, batch, num_layers, h, max_len, seed=2):
 class Spec:
     """One compiled program: a layout at a batch, an implementation and a code variant."""
 
-    layout: str  # "ada" (uniform + adakv rows), "cake", "full", "cake_cascade"
+    layout: str  # "uni", "ada", "cake", "full", "cake_cascade"
     budget: int  # tokens per head (full: the context length)
     batch: int | str  # int or "max"
     impl: str
@@ -354,6 +355,9 @@ class Bench:
         from kvjax.policies import scorers
 
         cfg, n = self.config, self.n_steps
+        if layout == "uni":
+            pol = P.SnapKV(budget=budget, window=WINDOW)
+            return pol, engine.make_plan(pol, cfg, ctx, n)
         if layout == "ada":
             pol = P.AdaKV(P.SnapKV(budget=budget, window=WINDOW))
             return pol, engine.make_plan(pol, cfg, ctx, n)
@@ -400,7 +404,10 @@ class Bench:
             cache, tok = jax.lax.fori_loop(0, n, body, (cache, tok))
             return (cache.k, cache.v, cache.pos, cache.score, cache.score2), tok
 
-        return jax.jit(run, donate_argnums=(1,)), kmod, pol, plan
+        from kvjax.decode import gemm_compiler_options  # as kvjax.generate compiles its decode loop
+
+        options = gemm_compiler_options(spec.batch) if isinstance(spec.batch, int) else {}
+        return jax.jit(run, donate_argnums=(1,), compiler_options=options or None), kmod, pol, plan
 
     def abstract_args(self, spec: Spec, batch: int, plan):
         cfg = self.config
@@ -471,7 +478,7 @@ def fill_state(bench: Bench, job: Job, batch: int, plan, seed: int = 0):
     if layout == "ada":
         caps = lengths + hr
         start = base[None, :, None] + np.cumsum(caps, axis=2) - caps
-    elif layout in ("cake", "full"):
+    elif layout in ("uni", "cake", "full"):
         bound = np.asarray(plan.stream_bound, np.int64)
         caps = np.broadcast_to((bound + hr)[None, :, None], lengths.shape).copy()
         start = base[None, :, None] + np.arange(h)[None, None, :] * caps
@@ -483,7 +490,7 @@ def fill_state(bench: Bench, job: Job, batch: int, plan, seed: int = 0):
         raise ValueError(layout)
     pool = plan.layout.pool_size
     assert (lengths <= caps).all() and (start + caps <= pool).all(), "allocation does not fit the plan"
-    if layout in ("ada", "cake", "full"):
+    if layout in ("uni", "ada", "cake", "full"):
         span = np.asarray(plan.layout.layer_span, np.int64)
         assert (start + caps <= (base + span)[None, :, None]).all(), "a stream leaves its layer region"
     meta = tuple(jnp.asarray(a, jnp.int32) for a in (start, lengths, caps, lengths)) + (
@@ -752,7 +759,7 @@ def build_tiers(args, contexts, budgets, batches):
         for variant in variants:
             for impl in impls:
                 for b in bs:
-                    for layout, allocs in (("ada", ("uniform", "adakv")), ("cake", ("cake",))):
+                    for layout, allocs in (("uni", ("uniform",)), ("ada", ("adakv",)), ("cake", ("cake",))):
                         spec = Spec(layout, budget, b, impl, variant)
                         for a in allocs:
                             for c in ctxs:
@@ -785,7 +792,7 @@ def build_tiers(args, contexts, budgets, batches):
         for b in big:
             for c in contexts:
                 if c != c32:
-                    t3.append(Job(Spec("ada", bmid, b, "pallas", variant), "uniform", c))
+                    t3.append(Job(Spec("uni", bmid, b, "pallas", variant), "uniform", c))
     tiers.append(("compressed at the other contexts (the same programs)", t3))
     # 4: small batches, the full cache at 32K
     t4 = comp(bmid, small, ("pallas",), pv) + comp(bmid, small, ("xla",), ("library",))
@@ -908,7 +915,7 @@ def main(argv=None):
         for j in jobs:
             s = j.spec
             if s.batch == "max":
-                key = (s.layout if s.layout != "cake" else "ada", s.budget, s.impl, s.variant)
+                key = (s.layout if s.layout not in ("cake", "uni") else "ada", s.budget, s.impl, s.variant)
                 if key not in bench.max_batch:
                     bench.max_batch[key] = bench.guess_max_batch(s)
                 s = dataclasses.replace(s, batch=bench.max_batch[key])

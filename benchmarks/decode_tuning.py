@@ -214,7 +214,7 @@ def summarize_trace(events, steps: int):
 def profile(bench, batches, budget, out_dir, log):
     rows = []
     for batch in batches:
-        spec = D.Spec("ada", budget, batch, "pallas", "library")
+        spec = D.Spec("uni", budget, batch, "pallas", "library")
         jitted, _, _, plan = bench.runner(spec)
         job = D.Job(spec, "uniform", 32768)
         pools, meta, _, _ = D.fill_state(bench, job, batch, plan)
@@ -282,8 +282,8 @@ def with_kernel_settings(settings):
 def decode_rows(bench, cases, best_by_batch, bw, log, deadline):
     jobs = []
     for budget, batch in cases:
-        spec = D.Spec("ada", budget, batch, "pallas", "library")
-        plan = bench.policy_plan("ada", budget, bench.min_ctx)[1]
+        spec = D.Spec("uni", budget, batch, "pallas", "library")
+        plan = bench.policy_plan("uni", budget, bench.min_ctx)[1]
         variants = [("library", None)]
         if best_by_batch.get(batch):
             variants.append(("tuned", best_by_batch[batch]))

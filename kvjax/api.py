@@ -15,7 +15,7 @@ import numpy as np
 from kvjax import cascade, chunked, engine
 from kvjax.cache import Cache, occupancy
 from kvjax.checkpoint import Params, load_checkpoint, save_params
-from kvjax.decode import decode_step
+from kvjax.decode import decode_step, gemm_compiler_options
 from kvjax.models import forward as model_forward
 from kvjax.models import unstack_layers
 from kvjax.policies.policy import Full, Policy
@@ -160,11 +160,8 @@ def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, conf
     return cache, logits
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "plan", "sampler", "implementation", "capacity"), donate_argnums=(1,)
-)
-def _decode_loop(weights, cache, logits, policy, rng, max_new, stop_ids, *, config, plan, sampler, capacity,
-                 implementation):
+def _decode_loop_body(weights, cache, logits, policy, rng, max_new, stop_ids, *, config, plan, sampler, capacity,
+                      implementation):
     """Sample up to `max_new` tokens (<= capacity) in a while_loop; stops when every row is done."""
     engine.TRACE_COUNTS["generate"] += 1
     b = logits.shape[0]
@@ -193,6 +190,22 @@ def _decode_loop(weights, cache, logits, policy, rng, max_new, stop_ids, *, conf
 
     cache, _, out, done, n_gen, _ = jax.lax.while_loop(cond, body, (cache, jnp.int32(1), out, done, n_gen, rng))
     return cache, out, n_gen
+
+
+_DECODE_JIT = dict(static_argnames=("config", "plan", "sampler", "implementation", "capacity"), donate_argnums=(1,))
+_decode_loop = jax.jit(_decode_loop_body, **_DECODE_JIT)
+_decode_loops_with_options = {}
+
+
+def _decode_loop_for(batch: int):
+    """The jitted decode loop for this batch size (GEMM back end: kvjax.decode.gemm_compiler_options)."""
+    options = gemm_compiler_options(batch)
+    if not options:
+        return _decode_loop
+    key = tuple(sorted(options.items()))
+    if key not in _decode_loops_with_options:
+        _decode_loops_with_options[key] = jax.jit(_decode_loop_body, **_DECODE_JIT, compiler_options=options)
+    return _decode_loops_with_options[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,7 +306,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     t1 = time.perf_counter()
     stop_ids = _stop_ids(params, stop)
     capacity = new_tokens_bucket(max_new_tokens)
-    cache, out, n_gen = _decode_loop(
+    cache, out, n_gen = _decode_loop_for(pre.logits.shape[0])(
         params.weights, pre.cache, pre.logits, pre.policy, jax.random.key(seed + 1), jnp.int32(max_new_tokens),
         jnp.asarray(stop_ids, jnp.int32), config=params.config, plan=pre.plan, sampler=sampler,
         capacity=capacity, implementation=implementation or _default_implementation(),

@@ -21,13 +21,15 @@ def stream_mask(rel_start, length, span: int):
 
 
 def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: float,
-                     implementation: str = "xla", need_probs: bool = False, region_slots: int | None = None):
+                     implementation: str = "xla", need_probs: bool = False, region_slots: int | None = None,
+                     skewed: bool = False):
     """One query per sequence over each KV head's stream in a layer region.
 
     q [B, H, G, D]; k_r, v_r [B, S, D]; rel_start, length [B, H] (slots relative to the region);
     pos_r [B, S]; min_pos [B] or None (sliding window: slots with pos < min_pos are hidden).
     region_slots: with the Pallas kernel over a whole pool, the size of the layer's region (sizes
-    the kernel's split count by the streams, not by the pool).
+    the kernel's split count by the streams, not by the pool); skewed: stream lengths differ within
+    a layer (more splits, see `default_num_splits`).
     Returns (out [B, H, G, D] float32, probs [B, H, G, S] float32 or None).
     """
     b, h, g, d = q.shape
@@ -41,7 +43,7 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
         out = ragged_decode_attention(
             q, k_r, v_r, rel_start, length, sm_scale=scale, pos=pos_r if min_pos is not None else None,
             min_pos=min_pos, implementation="pallas", block_kv=block_kv,
-            num_splits=default_num_splits(b, h, region_slots or s, block_kv),
+            num_splits=default_num_splits(b, h, region_slots or s, block_kv, skewed),
         )
         return out.astype(jnp.float32), None
     mask = stream_mask(rel_start, length, s)
@@ -58,13 +60,13 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
 
 
 def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_new, slot, *, scale: float,
-                      region_slots: int):
+                      region_slots: int, skewed: bool = False):
     """The Pallas path of a decode step that does not evict: write each stream's new key/value at
     `slot` [B, H] (-1: none) and attend over the stream with it. On GPU the kernel writes the pools
     in place itself, so no scatter runs before it.
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] (absolute slots, length before the
-    new token); pos [B, P], min_pos [B] or None; k_new, v_new [B, H, D].
+    new token); pos [B, P], min_pos [B] or None; k_new, v_new [B, H, D]; skewed as `decode_attention`.
     Returns (out [B, H, G, D] float32, k_pool, v_pool).
     """
     from kvjax.pallas_kernels import _common
@@ -76,7 +78,7 @@ def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_n
     out, k_pool, v_pool = ragged_decode_attention(
         q, k_pool, v_pool, start, length, sm_scale=scale, pos=pos if min_pos is not None else None,
         min_pos=min_pos, implementation="pallas", block_kv=block_kv,
-        num_splits=default_num_splits(b, h, region_slots, block_kv), append=(k_new, v_new, slot),
+        num_splits=default_num_splits(b, h, region_slots, block_kv, skewed), append=(k_new, v_new, slot),
     )
     return out.astype(jnp.float32), k_pool, v_pool
 

@@ -26,6 +26,20 @@ from kvjax.policies.base import reduce_group
 from kvjax.policies.policy import Policy
 
 
+#: From this batch size up, decode programs on GPU run their matmuls through cuBLAS instead of
+#: XLA's Triton GEMMs. Measured on an H100 at Llama-8B shapes (decode_h100_run9*.md): Triton wins
+#: at batch 1 (7.0 vs 8.7 ms per step), cuBLAS at batch 32 (8.06 vs 8.46 ms at 1024 tokens per
+#: head, 6.90 vs 7.31 ms at 256).
+CUBLAS_FROM_BATCH = 16
+
+
+def gemm_compiler_options(batch: int) -> dict:
+    """XLA compiler options for a jitted decode program of this batch size (see CUBLAS_FROM_BATCH)."""
+    if jax.default_backend() == "gpu" and batch >= CUBLAS_FROM_BATCH:
+        return {"xla_gpu_enable_triton_gemm": False}
+    return {}
+
+
 def _append(region, slot, value, active):
     """region [B, S, ...]; write value [B, H, ...] at slot [B, H] where active [B].
 
@@ -107,7 +121,8 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             # wherever they lie in the pool
             out, k_pool, v_pool = append_and_attend(
                 q[:, :, :, 0], k_pool, v_pool, start, length, pos_pool, min_pos, kn[:, :, 0], vn[:, :, 0],
-                jnp.where(active[:, None], slot, -1), scale=config.attention_scale, region_slots=span)
+                jnp.where(active[:, None], slot, -1), scale=config.attention_scale, region_slots=span,
+                skewed=plan.adaptive_heads)
         else:
             k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
             v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)

@@ -350,12 +350,16 @@ def default_block_kv(backend: str) -> int:
     return 32 if backend == "gpu" else 128
 
 
-def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int) -> int:
+def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int, skewed: bool = False) -> int:
     """About one program per streaming multiprocessor (~128 programs), but no split shorter than ~2
     blocks of an average stream. More splits only add partial outputs to merge: on an H100 one split
-    was fastest once batch x heads >= 256, eight at batch 1 (decode_tuning_h100.md)."""
+    was fastest once batch x heads >= 256, eight at batch 1 (decode_tuning_h100.md).
+
+    skewed: stream lengths differ within a layer (Ada-KV's per-head budgets). The kernel lasts as
+    long as its longest program, and a head may hold several times the mean, so aim at 8x the
+    programs (measured at batch 32, 1024 tokens/head: one split made Ada-KV 23% slower than uniform)."""
     per_stream = max(1, pool_size // max(1, heads))
-    want = -(-128 // max(1, batch * heads))
+    want = -(-(1024 if skewed else 128) // max(1, batch * heads))
     return int(max(1, min(want, per_stream // (2 * block_kv), 32)))
 
 

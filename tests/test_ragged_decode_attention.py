@@ -69,6 +69,7 @@ def test_default_splits_fill_about_one_program_per_multiprocessor():
     assert rda.default_num_splits(1, 8, 8 * 1040, 32) == 16
     assert rda.default_num_splits(32, 8, 8 * 1040, 32) == 1
     assert rda.default_num_splits(1, 8, 8 * 100, 32) == 1  # streams too short to split
+    assert rda.default_num_splits(32, 8, 8 * 1040, 32, skewed=True) == 4  # Ada-KV: long heads get split
     assert rda.default_block_kv("gpu") == 32 and rda.default_block_kv("tpu") == 128
 
 
