@@ -26,16 +26,18 @@ from kvjax.policies.base import reduce_group
 from kvjax.policies.policy import Policy
 
 
-#: From this batch size up, decode programs on GPU run their matmuls through cuBLAS instead of
-#: XLA's Triton GEMMs. Measured on an H100 at Llama-8B shapes (decode_h100_run9*.md): Triton wins
-#: at batch 1 (7.0 vs 8.7 ms per step), cuBLAS at batch 32 (8.06 vs 8.46 ms at 1024 tokens per
-#: head, 6.90 vs 7.31 ms at 256).
-CUBLAS_FROM_BATCH = 16
+#: Batch sizes [lo, hi) whose decode programs on GPU run their matmuls through cuBLAS only, not
+#: XLA's Triton GEMMs. Measured on an H100 at Llama-8B shapes: Triton wins at batch 1 (7.0 vs
+#: 8.7 ms per step, decode_h100_run9_cublas.md), cuBLAS at batch 32 (8.06 vs 8.46 ms at 1024 tokens
+#: per head, 6.90 vs 7.31 at 256); at batch 408 XLA's own choice was faster (30.4 ms in run 8 vs
+#: 32.3 with cuBLAS only in run 10).
+CUBLAS_BATCHES = (16, 256)
 
 
 def gemm_compiler_options(batch: int) -> dict:
-    """XLA compiler options for a jitted decode program of this batch size (see CUBLAS_FROM_BATCH)."""
-    if jax.default_backend() == "gpu" and batch >= CUBLAS_FROM_BATCH:
+    """XLA compiler options for a jitted decode program of this batch size (see CUBLAS_BATCHES)."""
+    lo, hi = CUBLAS_BATCHES
+    if jax.default_backend() == "gpu" and lo <= batch < hi:
         return {"xla_gpu_enable_triton_gemm": False}
     return {}
 
