@@ -30,17 +30,13 @@ Bytes per step = weights read (every matrix once; the embedding table is gathere
 read (mean stream length over the N steps). Roofline = bytes / measured copy bandwidth (x + 1 on a
 2 GiB bf16 array, read + write counted, as benchmarks/kernels_gpu.py); `% BW` = roofline / time.
 
-`variant` (--variants): "library" is kvjax as installed; the others apply source patches at run time
-(VARIANTS below; a patch whose target text is gone from the library is skipped, and the diff that
-applied is stored in the JSON's meta): "proposed" = DECODE_PATCH (append in place, the kernel reads
-the pool: landed in kvjax as 80d6610) + KERNEL_PATCHES (the GPU kernel no longer materialises a
-[B, P] int32 zeros array for its unused `pos` operand); "unroll" = proposed + `lax.scan(unroll=True)`
-over the layers; "unstacked" = proposed + a Python loop over per-layer weight pytrees (needs
-`--weights unstacked`: Weights.layers as a tuple of 32 LayerWeights). `--probe` times the weight path
-alone (no KV) with stacked/scanned, unrolled and unstacked weights; `--check` (with --tiny) compares
-the variants' logits and caches with the library's.
+`variant` is always "library" (kvjax as installed). Runs 1-4 also timed proposed changes applied
+as run-time source patches; those changes have landed, the patch machinery is gone, and each of
+those runs' JSON keeps the diff it applied (meta.diffs). `--weights unstacked` gives per-layer
+weight buffers, as `kvjax.load` does on GPU. `--probe` times the weight path alone (no KV) with
+stacked/scanned, unrolled and unstacked weights.
 
-Writes decode_<device>.json (every row, the environment, the patches) and decode_<device>.md.
+Writes decode_<device>.json (every row and the environment) and decode_<device>.md.
 """
 
 from __future__ import annotations
@@ -48,108 +44,28 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
-import difflib
 import gc
 import importlib
 import inspect
 import json
-import math
 import pathlib
 import re
 import statistics
 import sys
 import time
 import traceback
-import types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _shapes  # noqa: E402  (sets XLA_PYTHON_CLIENT_MEM_FRACTION before jax initialises)
+import _decode_states as states  # noqa: E402
+from _decode_states import fill_state  # noqa: E402
+from _weight_probe import probe_weight_path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-WINDOW = 64  # SnapKV's window: the smallest share a head or layer gets in the skewed allocations
 RESERVE = 2 << 30  # device bytes left free when sizing the largest batch
-
-
-# ---------------------------------------------------------------------------------------------
-# the proposed library change, applied to the installed sources at run time
-
-DECODE_PATCH = (
-    """        q, kn, vn = layer_qkv(lw, x, positions, config, inv_freq)  # q [B,H,G,1,D], kn [B,H,1,D]
-        take = lambda a: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
-""",
-    """        q, kn, vn = layer_qkv(lw, x, positions, config, inv_freq)  # q [B,H,G,1,D], kn [B,H,1,D]
-        take = lambda a: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
-        if ev is None:
-            # Nothing to evict: write the new token into the pool in place, with no copy of the
-            # layer region out and back. The Pallas kernel reads each stream's used slots straight
-            # from the pool; the XLA path reads a copy of the layer region.
-            slot = start + length
-            k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
-            v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)
-            pos_pool = _append(pos_pool, slot, jnp.broadcast_to(cache.next_pos[:, None], (b, h)), active)
-            s_pool = _append(s_pool, slot, jnp.zeros((b, h), s_pool.dtype), active)
-            s2_pool = _append(s2_pool, slot, jnp.zeros((b, h), s2_pool.dtype), active)
-            length = length + active[:, None].astype(length.dtype)
-            min_pos = None
-            if config.sliding_window is not None:
-                min_pos = cache.next_pos - config.sliding_window + 1
-            if implementation == "pallas":
-                k_a, v_a, pos_a, first = k_pool, v_pool, pos_pool, start
-            else:
-                k_a, v_a, pos_a, first = take(k_pool), take(v_pool), take(pos_pool), start - base
-            out, _ = decode_attention(q[:, :, :, 0], k_a, v_a, first, length, pos_a, min_pos,
-                                      scale=config.attention_scale, implementation=implementation)
-            x = mlp(lw, x + attn_output(lw, out[:, :, :, None].astype(x.dtype)), config)
-            return (x, k_pool, v_pool, pos_pool, s_pool, s2_pool), length
-""",
-)
-
-KERNEL_PATCHES = (
-    (
-        "    pos_arr = pos.astype(jnp.int32) if use_pos else jnp.zeros((b, p), jnp.int32)\n",
-        "    pos_arr = pos.astype(jnp.int32) if use_pos else jnp.zeros((b, 1), jnp.int32)  # unused: no [B, P] fill\n",
-    ),
-    (
-        "                  per_seq((p, d)), per_seq((p, d)), per_seq((p,))],\n",
-        "                  per_seq((p, d)), per_seq((p, d)),\n"
-        "                  per_seq((p,)) if use_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))],\n",
-    ),
-)
-
-UNROLL_PATCH = (
-    "    (x, k, v, pos, s, s2), length = jax.lax.scan(layer_step, init, xs)\n",
-    "    (x, k, v, pos, s, s2), length = jax.lax.scan(layer_step, init, xs, unroll=True)\n",
-)
-
-LOOP_PATCH = (
-    "    (x, k, v, pos, s, s2), length = jax.lax.scan(layer_step, init, xs)\n",
-    """    if isinstance(weights.layers, (list, tuple)):
-        # per-layer weight arrays (not stacked [L, ...]): a Python loop over the layers. Scanning a
-        # stacked pytree makes XLA copy every layer's weight slice before its matmuls (2x the
-        # weight traffic of a decode step); separate buffers are read in place.
-        carry, lengths = init, []
-        for l, lw in enumerate(weights.layers):
-            carry, ln = layer_step(carry, (lw,) + tuple(a[l] for a in xs[1:]))
-            lengths.append(ln)
-        (x, k, v, pos, s, s2), length = carry, jnp.stack(lengths)
-    else:
-        (x, k, v, pos, s, s2), length = jax.lax.scan(layer_step, init, xs)
-""",
-)
-
-#: variant -> {source file: patches}; a patch whose old text is absent (the library changed) is skipped
-VARIANTS = {
-    "library": {},
-    "proposed": {"kvjax/decode.py": (DECODE_PATCH,), "pallas_kernels/ragged_decode_attention.py": KERNEL_PATCHES},
-    "unroll": {"kvjax/decode.py": (DECODE_PATCH, UNROLL_PATCH),
-               "pallas_kernels/ragged_decode_attention.py": KERNEL_PATCHES},
-    # needs --weights unstacked (Weights.layers a tuple of per-layer LayerWeights)
-    "unstacked": {"kvjax/decode.py": (DECODE_PATCH, LOOP_PATCH),
-                  "pallas_kernels/ragged_decode_attention.py": KERNEL_PATCHES},
-}
 
 
 def _modules():
@@ -157,20 +73,6 @@ def _modules():
     import kvjax.pallas_kernels.ragged_decode_attention as rda
 
     return {"kvjax/decode.py": dec, "pallas_kernels/ragged_decode_attention.py": rda}
-
-
-def _patched_source(module, patches):
-    """(patched source, number of patches applied)."""
-    src = inspect.getsource(module)
-    applied = 0
-    for old, new in patches:
-        n = src.count(old)
-        if n > 1:
-            raise RuntimeError(f"ambiguous patch for {module.__name__}: {old[:60]!r}")
-        if n == 1:
-            src = src.replace(old, new)
-            applied += 1
-    return src, applied
 
 
 def source_hashes() -> dict:
@@ -181,64 +83,6 @@ def source_hashes() -> dict:
 
     mods = dict(_modules(), **{"kvjax/attention.py": att})
     return {k: hashlib.sha1(inspect.getsource(m).encode()).hexdigest()[:12] for k, m in mods.items()}
-
-
-def proposed_diff(variant: str = "proposed") -> str:
-    """The unified diff of a variant against the installed sources (only the patches that apply)."""
-    out = []
-    for path, mod in _modules().items():
-        patches = VARIANTS[variant].get(path, ())
-        if not patches:
-            continue
-        old = inspect.getsource(mod)
-        new, _ = _patched_source(mod, patches)
-        out += difflib.unified_diff(old.splitlines(True), new.splitlines(True), f"a/{path}", f"b/{path}", n=2)
-    return "".join(out)
-
-
-_PROPOSED = {}
-
-
-def proposed_modules(variant: str = "proposed"):
-    """(decode module, kernel module or None) of a variant, exec'd from the installed sources."""
-    if variant not in _PROPOSED:
-        mods = _modules()
-        dec, rda = mods["kvjax/decode.py"], mods["pallas_kernels/ragged_decode_attention.py"]
-        ksrc, kn = _patched_source(rda, VARIANTS[variant].get("pallas_kernels/ragged_decode_attention.py", ()))
-        kmod = None
-        if kn:
-            kmod = types.ModuleType(f"kvjax.pallas_kernels._rda_{variant}")
-            kmod.__package__ = "kvjax.pallas_kernels"
-            kmod.__file__ = rda.__file__
-            sys.modules[kmod.__name__] = kmod  # dataclasses / jit look their module up
-            exec(compile(ksrc, rda.__file__ + f" ({variant})", "exec"), kmod.__dict__)
-        dsrc, dn = _patched_source(dec, VARIANTS[variant].get("kvjax/decode.py", ()))
-        dmod = dec
-        if dn:
-            dmod = types.ModuleType(f"kvjax._decode_{variant}")
-            dmod.__package__ = "kvjax"
-            dmod.__file__ = dec.__file__
-            sys.modules[dmod.__name__] = dmod
-            exec(compile(dsrc, dec.__file__ + f" ({variant})", "exec"), dmod.__dict__)
-        _PROPOSED[variant] = (dmod, kmod, kn + dn)
-    return _PROPOSED[variant]
-
-
-class use_kernel_module:
-    """While tracing, `kvjax.attention.decode_attention` imports the given kernel module."""
-
-    NAME = "kvjax.pallas_kernels.ragged_decode_attention"
-
-    def __init__(self, mod):
-        self.mod = mod
-
-    def __enter__(self):
-        self.saved = sys.modules[self.NAME]
-        if self.mod is not None:
-            sys.modules[self.NAME] = self.mod
-
-    def __exit__(self, *exc):
-        sys.modules[self.NAME] = self.saved
 
 
 def force_interpret(mod):
@@ -255,58 +99,6 @@ def force_interpret(mod):
     mod._bench_interpret = True
 
 
-# ---------------------------------------------------------------------------------------------
-# allocations
-
-
-def split_exact(total: int, probs, lo: int, hi: int) -> np.ndarray:
-    """Rows of integers >= lo, <= hi, each row summing to `total`, proportional to `probs` [N, n]
-    above the floor (largest remainders get the rounding; water-filling past `hi`)."""
-    probs = np.atleast_2d(np.asarray(probs, np.float64))
-    rows, n = probs.shape
-    total = int(min(max(total, lo * n), hi * n))
-    x = np.full((rows, n), lo, np.int64)
-    free = np.ones((rows, n), bool)
-    rest = np.full(rows, total - lo * n, np.int64)
-    for _ in range(n + 1):
-        if not (rest > 0).any():
-            break
-        p = np.where(free, probs, 0.0)
-        s = p.sum(1, keepdims=True)
-        p = np.where(s > 0, p / np.where(s > 0, s, 1), free / np.maximum(free.sum(1, keepdims=True), 1))
-        want = p * rest[:, None]
-        add = np.floor(want).astype(np.int64)
-        rem = rest - add.sum(1)
-        rank = np.argsort(np.argsort(-(want - add), axis=1), axis=1)
-        add += (rank < rem[:, None]) & free
-        x = x + add
-        over = np.maximum(x - hi, 0)
-        x = x - over
-        free &= x < hi
-        rest = over.sum(1)
-    assert (x.sum(1) == total).all() and (x >= lo).all() and (x <= hi).all()
-    return x
-
-
-def cake_layer_budgets(budget: int, num_layers: int, max_len: int, seed: int = 1) -> tuple[int, ...]:
-    """CAKE-like per-layer budgets (window included): a Dirichlet(1) split of L*B, >= window, <= max_len."""
-    rng = np.random.default_rng(seed + budget)
-    lo = min(WINDOW, budget)
-    return tuple(int(v) for v in split_exact(num_layers * budget, rng.dirichlet(np.ones(num_layers)), lo, max_len)[0])
-
-
-def adakv_head_budgets(budget, batch, num_layers, h, max_len, seed=2):
-    """Ada-KV-like per-(sequence, layer) head budgets [B, L, H]: Dirichlet(1) split of H*B."""
-    rng = np.random.default_rng(seed + budget)
-    lo = min(WINDOW, budget)
-    probs = rng.dirichlet(np.ones(h), size=batch * num_layers)
-    return split_exact(h * budget, probs, lo, max_len).reshape(batch, num_layers, h)
-
-
-# ---------------------------------------------------------------------------------------------
-# settings
-
-
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """One compiled program: a layout at a batch, an implementation and a code variant."""
@@ -315,7 +107,7 @@ class Spec:
     budget: int  # tokens per head (full: the context length)
     batch: int | str  # int or "max"
     impl: str
-    variant: str  # "library" or "proposed"
+    variant: str  # "library"
 
     @property
     def name(self):
@@ -356,21 +148,21 @@ class Bench:
 
         cfg, n = self.config, self.n_steps
         if layout == "uni":
-            pol = P.SnapKV(budget=budget, window=WINDOW)
+            pol = P.SnapKV(budget=budget, window=states.window())
             return pol, engine.make_plan(pol, cfg, ctx, n)
         if layout == "ada":
-            pol = P.AdaKV(P.SnapKV(budget=budget, window=WINDOW))
+            pol = P.AdaKV(P.SnapKV(budget=budget, window=states.window()))
             return pol, engine.make_plan(pol, cfg, ctx, n)
         if layout == "cake":
-            bl = cake_layer_budgets(budget, cfg.num_layers, self.min_ctx)
-            pol = P.Compose(scorers.WindowAttention(WINDOW), budget=min(budget, max(bl)),
-                            allocator_=P.PerLayer(bl), window=WINDOW)
+            bl = states.cake_layer_budgets(budget, cfg.num_layers, self.min_ctx)
+            pol = P.Compose(scorers.WindowAttention(states.window()), budget=min(budget, max(bl)),
+                            allocator_=P.PerLayer(bl), window=states.window())
             return pol, engine.make_plan(pol, cfg, ctx, n)
         if layout == "full":
             pol = P.Full()
             return pol, engine.make_plan(pol, cfg, ctx, n)
         if layout == "cake_cascade":
-            pol = P.CAKE(budget=budget, window=min(32, WINDOW))
+            pol = P.CAKE(budget=budget, window=min(32, states.window()))
             return pol, cascade.make_plan(pol, cfg, ctx, n)
         raise ValueError(layout)
 
@@ -382,11 +174,7 @@ class Bench:
         from kvjax.cache import Cache
 
         pol, plan = self.policy_plan(spec.layout, spec.budget, self.plan_ctx(spec))
-        if spec.variant != "library":
-            dmod, kmod, _ = proposed_modules(spec.variant)
-            step_fn = dmod.decode_step
-        else:
-            step_fn, kmod = importlib.import_module("kvjax.decode").decode_step, None
+        step_fn = importlib.import_module("kvjax.decode").decode_step
         cfg, n = self.config, self.n_steps
 
         def run(weights, pools, meta, tok):
@@ -407,7 +195,7 @@ class Bench:
         from kvjax.decode import gemm_compiler_options  # as kvjax.generate compiles its decode loop
 
         options = gemm_compiler_options(spec.batch) if isinstance(spec.batch, int) else {}
-        return jax.jit(run, donate_argnums=(1,), compiler_options=options or None), kmod, pol, plan
+        return jax.jit(run, donate_argnums=(1,), compiler_options=options or None), pol, plan
 
     def abstract_args(self, spec: Spec, batch: int, plan):
         cfg = self.config
@@ -425,12 +213,10 @@ class Bench:
         return p * (2 * d * self.weights.embed.dtype.itemsize + 12)
 
     def lower(self, spec: Spec):
-        """Lower one spec (main thread: tracing swaps a module). Returns a compile thunk."""
-        jitted, kmod, pol, plan = self.runner(spec)
+        """Lower one spec (in the main thread). Returns the lowered program."""
+        jitted, pol, plan = self.runner(spec)
         pools, meta, tok = self.abstract_args(spec, spec.batch, plan)
-        with use_kernel_module(kmod):
-            lowered = jitted.lower(self.weights, pools, meta, tok)
-        return lowered
+        return jitted.lower(self.weights, pools, meta, tok)
 
     def guess_max_batch(self, spec: Spec) -> int:
         """Largest batch whose pools fit beside the weights (before checking the compiled program)."""
@@ -453,91 +239,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------------------------
-# cache states
-
-
-def fill_state(bench: Bench, job: Job, batch: int, plan, seed: int = 0):
-    """Device pools and meta for one job: (pools, meta, kv_slots_used [host int])."""
-    cfg = bench.config
-    num_layers, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    hr = plan.headroom
-    base = np.asarray(plan.layout.layer_base, np.int64)
-    layout = job.spec.layout
-    budget = job.spec.budget
-    if job.alloc == "full":
-        lengths = np.full((batch, num_layers, h), job.ctx, np.int64)
-    elif job.alloc == "uniform":
-        lengths = np.full((batch, num_layers, h), budget, np.int64)
-    elif job.alloc == "adakv":
-        lengths = adakv_head_budgets(budget, batch, num_layers, h, bench.min_ctx)
-    elif job.alloc in ("cake", "cake_cascade"):
-        bl = np.asarray(cake_layer_budgets(budget, num_layers, bench.min_ctx), np.int64)
-        lengths = np.broadcast_to(bl[None, :, None], (batch, num_layers, h)).copy()
-    else:
-        raise ValueError(job.alloc)
-    if layout == "ada":
-        caps = lengths + hr
-        start = base[None, :, None] + np.cumsum(caps, axis=2) - caps
-    elif layout in ("uni", "cake", "full"):
-        bound = np.asarray(plan.stream_bound, np.int64)
-        caps = np.broadcast_to((bound + hr)[None, :, None], lengths.shape).copy()
-        start = base[None, :, None] + np.arange(h)[None, None, :] * caps
-    elif layout == "cake_cascade":  # streams back to back in (layer, head) order, each + headroom
-        caps = lengths + hr
-        flat = caps.reshape(batch, -1)
-        start = (np.cumsum(flat, axis=1) - flat).reshape(lengths.shape)
-    else:
-        raise ValueError(layout)
-    pool = plan.layout.pool_size
-    assert (lengths <= caps).all() and (start + caps <= pool).all(), "allocation does not fit the plan"
-    if layout in ("uni", "ada", "cake", "full"):
-        span = np.asarray(plan.layout.layer_span, np.int64)
-        assert (start + caps <= (base + span)[None, :, None]).all(), "a stream leaves its layer region"
-    meta = tuple(jnp.asarray(a, jnp.int32) for a in (start, lengths, caps, lengths)) + (
-        jnp.full((batch,), job.ctx, jnp.int32),)
-    make_pools = _pool_maker(batch, pool, d, jnp.dtype(bench.weights.embed.dtype).name)
-    pools = jax.block_until_ready(make_pools(meta[0], meta[1], jnp.int32(job.ctx), jax.random.key(seed)))
-    used = int(lengths.sum())
-    return pools, meta, used, int(lengths.shape[1] * lengths.shape[2] * batch)
-
-
-_POOL_MAKERS = {}
-
-
-def _pool_maker(batch, pool, d, dtype_name):
-    """A jitted function building random K/V pools and the pos pool of one shape (cached)."""
-    key_ = (batch, pool, d, dtype_name)
-    if key_ in _POOL_MAKERS:
-        return _POOL_MAKERS[key_]
-    dt = jnp.dtype(dtype_name)
-
-    @jax.jit
-    def make_pools(start, lengths, ctx, key):
-        nb = 4096
-        block = jax.random.normal(key, (2, nb, d), jnp.float32).astype(dt)
-        idx = (jnp.arange(pool, dtype=jnp.int32)[None, :] + 7919 * jnp.arange(batch, dtype=jnp.int32)[:, None]) % nb
-        k = block[0][idx]
-        v = block[1][idx]
-        # pos: each stream holds the most recent `length` positions of the context; free slots -1
-        st = start.reshape(batch, -1)
-        ln = lengths.reshape(batch, -1)
-        order = jnp.argsort(st, axis=1)
-        st_s = jnp.take_along_axis(st, order, 1)
-        ln_s = jnp.take_along_axis(ln, order, 1)
-        slots = jnp.arange(pool, dtype=jnp.int32)
-        owner = jax.vmap(lambda s: jnp.searchsorted(s, slots, side="right") - 1)(st_s)
-        owner = jnp.maximum(owner, 0)
-        off = slots[None, :] - jnp.take_along_axis(st_s, owner, 1)
-        n = jnp.take_along_axis(ln_s, owner, 1)
-        pos = jnp.where((off >= 0) & (off < n), ctx - n + off, -1).astype(jnp.int32)
-        zeros = jnp.zeros((batch, pool), jnp.float32)
-        return k, v, pos, zeros, zeros + 0.0
-
-    _POOL_MAKERS[key_] = make_pools
-    return make_pools
-
-
-# ---------------------------------------------------------------------------------------------
 # measuring
 
 
@@ -548,7 +249,7 @@ def time_job(bench: Bench, job: Job, compiled, batch: int, plan, bw):
     n = bench.n_steps
     t_fill = time.perf_counter()
     pools, tok = compiled(bench.weights, pools, meta, tok)  # warm-up
-    first_tokens = np.asarray(tok)[:8].tolist()  # from the fresh state: compare library vs proposed
+    first_tokens = np.asarray(tok)[:8].tolist()  # from the fresh state
     ts = []
     for _ in range(bench.reps):
         t0 = time.perf_counter()
@@ -604,145 +305,6 @@ def compile_all(bench: Bench, specs, workers: int, log):
     return out
 
 
-def check_proposed(config, weights, log, steps: int = 4) -> list[dict]:
-    """The proposed decode gives the library's logits and cache: real prefills (SnapKV, Ada-KV,
-    PerLayer, Full, H2O) of two prompts of different lengths, `steps` greedy decode steps each."""
-    from kvjax import engine
-    from kvjax import policies as P
-    from kvjax.decode import decode_step
-    from kvjax.policies import scorers
-
-    dmod, kmod, _ = proposed_modules()
-    rng = np.random.default_rng(0)
-    t = 96
-    tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, t)), jnp.int32)
-    lengths = jnp.asarray([t, 71], jnp.int32)
-    pols = {
-        "snapkv": P.SnapKV(budget=32, window=8),
-        "adakv": P.AdaKV(P.SnapKV(budget=32, window=8)),
-        "perlayer": P.Compose(scorers.WindowAttention(8), budget=32, window=8,
-                              allocator_=P.PerLayer(tuple(16 + 16 * (l % 3) for l in range(config.num_layers)))),
-        "full": P.Full(),
-        "h2o (evicts: unchanged path)": P.H2O(budget=32, recent=8),
-    }
-    out = []
-    for name, pol in pols.items():
-        plan = engine.make_plan(pol, config, t, steps)
-        cache, logits = jax.jit(lambda w, tk, ln: engine.prefill(w, tk, ln, pol, jax.random.key(0), config=config,
-                                                                   plan=plan))(weights, tokens, lengths)
-        for impl in ("xla", "pallas"):
-            res = {}
-            du, ku, _ = proposed_modules("unstacked")
-            w_un = dataclasses.replace(weights, layers=tuple(
-                jax.tree_util.tree_map(lambda a, i=i: a[i], weights.layers) for i in range(config.num_layers)))
-            for variant, fn, km, w in (("library", decode_step, None, weights), ("proposed", dmod.decode_step, kmod, weights),
-                                       ("unstacked", du.decode_step, ku, w_un)):
-                c, tok, lg = cache, jnp.argmax(logits, -1).astype(jnp.int32), []
-                with use_kernel_module(km):
-                    step = jax.jit(lambda w, c, tk: fn(w, c, tk, pol, None, config=config, plan=plan,
-                                                       implementation=impl))
-                    for _ in range(steps):
-                        c, l = step(w, c, tok)
-                        lg.append(l)
-                        tok = jnp.argmax(l, -1).astype(jnp.int32)
-                res[variant] = (c, jnp.stack(lg))
-            (c0, l0), (c1, l1), (c2, l2) = res["library"], res["proposed"], res["unstacked"]
-            row = dict(policy=name, impl=impl, max_abs_logit_diff=float(jnp.max(jnp.abs(l0 - l1))),
-                       unstacked_max_abs_logit_diff=float(jnp.max(jnp.abs(l0 - l2))),
-                       unstacked_cache_equal={f: bool(jnp.array_equal(getattr(c0, f), getattr(c2, f)))
-                                              for f in ("k", "v", "pos", "length")},
-                       max_abs_logit=float(jnp.max(jnp.abs(l0))),
-                       cache_equal={f: bool(jnp.array_equal(getattr(c0, f), getattr(c1, f)))
-                                    for f in ("k", "v", "pos", "score", "length", "next_pos")})
-            out.append(row)
-            log(json.dumps(row))
-    return out
-
-
-def probe_weight_path(config, weights, batches, n_steps, reps, bw, log, workers=8, out_dir=None, tag="") -> list[dict]:
-    """Time the decode step's weight path alone (no KV cache: the query stands in for the attention
-    output) three ways, to see what the layer `lax.scan` costs: "scan" (as kvjax.decode: the stacked
-    [L, ...] weights are scanned), "scan_unroll" (the same scan, unroll=True) and "unstacked"
-    (a Python loop over 32 separate per-layer weight pytrees: no slicing of a stacked array)."""
-    from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq
-
-    inv = rope_inv_freq(config)
-    num_layers = config.num_layers
-
-    def layer(x, lw, pos):
-        q, k, v = layer_qkv(lw, x, pos, config, inv)
-        x = x + attn_output(lw, q.astype(x.dtype)) + (jnp.mean(k) + jnp.mean(v)).astype(x.dtype) * 1e-3
-        return mlp(lw, x, config)
-
-    def program(kind):
-        def run(weights, layer_list, tok):
-            def body(i, tok):
-                b = tok.shape[0]
-                x = embed(weights, tok[:, None])
-                pos = jnp.full((b, 1), 1000, jnp.int32) + i
-                if kind == "unstacked":
-                    for lw in layer_list:
-                        x = layer(x, lw, pos)
-                else:
-                    x, _ = jax.lax.scan(lambda x, lw: (layer(x, lw, pos), None), x, weights.layers,
-                                        unroll=kind == "scan_unroll")
-                return jnp.argmax(final_logits(weights, x, config)[:, 0], -1).astype(jnp.int32)
-
-            return jax.lax.fori_loop(0, n_steps, body, tok)
-
-        return jax.jit(run)
-
-    layer_list = [jax.tree_util.tree_map(lambda a, i=i: a[i], weights.layers) for i in range(num_layers)]
-    jax.block_until_ready(layer_list)
-    kinds = ("scan", "scan_unroll", "unstacked")
-    lowered = []
-    for kind in kinds:
-        for b in batches:
-            tok = jax.ShapeDtypeStruct((b,), jnp.int32)
-            lowered.append((kind, b, program(kind).lower(weights, layer_list, tok)))
-    with cf.ThreadPoolExecutor(max_workers=workers) as ex:
-        comp = list(ex.map(lambda it: (it[0], it[1], _timed_compile(it[2])), lowered))
-    read = _shapes.weight_read_bytes(weights)
-    rows = []
-    for kind, b, (c, dt) in comp:
-        if isinstance(c, Exception):
-            rows.append(dict(probe=kind, batch=b, error=f"{type(c).__name__}: {str(c)[:400]}"))
-            continue
-        tok = jnp.zeros((b,), jnp.int32)
-        tok = jax.block_until_ready(c(weights, layer_list, tok))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            tok = jax.block_until_ready(c(weights, layer_list, tok))
-            ts.append(time.perf_counter() - t0)
-        step = statistics.median(ts) / n_steps
-        row = dict(probe=kind, batch=b, ms_per_step=step * 1e3, weight_bytes_read=read, compile_s=round(dt, 1),
-                   bw_fraction=None if not bw else (read / bw) / step)
-        try:
-            txt = c.as_text()
-            if b == 32 and out_dir is not None:
-                import gzip
-
-                (out_dir / f"decode_probe_hlo_{kind}_b{b}{tag}.txt.gz").write_bytes(gzip.compress(txt.encode()))
-            row["hlo_copy_like_fusions"] = len(re.findall(r"fusion\.?[0-9]* = .*kind=kLoop.*dynamic-slice", txt))
-            row["hlo_dynamic_slice_mentions"] = txt.count("dynamic-slice")
-            row["hlo_custom_call_gemms"] = txt.count("__cublas$gemm") + txt.count("__cublas$lt$matmul")
-            row["hlo_triton_gemms"] = txt.count("__triton_gemm")
-        except Exception:  # noqa: BLE001
-            pass
-        rows.append(row)
-        log(json.dumps(row))
-    return rows
-
-
-def _timed_compile(lowered):
-    t0 = time.perf_counter()
-    try:
-        return lowered.compile(), time.perf_counter() - t0
-    except Exception as e:  # noqa: BLE001
-        return e, time.perf_counter() - t0
-
-
 # ---------------------------------------------------------------------------------------------
 # the matrix
 
@@ -772,7 +334,7 @@ def build_tiers(args, contexts, budgets, batches):
 
     big = [b for b in batches if b == "max" or b >= 32]
     small = [b for b in batches if b != "max" and b < 32]
-    # 1: the headline (32K, B=1024): every allocation, both implementations, library and proposed
+    # 1: the headline (32K, B=1024): every allocation, both implementations
     t1 = comp(bmid, big, ("pallas",), pv)
     t1 += full(c32, ["max"], ("pallas",), pv)
     t1 += comp(bmid, big, ("xla",), ("library",))
@@ -827,14 +389,14 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=None, help="timed calls after the warm-up (default 4)")
     ap.add_argument("--workers", type=int, default=8, help="parallel compiles")
     ap.add_argument("--dump-hlo", default=None, help="regex: write the optimized HLO of matching programs")
-    ap.add_argument("--check", action="store_true", help="only check the proposed decode against the library")
-    ap.add_argument("--variants", default="library,proposed", help="code variants: library, proposed, unroll")
+    ap.add_argument("--variants", default="library", choices=("library",),
+                    help="kept for the earlier runs' commands: only the library as installed")
     ap.add_argument("--probe", action="store_true", help="only time the weight path (no KV) of the layer scan")
     ap.add_argument("--tag", default="", help="suffix of the output file names (e.g. _dsf)")
     ap.add_argument("--weights", default="stacked", choices=("stacked", "unstacked"),
                     help="unstacked: Weights.layers as a tuple of per-layer LayerWeights (variant 'unstacked')")
     args = ap.parse_args(argv)
-    args.variants = [v for v in args.variants.split(",") if v == "library" or proposed_modules(v)[2] > 0]
+    args.variants = ["library"]
     t_start = time.perf_counter()
     left = lambda: args.deadline_s - (time.perf_counter() - t_start)
     out_dir = pathlib.Path(args.out)
@@ -853,9 +415,6 @@ def main(argv=None):
         import kvjax.pallas_kernels.ragged_decode_attention as rda
 
         force_interpret(rda)
-        for v in args.variants:
-            if v != "library" and proposed_modules(v)[1] is not None:
-                force_interpret(proposed_modules(v)[1])
     else:
         cfg = _shapes.llama31_8b_config()
         contexts, budgets, batches = (8192, 32768, 131072), (256, 1024, 4096), (1, 8, 32, "max")
@@ -864,7 +423,7 @@ def main(argv=None):
     log(f"device {meta['device']} jax {meta['jax']}")
     bw = rbw = mm = None
     if args.tiny:
-        globals()["WINDOW"] = 8
+        states.WINDOW = 8
     else:
         bw = _shapes.copy_bandwidth()
         rbw = _shapes.read_bandwidth()
@@ -874,10 +433,6 @@ def main(argv=None):
     weights = _shapes.random_weights(cfg, jnp.bfloat16 if not args.tiny else jnp.float32,
                                      unstacked=args.weights == "unstacked")
     log(f"weights {_shapes.weight_bytes(weights) / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f}s")
-    if args.check:
-        checks = check_proposed(cfg, weights, log)
-        (out_dir / f"decode_{slug}_check{args.tag}.json").write_text(json.dumps(dict(meta=meta, checks=checks), indent=1))
-        return 0 if all(c["max_abs_logit_diff"] < 1e-3 * max(1.0, c["max_abs_logit"]) for c in checks) else 1
     if args.probe:
         import os
 
@@ -894,9 +449,7 @@ def main(argv=None):
                 matmul_TFLOPs=None if mm is None else mm / 1e12,
                 steps_per_call=n_steps, reps=reps, weight_bytes=bench.weight_bytes, weight_read_bytes=bench.weight_read,
                 contexts=contexts, budgets=budgets, values_note="random keys/values: decode speed does not depend on them",
-                variants=args.variants, source_sha1=source_hashes(), weights_layout=args.weights,
-                diffs={v: proposed_diff(v) for v in args.variants if v != "library"},
-                patches_applied={v: proposed_modules(v)[2] for v in args.variants if v != "library"})
+                variants=args.variants, source_sha1=source_hashes(), weights_layout=args.weights)
 
     def write():
         payload = dict(meta=meta, rows=rows, skipped=skipped)

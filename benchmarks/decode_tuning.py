@@ -38,7 +38,6 @@ import _shapes  # noqa: E402  (sets XLA_PYTHON_CLIENT_MEM_FRACTION before jax in
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 import decode as D  # noqa: E402  (the decode benchmark's plans, cache states and timing)
 
@@ -424,15 +423,15 @@ def main(argv=None):
     meta = _shapes.device_meta()
     if args.tiny:
         cfg = _shapes.tiny_config()
-        D.WINDOW = 8
-        budget, batches, big, steps = 32, (1, 4), 4, 2
+        D.states.WINDOW = 8
+        budget, batches, steps = 32, (1, 4), 2
         bw = None
         import kvjax.pallas_kernels.ragged_decode_attention as rda
 
         D.force_interpret(rda)
     else:
         cfg = _shapes.llama31_8b_config()
-        budget, batches, big, steps = 1024, (1, 32, 408), 408, 16
+        budget, batches, steps = 1024, (1, 32, 408), 16
         bw = _shapes.copy_bandwidth()
         meta["copy_bandwidth_GBps"] = bw / 1e9
     log(f"device {meta['device']} jax {meta['jax']} bw {meta.get('copy_bandwidth_GBps')}")
