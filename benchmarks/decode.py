@@ -371,7 +371,8 @@ def build_tiers(args, contexts, budgets, batches):
             t5 += comp(bud, small, ("pallas",), pv) + comp(bud, small, ("xla",), ("library",))
     tiers.append(("full cache at the other contexts; small batches at the other budgets", t5))
     # 6: the real CAKE policy (cascade layout, decode-time eviction every step: the XLA path)
-    t6 = [Job(Spec("cake_cascade", bmid, 8 if 8 in batches else batches[0], "xla", "library"), "cake_cascade", c32)]
+    t6 = [Job(Spec("cake_cascade", bmid, 8 if 8 in batches else batches[0], impl, "library"), "cake_cascade", c32)
+          for impl in ("pallas", "xla")]
     tiers.append(("real CAKE (cascade layout, decode eviction)", t6))
     if args.only:
         rx = re.compile(args.only)

@@ -130,8 +130,9 @@ def _pad(seqs: list[list[int]], length: int, pad_id: int):
 # jitted stages
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "implementation"))
-def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, config, plan, implementation):
+@functools.partial(jax.jit, static_argnames=("config", "plan", "implementation", "decode_implementation"))
+def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, config, plan, implementation,
+             decode_implementation=None):
     """Prefill (compressing) the prompt, then feed the question tokens (if any) through the cache."""
     if policy.cascades:
         cache, logits, _ = cascade.prefill(
@@ -152,7 +153,8 @@ def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, conf
         cache, logits = carry
         active = i < q_lengths
         cache, new_logits = decode_step(
-            weights, cache, q_tokens[:, i], policy, active, config=config, plan=plan, implementation=implementation
+            weights, cache, q_tokens[:, i], policy, active, config=config, plan=plan,
+            implementation=decode_implementation or implementation,
         )
         return (cache, jnp.where(active[:, None], new_logits, logits)), None
 
@@ -238,6 +240,16 @@ def _default_implementation() -> str:
     return "pallas" if jax.default_backend() == "gpu" else "xla"
 
 
+def _default_decode_implementation(policy: Policy) -> str:
+    # Policies that evict while decoding also need the new query's attention probabilities. By
+    # default they decode through the XLA path, as before: the probabilities kernel
+    # (kvjax/pallas_kernels/stream_probs.py) equals its reference in interpret mode and lowers to
+    # Triton, but has not run on a GPU yet. implementation="pallas" opts in.
+    if policy.decode_eviction is not None:
+        return "xla"
+    return _default_implementation()
+
+
 def prefill(params: Params, prompt=None, policy: Policy | None = None, *, max_new_tokens: int = 64,
             chat: bool = False, seed: int = 0, question=None, implementation: str | None = None) -> Prefilled:
     """Tokenize, pad to a length bucket and prefill with compression; `question` (optional) is
@@ -265,6 +277,7 @@ def prefill(params: Params, prompt=None, policy: Policy | None = None, *, max_ne
     cache, logits = _prefill(
         params.weights, tokens, lengths, q_tokens, q_lengths, policy, jax.random.key(seed),
         config=params.config, plan=plan, implementation=impl,
+        decode_implementation=implementation or _default_decode_implementation(policy),
     )
     covers = [not policy.keeps_everything and _budget_covers(policy, n) for n in lengths]
     return Prefilled(cache, logits, lengths + q_lengths, plan, policy, covers)
@@ -295,6 +308,8 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     `prompt`: a string, a list of strings, or token arrays (query-aware: the whole prompt is
     compressed). Or `context=` and `question=`: the context is compressed alone, then the question is
     appended (query-agnostic). `policy=None` keeps the full cache.
+    `implementation`: "pallas" (Pallas kernels; the default on GPU, except that policies which evict
+    while decoding decode through XLA unless "pallas" is asked for) or "xla" (the default elsewhere).
     """
     if (prompt is None) == (context is None):
         raise ValueError("give either prompt= or context= (with question=)")
@@ -309,7 +324,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     cache, out, n_gen = _decode_loop_for(pre.logits.shape[0])(
         params.weights, pre.cache, pre.logits, pre.policy, jax.random.key(seed + 1), jnp.int32(max_new_tokens),
         jnp.asarray(stop_ids, jnp.int32), config=params.config, plan=pre.plan, sampler=sampler,
-        capacity=capacity, implementation=implementation or _default_implementation(),
+        capacity=capacity, implementation=implementation or _default_decode_implementation(pre.policy),
     )
     out, n_gen = np.asarray(out), np.asarray(n_gen)
     t2 = time.perf_counter()

@@ -60,14 +60,15 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
 
 
 def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_new, slot, *, scale: float,
-                      region_slots: int, skewed: bool = False):
+                      region_slots: int, skewed: bool = False, return_lse: bool = False):
     """The Pallas path of a decode step that does not evict: write each stream's new key/value at
     `slot` [B, H] (-1: none) and attend over the stream with it. On GPU the kernel writes the pools
     in place itself, so no scatter runs before it.
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] (absolute slots, length before the
     new token); pos [B, P], min_pos [B] or None; k_new, v_new [B, H, D]; skewed as `decode_attention`.
-    Returns (out [B, H, G, D] float32, k_pool, v_pool).
+    Returns (out [B, H, G, D] float32, k_pool, v_pool), and with `return_lse` each query head's
+    log-sum-exp over its stream, lse [B, H, G] (for `new_token_probs`).
     """
     from kvjax.pallas_kernels import _common
     from kvjax.pallas_kernels.ragged_decode_attention import (default_block_kv, default_num_splits,
@@ -75,10 +76,33 @@ def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_n
 
     b, h = start.shape
     block_kv = default_block_kv(_common.default_backend_kind(None))
-    out, k_pool, v_pool = ragged_decode_attention(
+    out, k_pool, v_pool, *lse = ragged_decode_attention(
         q, k_pool, v_pool, start, length, sm_scale=scale, pos=pos if min_pos is not None else None,
         min_pos=min_pos, implementation="pallas", block_kv=block_kv,
         num_splits=default_num_splits(b, h, region_slots, block_kv, skewed), append=(k_new, v_new, slot),
+        return_lse=return_lse,
     )
-    return out.astype(jnp.float32), k_pool, v_pool
+    return (out.astype(jnp.float32), k_pool, v_pool, *lse)
+
+
+def new_token_probs(q, k_pool, start, length, lse, pos, min_pos, *, scale: float, reduce: str, region_slots: int,
+                    skewed: bool = False):
+    """The new query's attention probabilities, reduced over each group's query heads ("mean" or
+    "max"), at the slots of each stream: [B, P] float32, 0 outside the streams. With `lse` from
+    `append_and_attend`, these are the probabilities the attention used. On GPU a Pallas kernel
+    reads only the streams' keys (kvjax/pallas_kernels/stream_probs.py); elsewhere dense XLA.
+
+    q [B, H, G, D]; k_pool [B, P, D]; start, length [B, H] (absolute slots, new token included).
+    """
+    from kvjax.pallas_kernels import _common
+    from kvjax.pallas_kernels import stream_probs as sp
+    from kvjax.pallas_kernels.ragged_decode_attention import default_block_kv, default_num_splits
+
+    b, h = start.shape
+    block_kv = default_block_kv(_common.default_backend_kind(None))
+    return sp.stream_probs(
+        q, k_pool, start, length, lse, sm_scale=scale, reduce=reduce, pos=pos if min_pos is not None else None,
+        min_pos=min_pos, implementation="pallas", block_kv=block_kv,
+        num_splits=default_num_splits(b, h, region_slots, block_kv, skewed),
+    )
 

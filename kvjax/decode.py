@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import append_and_attend, decode_attention, stream_mask
+from kvjax.attention import append_and_attend, decode_attention, new_token_probs, stream_mask
 from kvjax.cache import Cache
 from kvjax.engine import TRACE_COUNTS, Plan
 from kvjax.models import ModelConfig, Weights
@@ -94,6 +94,9 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
                 plan: Plan, implementation: str = "xla"):
     """Feed one token per sequence. tokens [B] int, active [B] bool (inactive rows are untouched).
 
+    implementation "pallas": the decode kernel appends the new key/value and attends over each
+    stream's used slots; policies that evict while decoding take the new query's probabilities
+    from a second kernel (kvjax/pallas_kernels/stream_probs.py). "xla": dense over the layer region.
     Returns (cache, logits [B, V] float32).
     """
     TRACE_COUNTS["decode"] += 1
@@ -117,14 +120,14 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         min_pos = None
         if config.sliding_window is not None:
             min_pos = cache.next_pos - config.sliding_window + 1
-        fused = implementation == "pallas" and ev is None
+        fused = implementation == "pallas"
         if fused:
             # the kernel writes the new key/value itself and reads only each stream's used slots,
             # wherever they lie in the pool
-            out, k_pool, v_pool = append_and_attend(
+            out, k_pool, v_pool, *lse = append_and_attend(
                 q[:, :, :, 0], k_pool, v_pool, start, length, pos_pool, min_pos, kn[:, :, 0], vn[:, :, 0],
                 jnp.where(active[:, None], slot, -1), scale=config.attention_scale, region_slots=span,
-                skewed=plan.adaptive_heads)
+                skewed=plan.adaptive_heads, return_lse=ev is not None)
         else:
             k_pool = _append(k_pool, slot, kn[:, :, 0].astype(k_pool.dtype), active)
             v_pool = _append(v_pool, slot, vn[:, :, 0].astype(v_pool.dtype), active)
@@ -142,7 +145,13 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         x = mlp(lw, x + attn_output(lw, out[:, :, :, None].astype(x.dtype)), config)
         if ev is not None:
             pos_r, s_r, s2_r = take(pos_pool), take(s_pool), take(s2_pool)
-            p = reduce_group(probs, getattr(scorer, "group_reduce", "mean")).sum(axis=1)  # [B, S]
+            reduce = getattr(scorer, "group_reduce", "mean")
+            if fused:  # a second kernel reads the streams' keys again for the probabilities
+                p = take(new_token_probs(q[:, :, :, 0], k_pool, start, length, lse[0], pos_pool, min_pos,
+                                         scale=config.attention_scale, reduce=reduce, region_slots=span,
+                                         skewed=plan.adaptive_heads))  # [B, S]
+            else:
+                p = reduce_group(probs, reduce).sum(axis=1)  # [B, S]
             if scorer.layer_shared:
                 p = _layer_mean_by_offset(p, rel, length, plan)
             s_new, s2_new = scorer.decode_update(s_r, s2_r, p, pos_r, cache.next_pos)

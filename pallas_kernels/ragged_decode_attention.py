@@ -64,6 +64,20 @@ def ragged_decode_attention_reference(q, k_pool, v_pool, start, length, *, sm_sc
     return out.astype(q.dtype)
 
 
+def stream_log_sum_exp(q, k_pool, start, length, *, sm_scale: float, pos=None, min_pos=None):
+    """lse [B, H, G] float32 of each query head's logits over its stream (+inf if empty): the dense
+    reference of `return_lse`."""
+    p = k_pool.shape[1]
+    s = jnp.arange(p)[None, None, :]
+    mask = (s >= start[..., None]) & (s < (start + length)[..., None])  # [B, H, P]
+    if min_pos is not None:
+        mask &= (pos >= min_pos[:, None])[:, None, :]
+    logits = jnp.einsum("bhgd,bpd->bhgp", q.astype(jnp.float32), k_pool.astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) * sm_scale
+    lse = jax.nn.logsumexp(jnp.where(mask[:, :, None], logits, -jnp.inf), axis=-1)
+    return jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+
+
 # ---------------------------------------------------------------------------------------------
 # shared pieces of both kernels
 
@@ -130,6 +144,15 @@ def _merge_splits(out, m, l, g: int, dtype):
     num = jnp.sum(out * w, axis=2)
     den = jnp.sum(l * w, axis=2)
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0).astype(dtype)
+
+
+def _log_sum_exp(m, l, g: int):
+    """Each query head's log-sum-exp over its whole stream from the splits' (max, sum):
+    m, l [B, H, S, G', 1] -> [B, H, G] float32 (+inf for an empty stream, so exp(s - lse) = 0)."""
+    m, l = m[:, :, :, :g, 0], l[:, :, :, :g, 0]
+    m_all = jnp.max(m, axis=2)
+    total = jnp.sum(jnp.where(l > 0, l * jnp.exp(m - m_all[:, :, None]), 0.0), axis=2)
+    return jnp.where(total > 0, m_all + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
 
 
 def _compute_dtype(*dtypes):
@@ -377,11 +400,11 @@ def append_tokens(k_pool, v_pool, length, append):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
-                                             "num_warps", "num_stages"))
+                                             "num_warps", "num_stages", "return_lse"))
 def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None, *,
                                    sm_scale: float, block_kv: int | None = None, num_splits: int | None = None,
                                    interpret=False, backend: str | None = None, num_warps: int | None = None,
-                                   num_stages: int | None = None):
+                                   num_stages: int | None = None, return_lse: bool = False):
     """The Pallas kernel (see module docstring); arguments as `ragged_decode_attention`."""
     b, h, g, d = q.shape
     p = k_pool.shape[1]
@@ -406,19 +429,22 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
         out, m, l = res[:3]
         # the kernel normalised a single split itself
         out = out[:, :, 0, :g] if num_splits == 1 else _merge_splits(out, m, l, g, q.dtype)
-        return out if append is None else (out, res[3], res[4])
-    if append is not None:
-        k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
-        args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
-    out, m, l = _tpu_call(*args, **kw)
-    out = _merge_splits(out, m, l, g, q.dtype)
-    return out if append is None else (out, k_pool, v_pool)
+        pools = () if append is None else (res[3], res[4])
+    else:
+        if append is not None:
+            k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
+            args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
+        out, m, l = _tpu_call(*args, **kw)
+        out = _merge_splits(out, m, l, g, q.dtype)
+        pools = () if append is None else (k_pool, v_pool)
+    extra = pools + ((_log_sum_exp(m, l, g),) if return_lse else ())
+    return (out,) + extra if extra else out
 
 
 def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float, min_pos=None, pos=None,
                             implementation: Literal["pallas", "xla"] = "xla", interpret=False,
                             block_kv: int | None = None, num_splits: int | None = None,
-                            backend: Literal["gpu", "tpu"] | None = None, append=None):
+                            backend: Literal["gpu", "tpu"] | None = None, append=None, return_lse: bool = False):
     """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
@@ -432,7 +458,9 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     token at `slot` (= start + length; -1 writes nothing) and attend over the stream with it; returns
     (out, k_pool, v_pool). The new token is always visible (with `pos`, it must be the newest
     position, as in a decode step). The GPU kernel does the write itself, in place (no separate scatter), and
-    takes the new token from registers; elsewhere an XLA scatter runs first."""
+    takes the new token from registers; elsewhere an XLA scatter runs first.
+    `return_lse`: also return each query head's log-sum-exp over its stream, lse [B, H, G] float32
+    (+inf for an empty stream), last in the returned tuple."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
     b, h, g, d = q.shape
@@ -459,12 +487,14 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     if implementation == "pallas":
         return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append,
                                               sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
-                                              interpret=interpret, backend=backend)
+                                              interpret=interpret, backend=backend, return_lse=return_lse)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     if append is not None:
         k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
     out = ragged_decode_attention_reference(q, k_pool, v_pool, start, length, sm_scale=sm_scale, pos=pos,
                                             min_pos=min_pos)
-    return out if append is None else (out, k_pool, v_pool)
+    extra = (() if append is None else (k_pool, v_pool)) + (
+        (stream_log_sum_exp(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos),) if return_lse else ())
+    return (out,) + extra if extra else out
 

@@ -139,21 +139,29 @@ def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
 
 
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
-@pytest.mark.parametrize("policy", [P.SnapKV(budget=12, window=4), P.AdaKV(P.SnapKV(budget=12, window=4)), P.Full()],
-                         ids=["snapkv", "adakv", "full"])
+@pytest.mark.parametrize("policy", [P.SnapKV(budget=12, window=4), P.AdaKV(P.SnapKV(budget=12, window=4)), P.Full(),
+                                    P.H2O(budget=12, recent=4), P.TOVA(budget=12), P.CAKE(budget=12, window=4)],
+                         ids=["snapkv", "adakv", "full", "h2o", "tova", "cake"])
 def test_pallas_decode_equals_xla_decode(monkeypatch, model_type, extra, policy):
-    # the GPU path (the kernel writes the new key/value into the pool itself), run in interpret mode:
-    # the same tokens, logits and pools as the XLA path, for a ragged batch with a finished row
+    # the GPU path (the kernel writes the new key/value into the pool itself; policies that evict
+    # while decoding take the probabilities from a second kernel), run in interpret mode: the same
+    # logits, kept positions and pools as the XLA path, for a ragged batch with a finished row
     import kvjax.pallas_kernels.ragged_decode_attention as rda
+    import kvjax.pallas_kernels.stream_probs as sp
 
-    original = rda.ragged_decode_attention_pallas
+    original, original_probs = rda.ragged_decode_attention_pallas, sp.stream_probs
     calls = []
 
     def interpreted(*a, **k):
         calls.append(k.get("num_splits"))
         return original(*a, **{**k, "interpret": True, "backend": "gpu"})
 
+    def probs_interpreted(*a, **k):
+        calls.append("probs")
+        return original_probs(*a, **{**k, "interpret": True, "backend": "gpu"})
+
     monkeypatch.setattr(rda, "ragged_decode_attention_pallas", interpreted)
+    monkeypatch.setattr(sp, "stream_probs", probs_interpreted)
     params = _tiny_params(model_type, **extra)
     prompts = [_prompt(n, seed=n) for n in (30, 17)]
     pre = kvjax.prefill(params, prompts, policy, max_new_tokens=6)
@@ -170,6 +178,7 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, model_type, extra, policy)
         np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), atol=2e-4)
         tokens = jnp.argmax(out["xla"], axis=-1).astype(jnp.int32)
     assert calls, "the Pallas kernel was not used"
+    assert ("probs" in calls) == (pre.policy.decode_eviction is not None)
     a, b = caches["xla"], caches["pallas"]
     np.testing.assert_array_equal(np.asarray(a.length), np.asarray(b.length))
     np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
