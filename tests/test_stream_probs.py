@@ -89,3 +89,21 @@ def test_errors_name_the_argument():
         sp.stream_probs(q, k, start, length, lse, sm_scale=1.0, reduce="sum")
     with pytest.raises(ValueError, match="start must be"):
         sp.stream_probs(q, k, start[:, :1], length, lse, sm_scale=1.0)
+
+
+@pytest.mark.parametrize("window", [False, True], ids=["plain", "window"])
+def test_kernel_lowers_for_gpu_triton(window):
+    from kvjax.pallas_kernels import _lowering_checks as lc
+
+    q, k, v, start, length = _case([[300, 100, 7], [0, 250, 64]], d=64)
+    q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    lse = jnp.zeros(q.shape[:3], jnp.float32)
+    extra = ()
+    if window:
+        extra = (jnp.zeros(k.shape[:2], jnp.int32), jnp.zeros((2,), jnp.int32))
+    try:
+        lc.lower_for_gpu(lambda q, k, s, n, l: sp.stream_probs_pallas(q, k, s, n, l, *extra, sm_scale=0.1,
+                                                                      reduce="max" if window else "mean"),
+                         q, k, start, length, lse)
+    except lc.GpuLoweringUnavailable:
+        pytest.skip("this JAX lowers Pallas-Triton only with a GPU attached")
