@@ -138,11 +138,20 @@ def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
                                np.asarray(kvjax.forward(per_layer, prompts[0][None])), atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 8})])
-@pytest.mark.parametrize("policy", [P.SnapKV(budget=12, window=4), P.AdaKV(P.SnapKV(budget=12, window=4)), P.Full(),
-                                    P.H2O(budget=12, recent=4), P.TOVA(budget=12), P.CAKE(budget=12, window=4)],
-                         ids=["snapkv", "adakv", "full", "h2o", "tova", "cake"])
-def test_pallas_decode_equals_xla_decode(monkeypatch, model_type, extra, policy):
+_WINDOW = {"sliding_window": 8}
+_PALLAS_CASES = {  # (model type, config extra, policy); the sliding window once with and without eviction
+    "llama-snapkv": ("llama", {}, P.SnapKV(budget=12, window=4)),
+    "mistral-window-snapkv": ("mistral", _WINDOW, P.SnapKV(budget=12, window=4)),
+    "llama-adakv": ("llama", {}, P.AdaKV(P.SnapKV(budget=12, window=4))),
+    "llama-full": ("llama", {}, P.Full()),
+    "llama-h2o": ("llama", {}, P.H2O(budget=12, recent=4)),
+    "mistral-window-tova": ("mistral", _WINDOW, P.TOVA(budget=12)),
+    "llama-cake": ("llama", {}, P.CAKE(budget=12, window=4)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_PALLAS_CASES))
+def test_pallas_decode_equals_xla_decode(monkeypatch, case):
     # the GPU path (the kernel writes the new key/value into the pool itself; policies that evict
     # while decoding take the probabilities from a second kernel), run in interpret mode: the same
     # logits, kept positions and pools as the XLA path, for a ragged batch with a finished row
@@ -162,6 +171,7 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, model_type, extra, policy)
 
     monkeypatch.setattr(rda, "ragged_decode_attention_pallas", interpreted)
     monkeypatch.setattr(sp, "stream_probs", probs_interpreted)
+    model_type, extra, policy = _PALLAS_CASES[case]
     params = _tiny_params(model_type, **extra)
     prompts = [_prompt(n, seed=n) for n in (30, 17)]
     pre = kvjax.prefill(params, prompts, policy, max_new_tokens=6)
