@@ -6,7 +6,6 @@ against its dense reference. Prints the largest differences.
     python benchmarks/check_append_gpu.py
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from kvjax.cache import Cache, Layout

@@ -101,7 +101,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     """
     TRACE_COUNTS["decode"] += 1
     b = tokens.shape[0]
-    h, g = config.num_kv_heads, config.group_size
+    h = config.num_kv_heads
     active = jnp.ones((b,), bool) if active is None else active
     positions = cache.next_pos[:, None]
     inv_freq = rope_inv_freq(config)

@@ -24,7 +24,7 @@ from kvjax.models.attention import NEG_INF, causal_attention
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.pallas_kernels import budget_scatter as bs
 from kvjax.pallas_kernels import masked_topk as mt
-from kvjax.policies.base import PrefillStats, reduce_group
+from kvjax.policies.base import PrefillStats
 from kvjax.policies.policy import Policy
 
 #: per-stream capacities are rounded up to this many slots, so nearby budgets share a compile

@@ -174,7 +174,6 @@ def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *r
     length = len_ref[0, 0]
     base, lo, hi, n_blocks = _split_plan(start, length, split, num_splits=num_splits, block_kv=block_kv)
     q = q_ref[0, 0].astype(cdtype)  # [G', D]
-    g = q.shape[0]
 
     def body(i, carry):
         off_c, row_valid, col_valid = _block_masks(base, i, lo, hi, block_kv=block_kv, pool_size=pool_size)
@@ -294,7 +293,6 @@ def _tpu_kernel(start_s, len_s, minpos_s, q_ref, k_hbm, v_hbm, *rest, sm_scale, 
             c.start()
 
     q = q_ref[0, 0].astype(cdtype)  # [G', D]
-    g = q.shape[0]
 
     def body(i, carry):
         slot = i & 1
