@@ -47,10 +47,10 @@ _NEG = -1e30  # finite: exp(_NEG - m) underflows to 0 without producing NaN
 _ALIGN = 16
 
 
-def ragged_decode_attention_reference(q, k_pool, v_pool, start, length, *, sm_scale: float, pos=None, min_pos=None):
-    """Masked dense softmax over the whole pool (reads every slot; for tests and as the XLA path).
-
-    Slots outside every stream must hold finite values (0 * inf would leak NaN into the sum)."""
+def dense_stream_logits(q, k_pool, start, length, *, sm_scale: float, pos=None, min_pos=None):
+    """Every query head's logits over the whole pool and which slots it may see (its stream, minus
+    slots with pos < min_pos): (logits [B, H, G, P] float32, visible [B, H, P] bool). The dense
+    references of this module and of stream_probs start here."""
     p = k_pool.shape[1]
     s = jnp.arange(p)[None, None, :]
     mask = (s >= start[..., None]) & (s < (start + length)[..., None])  # [B, H, P]
@@ -58,6 +58,14 @@ def ragged_decode_attention_reference(q, k_pool, v_pool, start, length, *, sm_sc
         mask &= (pos >= min_pos[:, None])[:, None, :]
     logits = jnp.einsum("bhgd,bpd->bhgp", q.astype(jnp.float32), k_pool.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST) * sm_scale
+    return logits, mask
+
+
+def ragged_decode_attention_reference(q, k_pool, v_pool, start, length, *, sm_scale: float, pos=None, min_pos=None):
+    """Masked dense softmax over the whole pool (reads every slot; for tests and as the XLA path).
+
+    Slots outside every stream must hold finite values (0 * inf would leak NaN into the sum)."""
+    logits, mask = dense_stream_logits(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos)
     logits = jnp.where(mask[:, :, None], logits, _NEG)
     probs = jnp.where(mask[:, :, None], jax.nn.softmax(logits, axis=-1), 0.0)
     out = jnp.einsum("bhgp,bpd->bhgd", probs, v_pool.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
@@ -67,13 +75,7 @@ def ragged_decode_attention_reference(q, k_pool, v_pool, start, length, *, sm_sc
 def stream_log_sum_exp(q, k_pool, start, length, *, sm_scale: float, pos=None, min_pos=None):
     """lse [B, H, G] float32 of each query head's logits over its stream (+inf if empty): the dense
     reference of `return_lse`."""
-    p = k_pool.shape[1]
-    s = jnp.arange(p)[None, None, :]
-    mask = (s >= start[..., None]) & (s < (start + length)[..., None])  # [B, H, P]
-    if min_pos is not None:
-        mask &= (pos >= min_pos[:, None])[:, None, :]
-    logits = jnp.einsum("bhgd,bpd->bhgp", q.astype(jnp.float32), k_pool.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST) * sm_scale
+    logits, mask = dense_stream_logits(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos)
     lse = jax.nn.logsumexp(jnp.where(mask[:, :, None], logits, -jnp.inf), axis=-1)
     return jnp.where(jnp.isfinite(lse), lse, jnp.inf)
 

@@ -28,19 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from . import _common
-from .ragged_decode_attention import _block_masks, _compute_dtype, _split_plan, default_block_kv, default_num_splits
+from .ragged_decode_attention import (_block_masks, _compute_dtype, _split_plan, default_block_kv, default_num_splits,
+                                      dense_stream_logits)
 
 
 def stream_probs_reference(q, k_pool, start, length, lse, *, sm_scale: float, reduce: str = "mean", pos=None,
                            min_pos=None):
     """Dense over the whole pool (reads every slot)."""
-    p = k_pool.shape[1]
-    s = jnp.arange(p)[None, None, :]
-    mask = (s >= start[..., None]) & (s < (start + length)[..., None])  # [B, H, P]
-    if min_pos is not None:
-        mask &= (pos >= min_pos[:, None])[:, None, :]
-    logits = jnp.einsum("bhgd,bpd->bhgp", q.astype(jnp.float32), k_pool.astype(jnp.float32),
-                        precision=jax.lax.Precision.HIGHEST) * sm_scale
+    logits, mask = dense_stream_logits(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos)
     probs = jnp.where(mask[:, :, None], jnp.exp(logits - lse[..., None]), 0.0)
     red = jnp.max(probs, axis=2) if reduce == "max" else jnp.mean(probs, axis=2)  # [B, H, P]
     return red.sum(axis=1)  # each slot belongs to one stream at most
