@@ -22,6 +22,7 @@ from kvjax.engine import TRACE_COUNTS, Plan
 from kvjax.models import ModelConfig, Weights
 from kvjax.models.attention import NEG_INF
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
+from kvjax.pallas_kernels.ragged_decode_attention import write_rows
 from kvjax.policies.base import reduce_group
 from kvjax.policies.policy import Policy
 
@@ -43,14 +44,8 @@ def gemm_compiler_options(batch: int) -> dict:
 
 
 def _append(region, slot, value, active):
-    """region [B, S, ...]; write value [B, H, ...] at slot [B, H] where active [B].
-
-    Inactive rows write out of range (dropped) instead of re-writing the slot's old value, so the
-    update is a plain in-place scatter with no gather of the old values before it."""
-    b, s = region.shape[:2]
-    rows = jnp.arange(b)[:, None]
-    slot = jnp.where(active[:, None], slot, s + jnp.arange(slot.shape[1])[None, :])  # unique, out of range
-    return region.at[rows, slot].set(value, mode="drop", unique_indices=True)
+    """region [B, S, ...]; write value [B, H, ...] at slot [B, H] where active [B] (in place)."""
+    return write_rows(region, jnp.where(active[:, None], slot, -1), value)
 
 
 def stream_key(scorer, score, score2, slot_pos, seen, candidates, budget, excess):

@@ -386,17 +386,22 @@ def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int, sk
     return int(max(1, min(want, per_stream // (2 * block_kv), 32)))
 
 
+def write_rows(region, slot, value):
+    """region [B, P, ...]; write value [B, H, ...] at slot [B, H] (-1: nothing) with one in-place
+    XLA scatter. Rows without a slot write out of range and are dropped, so no gather of the old
+    values runs first."""
+    b, p = region.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    idx = jnp.where(slot >= 0, slot, p + jnp.arange(slot.shape[1])[None, :])  # unique, out of range: dropped
+    return region.at[rows, idx].set(value.astype(region.dtype), mode="drop", unique_indices=True)
+
+
 def append_tokens(k_pool, v_pool, length, append):
     """Write each stream's new key/value at its slot with an XLA scatter (the path without the fused
     GPU kernel). append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int, -1 = none).
     Returns (k_pool, v_pool, length + 1 where a token was written)."""
     k_new, v_new, slot = append
-    b, p = k_pool.shape[:2]
-    rows = jnp.arange(b)[:, None]
-    idx = jnp.where(slot >= 0, slot, p + jnp.arange(slot.shape[1])[None, :])  # unique, out of range: dropped
-    k_pool = k_pool.at[rows, idx].set(k_new.astype(k_pool.dtype), mode="drop", unique_indices=True)
-    v_pool = v_pool.at[rows, idx].set(v_new.astype(v_pool.dtype), mode="drop", unique_indices=True)
-    return k_pool, v_pool, length + (slot >= 0).astype(length.dtype)
+    return write_rows(k_pool, slot, k_new), write_rows(v_pool, slot, v_new), length + (slot >= 0).astype(length.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
