@@ -251,7 +251,6 @@ def with_kernel_settings(settings):
     """A context that makes kvjax.decode's attention call use fixed kernel settings."""
     import contextlib
 
-    import kvjax.attention as A
     import kvjax.decode as dec
 
     original = dec.decode_attention
@@ -274,7 +273,6 @@ def with_kernel_settings(settings):
         finally:
             dec.decode_attention = original
 
-    del A
     return ctx()
 
 

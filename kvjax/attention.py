@@ -20,6 +20,15 @@ def stream_mask(rel_start, length, span: int):
     return (s >= rel_start[:, :, None]) & (s < (rel_start + length)[:, :, None])
 
 
+def _kernel_blocks(batch: int, heads: int, region_slots: int, skewed: bool):
+    """(block_kv, num_splits) for the decode kernels on this backend, sized by a layer's region."""
+    from kvjax.pallas_kernels import _common
+    from kvjax.pallas_kernels.ragged_decode_attention import default_block_kv, default_num_splits
+
+    block_kv = default_block_kv(_common.default_backend_kind(None))
+    return block_kv, default_num_splits(batch, heads, region_slots, block_kv, skewed)
+
+
 def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: float,
                      implementation: str = "xla", need_probs: bool = False, region_slots: int | None = None,
                      skewed: bool = False):
@@ -35,15 +44,12 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
     b, h, g, d = q.shape
     s = k_r.shape[1]
     if implementation == "pallas" and not need_probs:
-        from kvjax.pallas_kernels import _common
-        from kvjax.pallas_kernels.ragged_decode_attention import (default_block_kv, default_num_splits,
-                                                                  ragged_decode_attention)
+        from kvjax.pallas_kernels.ragged_decode_attention import ragged_decode_attention
 
-        block_kv = default_block_kv(_common.default_backend_kind(None))
+        block_kv, num_splits = _kernel_blocks(b, h, region_slots or s, skewed)
         out = ragged_decode_attention(
             q, k_r, v_r, rel_start, length, sm_scale=scale, pos=pos_r if min_pos is not None else None,
-            min_pos=min_pos, implementation="pallas", block_kv=block_kv,
-            num_splits=default_num_splits(b, h, region_slots or s, block_kv, skewed),
+            min_pos=min_pos, implementation="pallas", block_kv=block_kv, num_splits=num_splits,
         )
         return out.astype(jnp.float32), None
     mask = stream_mask(rel_start, length, s)
@@ -70,17 +76,13 @@ def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_n
     Returns (out [B, H, G, D] float32, k_pool, v_pool), and with `return_lse` each query head's
     log-sum-exp over its stream, lse [B, H, G] (for `new_token_probs`).
     """
-    from kvjax.pallas_kernels import _common
-    from kvjax.pallas_kernels.ragged_decode_attention import (default_block_kv, default_num_splits,
-                                                              ragged_decode_attention)
+    from kvjax.pallas_kernels.ragged_decode_attention import ragged_decode_attention
 
-    b, h = start.shape
-    block_kv = default_block_kv(_common.default_backend_kind(None))
+    block_kv, num_splits = _kernel_blocks(*start.shape, region_slots, skewed)
     out, k_pool, v_pool, *lse = ragged_decode_attention(
         q, k_pool, v_pool, start, length, sm_scale=scale, pos=pos if min_pos is not None else None,
-        min_pos=min_pos, implementation="pallas", block_kv=block_kv,
-        num_splits=default_num_splits(b, h, region_slots, block_kv, skewed), append=(k_new, v_new, slot),
-        return_lse=return_lse,
+        min_pos=min_pos, implementation="pallas", block_kv=block_kv, num_splits=num_splits,
+        append=(k_new, v_new, slot), return_lse=return_lse,
     )
     return (out.astype(jnp.float32), k_pool, v_pool, *lse)
 
@@ -94,15 +96,10 @@ def new_token_probs(q, k_pool, start, length, lse, pos, min_pos, *, scale: float
 
     q [B, H, G, D]; k_pool [B, P, D]; start, length [B, H] (absolute slots, new token included).
     """
-    from kvjax.pallas_kernels import _common
     from kvjax.pallas_kernels import stream_probs as sp
-    from kvjax.pallas_kernels.ragged_decode_attention import default_block_kv, default_num_splits
 
-    b, h = start.shape
-    block_kv = default_block_kv(_common.default_backend_kind(None))
+    block_kv, num_splits = _kernel_blocks(*start.shape, region_slots, skewed)
     return sp.stream_probs(
         q, k_pool, start, length, lse, sm_scale=scale, reduce=reduce, pos=pos if min_pos is not None else None,
-        min_pos=min_pos, implementation="pallas", block_kv=block_kv,
-        num_splits=default_num_splits(b, h, region_slots, block_kv, skewed),
+        min_pos=min_pos, implementation="pallas", block_kv=block_kv, num_splits=num_splits,
     )
-
