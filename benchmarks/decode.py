@@ -79,9 +79,9 @@ def source_hashes() -> dict:
     """sha1 of the library sources the decode path runs (the working tree may change between runs)."""
     import hashlib
 
-    import kvjax.attention as att
+    import kvjax.decode_attention as att
 
-    mods = dict(_modules(), **{"kvjax/attention.py": att})
+    mods = dict(_modules(), **{"kvjax/decode_attention.py": att})
     return {k: hashlib.sha1(inspect.getsource(m).encode()).hexdigest()[:12] for k, m in mods.items()}
 
 

@@ -319,7 +319,7 @@ def decode_rows(bench, cases, best_by_batch, bw, log, deadline):
 
 
 def prefill_attention(config, lengths, log, tiny):
-    from kvjax.models.attention import causal_attention
+    from kvjax.models.prompt_attention import causal_attention
 
     rows = []
     kv, g, d = config.num_kv_heads, config.group_size, config.head_dim

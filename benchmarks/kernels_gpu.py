@@ -13,7 +13,7 @@
      hoisted, merged or sliced away; the median over repetitions, divided by INNER. Compare these.
    - `*_call_ms`: median wall time of single dispatches with `block_until_ready` (includes the
      Python dispatch and the host sync, which dominate small shapes).
-   For the decode attention "xla" is the engine's XLA path (`kvjax.attention.decode_attention`,
+   For the decode attention "xla" is the engine's XLA path (`kvjax.decode_attention.decode_attention`,
    one batched matmul over the region) and `ref_ms` the dense masked reference; bandwidth columns
    are the K/V bytes of the streams divided by the time, as a fraction of a measured device copy.
 A failing kernel is recorded (error + traceback) and the run goes on. Writes the JSON to --out and
@@ -52,10 +52,10 @@ def _kernels():
 
 
 def _region_attention():
-    """The engine's XLA decode path (`kvjax.attention.decode_attention`), or the same computation
+    """The engine's XLA decode path (`kvjax.decode_attention.decode_attention`), or the same computation
     written out here when kvjax is not installed."""
     try:
-        from kvjax.attention import decode_attention
+        from kvjax.decode_attention import decode_attention
 
         return lambda q, k, v, s, l, scale: decode_attention(q, k, v, s, l, None, None, scale=scale)[0], "kvjax"
     except ImportError:

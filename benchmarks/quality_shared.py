@@ -25,7 +25,7 @@ from kvjax import api, cascade, engine  # noqa: E402
 from kvjax import policies as P  # noqa: E402
 from kvjax.cache import Cache, kept_positions  # noqa: E402
 from kvjax.decode import decode_step  # noqa: E402
-from kvjax.models.attention import causal_attention  # noqa: E402
+from kvjax.models.prompt_attention import causal_attention  # noqa: E402
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq  # noqa: E402
 from kvjax.pallas_kernels import budget_scatter as bs  # noqa: E402
 from kvjax.pallas_kernels import masked_topk as mt  # noqa: E402

@@ -6,13 +6,13 @@
 
 from kvjax import policies
 from kvjax.api import Generation, Prefilled, forward, generate, load, prefill, save
-from kvjax.budget_profile import BudgetProfile, load_profile
+from kvjax.xkv.budgets import BudgetProfile, load_profile
 from kvjax.cache import Cache, kept_positions
 from kvjax.chunked import perplexity
-from kvjax.checkpoint import Params
-from kvjax.profiling import profile
+from kvjax.io.checkpoint import Params
+from kvjax.xkv.profile import profile
 from kvjax.models.config import ConfigError
-from kvjax.safetensors_io import CheckpointError
+from kvjax.io.safetensors import CheckpointError
 
 __version__ = "0.1.0"
 

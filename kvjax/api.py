@@ -14,7 +14,7 @@ import numpy as np
 
 from kvjax import cascade, chunked, engine
 from kvjax.cache import Cache, occupancy
-from kvjax.checkpoint import Params, load_checkpoint, save_params
+from kvjax.io.checkpoint import Params, load_checkpoint, save_params
 from kvjax.decode import decode_step, gemm_compiler_options
 from kvjax.models import forward as model_forward
 from kvjax.models import unstack_layers
@@ -46,7 +46,7 @@ def load(path: str = "smollm2-135m", dtype=jnp.bfloat16, mesh=None, per_layer: b
     than stacked (layers scanned). Default: per-layer on GPU, where slicing stacked weights copies
     them every step (docs/PERFORMANCE.md); stacked elsewhere, which compiles faster."""
     if isinstance(path, str) and not os.path.exists(path) and os.sep not in path:
-        from kvjax.embedded import embedded_checkpoint
+        from kvjax.io.embedded import embedded_checkpoint
 
         path = embedded_checkpoint(path)  # a name: raises, listing the known names, if unknown
     params = load_checkpoint(path, dtype=dtype, mesh=mesh)

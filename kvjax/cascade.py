@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kvjax.cache import Cache, Layout
 from kvjax.engine import BUDGET_ROUNDING, TRACE_COUNTS, Plan, resolve_budget, window_attention
 from kvjax.models import ModelConfig, Weights
-from kvjax.models.attention import causal_attention
+from kvjax.models.prompt_attention import causal_attention
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.pallas_kernels import budget_scatter as bs
 from kvjax.pallas_kernels import masked_topk as mt

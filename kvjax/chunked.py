@@ -26,7 +26,7 @@ from kvjax.cache import Cache, Layout
 from kvjax.decode import extend_step
 from kvjax.engine import Plan, make_plan as engine_plan, resolve_budget
 from kvjax.models import ModelConfig, Weights
-from kvjax.models.attention import causal_attention
+from kvjax.models.prompt_attention import causal_attention
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.policies.base import PrefillStats
 from kvjax.policies.policy import Full, Policy

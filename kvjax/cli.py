@@ -34,13 +34,13 @@ def demo(args) -> int:
 
 
 def profile(args) -> int:
-    """XKV profiling: per-layer budgets for a total, written as JSON (see kvjax/profiling.py)."""
+    """XKV profiling: per-layer budgets for a total, written as JSON (see kvjax/xkv/profile.py)."""
     import pathlib
 
     import jax.numpy as jnp
 
     import kvjax
-    from kvjax.profiling import default_path, profile as run_profile, uniform_retention
+    from kvjax.xkv.profile import default_path, profile as run_profile, uniform_retention
 
     print(f"loading {args.model} ...", flush=True)
     params = kvjax.load(args.model, dtype=jnp.dtype(args.dtype))

@@ -16,11 +16,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.attention import append_and_attend, decode_attention, new_token_probs, stream_mask
+from kvjax.decode_attention import append_and_attend, decode_attention, new_token_probs, stream_mask
 from kvjax.cache import Cache
 from kvjax.engine import TRACE_COUNTS, Plan
 from kvjax.models import ModelConfig, Weights
-from kvjax.models.attention import NEG_INF
+from kvjax.models.prompt_attention import NEG_INF
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.pallas_kernels.ragged_decode_attention import write_rows
 from kvjax.policies.base import reduce_group

@@ -20,7 +20,7 @@ import numpy as np
 
 from kvjax.cache import Cache, Layout
 from kvjax.models import ModelConfig, Weights
-from kvjax.models.attention import NEG_INF, causal_attention
+from kvjax.models.prompt_attention import NEG_INF, causal_attention
 from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.pallas_kernels import budget_scatter as bs
 from kvjax.pallas_kernels import masked_topk as mt

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import causal_attention
+from .prompt_attention import causal_attention
 from .config import ModelConfig
 
 

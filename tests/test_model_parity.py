@@ -80,7 +80,7 @@ def test_fused_prompt_attention_matches_transformers(tmp_path, monkeypatch, mode
     # the path GPUs take (cuDNN flash through jax.nn.dot_product_attention), forced on the CPU,
     # where dot_product_attention runs its XLA implementation: same logits as transformers,
     # right padding included
-    import kvjax.models.attention as attention
+    import kvjax.models.prompt_attention as attention
 
     calls = []
     original = attention.fused_causal_attention

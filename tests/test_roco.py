@@ -15,7 +15,7 @@ import pytest
 import kvjax
 from kvjax import chunked
 from kvjax.decode import _smallest, decode_step
-from kvjax.models.attention import causal_attention
+from kvjax.models.prompt_attention import causal_attention
 from kvjax.models.llama import embed, layer_qkv, rope_inv_freq
 from kvjax.policies import H2O, SnapKV
 from kvjax.policies.base import PolicyError

@@ -11,11 +11,11 @@ import pytest
 import kvjax
 from conftest import save_tiny_hf, torch_or_skip
 from kvjax import policies as P
-from kvjax.budget_profile import BudgetProfile, ProfileError, default_path, load_profile
-from kvjax.budget_solver import brute_force_layer_budgets, greedy_is_exact, solve, solve_layer_budgets
+from kvjax.xkv.budgets import BudgetProfile, ProfileError, default_path, load_profile
+from kvjax.xkv.solver import brute_force_layer_budgets, greedy_is_exact, solve, solve_layer_budgets
 from kvjax.eval.synthetic import KINDS, sample_prompts
 from kvjax.policies.profiled import Profiled
-from kvjax.profiling import profile, retention_curves
+from kvjax.xkv.profile import profile, retention_curves
 from test_generate import _prompt, _tiny_params
 
 # ------------------------------------------------------------------------------------------------

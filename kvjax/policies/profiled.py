@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.budget_profile import BudgetProfile, ProfileError, load_profile
+from kvjax.xkv.budgets import BudgetProfile, ProfileError, load_profile
 from kvjax.policies import allocators, scorers
 from kvjax.policies.base import PolicyError, check_positive_int, policy_dataclass, static_field
 from kvjax.policies.policy import Policy

@@ -33,7 +33,7 @@ class BudgetProfile:
     budgets:        [L] tokens per KV head of each layer = chosen prefix size + window
     sizes:          [S] candidate prefix sizes (tokens beyond the window), the solver's grid
     curves:         [L][S] retention of layer l at each size (see `kvjax.profile`)
-    solver:         "greedy" or "dp" (which exact solver ran; `kvjax.budget_solver`)
+    solver:         "greedy" or "dp" (which exact solver ran; `kvjax.xkv.solver`)
     metric:         the retention metric ("mass" or "oracle")
     seed:           seed of the prompt sampler
     num_prompts:    prompts averaged over

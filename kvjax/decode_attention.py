@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kvjax.models.attention import NEG_INF
+from kvjax.models.prompt_attention import NEG_INF
 
 
 def stream_mask(rel_start, length, span: int):

@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.budget_profile import BudgetProfile, default_path, load_profile  # noqa: F401  (re-exported)
-from kvjax.budget_solver import solve
-from kvjax.checkpoint import Params
+from kvjax.xkv.budgets import BudgetProfile, default_path, load_profile  # noqa: F401  (re-exported)
+from kvjax.xkv.solver import solve
+from kvjax.io.checkpoint import Params
 from kvjax.engine import window_attention
 from kvjax.eval.synthetic import sample_prompts
-from kvjax.models.attention import causal_attention
+from kvjax.models.prompt_attention import causal_attention
 from kvjax.models.llama import attn_output, embed, layer_qkv, mlp, rope_inv_freq, scan_layers
 from kvjax.policies.base import reduce_group
 from kvjax.policies.scorers import pool1d
@@ -189,7 +189,7 @@ def profile(params: Params, prompts, total_budget: int, *, window: int = 32, siz
              `kvjax.eval.synthetic.sample_prompts(tokenizer, n, n_tokens, seed)`).
     sizes:   candidate prefix sizes (tokens beyond the window), ascending; default `default_sizes`.
     seed:    seeds the sampled prompts; with the same prompts the result is identical.
-    method:  the solver ("auto": greedy when exact, else DP; see `kvjax.budget_solver`).
+    method:  the solver ("auto": greedy when exact, else DP; see `kvjax.xkv.solver`).
     """
     seqs = _token_lists(params, prompts, seed, n_tokens)
     _check_options(params, seqs, total_budget, window, metric, kernel, pooling)

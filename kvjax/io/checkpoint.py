@@ -14,8 +14,8 @@ import numpy as np
 
 from kvjax.models import LayerWeights, ModelConfig, Weights
 from kvjax.models.config import ConfigError
-from kvjax.safetensors_io import CheckpointError, TensorStore
-from kvjax.tokenizer import Tokenizer, load_tokenizer
+from kvjax.io.safetensors import CheckpointError, TensorStore
+from kvjax.io.tokenizer import Tokenizer, load_tokenizer
 
 KVJAX_MARKER = "kvjax_params.json"
 TOKENIZER_FILES = (

@@ -19,7 +19,7 @@ import json
 import os
 import pathlib
 
-from kvjax.gguf_convert import CONVERTER_VERSION, convert_gguf_to_hf
+from kvjax.io.gguf import CONVERTER_VERSION, convert_gguf_to_hf
 
 MARKER = "kvjax_converted.json"
 _COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")

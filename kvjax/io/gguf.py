@@ -33,7 +33,7 @@ import uuid
 
 import numpy as np
 
-# Bump when the files written change: `kvjax.embedded` reconverts caches of another version.
+# Bump when the files written change: `kvjax.io.embedded` reconverts caches of another version.
 CONVERTER_VERSION = 2
 
 SUPPORTED_ARCHITECTURES = ("llama",)

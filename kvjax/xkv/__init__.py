@@ -1,0 +1,1 @@
+"""XKV: offline per-layer budget profiles (`profile`), the exact budget solver, and the profile file."""
