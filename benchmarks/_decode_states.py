@@ -2,8 +2,9 @@
 
 - `split_exact`, `cake_layer_budgets`, `adakv_head_budgets`: Ada-KV-like (per-head) and CAKE-like
   (per-layer) splits of an equal total, seeded Dirichlet(1) draws with floors and caps.
-- `fill_state(bench, job, batch, plan)`: device pools and meta laid out as the plan lays them out,
-  random keys/values (decode speed does not depend on the values).
+- `fill_state(bench, job, batch, plan)`: device pools and meta ([L, B, H] streams) laid out by the
+  library's own `kvjax.cache.layout_streams`, random keys/values (decode speed does not depend on
+  the values).
 """
 
 from __future__ import annotations
@@ -79,9 +80,7 @@ def fill_state(bench, job, batch: int, plan, seed: int = 0):
     """Device pools and meta for one job: (pools, meta, kv_slots_used [host int])."""
     cfg = bench.config
     num_layers, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    hr = plan.headroom
     base = np.asarray(plan.layout.layer_base, np.int64)
-    layout = job.spec.layout
     budget = job.spec.budget
     if job.alloc == "full":
         lengths = np.full((batch, num_layers, h), job.ctx, np.int64)
@@ -94,30 +93,21 @@ def fill_state(bench, job, batch: int, plan, seed: int = 0):
         lengths = np.broadcast_to(bl[None, :, None], (batch, num_layers, h)).copy()
     else:
         raise ValueError(job.alloc)
-    if layout == "ada":
-        caps = lengths + hr
-        start = base[None, :, None] + np.cumsum(caps, axis=2) - caps
-    elif layout in ("uni", "cake", "full"):
-        bound = np.asarray(plan.stream_bound, np.int64)
-        caps = np.broadcast_to((bound + hr)[None, :, None], lengths.shape).copy()
-        start = base[None, :, None] + np.arange(h)[None, None, :] * caps
-    elif layout == "cake_cascade":  # streams back to back in (layer, head) order, each + headroom
-        caps = lengths + hr
-        flat = caps.reshape(batch, -1)
-        start = (np.cumsum(flat, axis=1) - flat).reshape(lengths.shape)
-    else:
-        raise ValueError(layout)
+    from kvjax.cache import layout_streams
+
+    lengths = np.ascontiguousarray(lengths.transpose(1, 0, 2))  # [L, B, H], as the cache keeps it
+    start, caps = (np.asarray(a, np.int64) for a in layout_streams(plan, jnp.asarray(lengths, jnp.int32)))
     pool = plan.layout.pool_size
     assert (lengths <= caps).all() and (start + caps <= pool).all(), "allocation does not fit the plan"
-    if layout in ("uni", "ada", "cake", "full"):
+    if not plan.layout.shared:
         span = np.asarray(plan.layout.layer_span, np.int64)
-        assert (start + caps <= (base + span)[None, :, None]).all(), "a stream leaves its layer region"
+        assert (start + caps <= (base + span)[:, None, None]).all(), "a stream leaves its layer region"
     meta = tuple(jnp.asarray(a, jnp.int32) for a in (start, lengths, caps, lengths)) + (
         jnp.full((batch,), job.ctx, jnp.int32),)
     make_pools = _pool_maker(batch, pool, d, jnp.dtype(bench.weights.embed.dtype).name)
     pools = jax.block_until_ready(make_pools(meta[0], meta[1], jnp.int32(job.ctx), jax.random.key(seed)))
     used = int(lengths.sum())
-    return pools, meta, used, int(lengths.shape[1] * lengths.shape[2] * batch)
+    return pools, meta, used, int(lengths.shape[0] * lengths.shape[2] * batch)
 
 
 _POOL_MAKERS = {}
@@ -138,8 +128,8 @@ def _pool_maker(batch, pool, d, dtype_name):
         k = block[0][idx]
         v = block[1][idx]
         # pos: each stream holds the most recent `length` positions of the context; free slots -1
-        st = start.reshape(batch, -1)
-        ln = lengths.reshape(batch, -1)
+        st = jnp.moveaxis(start, 1, 0).reshape(batch, -1)
+        ln = jnp.moveaxis(lengths, 1, 0).reshape(batch, -1)
         order = jnp.argsort(st, axis=1)
         st_s = jnp.take_along_axis(st, order, 1)
         ln_s = jnp.take_along_axis(ln, order, 1)

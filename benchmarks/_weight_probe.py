@@ -22,15 +22,15 @@ def probe_weight_path(config, weights, batches, n_steps, reps, bw, log, workers=
     output) three ways, to see what the layer `lax.scan` costs: "scan" (as kvjax.decode: the stacked
     [L, ...] weights are scanned), "scan_unroll" (the same scan, unroll=True) and "unstacked"
     (a Python loop over 32 separate per-layer weight pytrees: no slicing of a stacked array)."""
-    from kvjax.models.llama import attn_output, embed, final_logits, layer_qkv, mlp, rope_inv_freq
+    from kvjax.models import decoder_layer, embed, final_logits
 
-    inv = rope_inv_freq(config)
     num_layers = config.num_layers
 
+    def attend(q, k, v):  # the query stands in for the attention output; k and v stay live
+        return q + (jnp.mean(k) + jnp.mean(v)).astype(q.dtype) * 1e-3, None
+
     def layer(x, lw, pos):
-        q, k, v = layer_qkv(lw, x, pos, config, inv)
-        x = x + attn_output(lw, q.astype(x.dtype)) + (jnp.mean(k) + jnp.mean(v)).astype(x.dtype) * 1e-3
-        return mlp(lw, x, config)
+        return decoder_layer(lw, x, pos, config, attend)[0]
 
     def program(kind):
         def run(weights, layer_list, tok):

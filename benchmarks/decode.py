@@ -8,9 +8,8 @@ dispatch is paid once per N steps. Each repetition restarts from the same stream
 median over repetitions after a warm-up call, device-synchronised (`block_until_ready`), divided
 by N, is the latency per step.
 
-Cache states are synthetic: the pool is laid out as the engine lays it out (`kvjax.engine.make_plan`
-for a `kvjax.policies` policy), start/length/cap/budget are filled by this script, keys/values
-are random. Decode speed does not depend on the values, only on the layout and lengths.
+Cache states are synthetic: the pool is laid out as prefill lays it out (`kvjax.compress.make_plan`
+for a `kvjax.policies` policy, streams by `kvjax.cache.layout_streams`), keys/values are random. Decode speed does not depend on the values, only on the layout and lengths.
 
 - uniform: every stream keeps B tokens, in `SnapKV(B)`'s plan (until run 8 these rows used the Ada-KV
   plan's layout; since the kernel's split count depends on whether head budgets vary, they now use
@@ -18,7 +17,7 @@ are random. Decode speed does not depend on the values, only on the layout and l
 - adakv:   Ada-KV-like: per (sequence, layer) the layer's H*B tokens are split over the heads by a
   seeded Dirichlet(1) draw (at least the 64-token window each, at most the 8K shortest context);
 - cake:    CAKE-like: per-layer budgets (seeded Dirichlet(1) split of L*B over the layers, same
-  bounds), `Compose(WindowAttention, allocator_=PerLayer(budgets))` with `engine.make_plan`;
+  bounds), `Compose(WindowAttention, allocator_=PerLayer(budgets))`;
 - full:    `Full()`: every context token kept;
 - cake_cascade (extra): the real `CAKE` policy's cascade layout (all layers share the pool) with
   its decode-time eviction (every step), CAKE-like layer budgets.
@@ -142,46 +141,35 @@ class Bench:
 
     # -- policy and plan per layout
     def policy_plan(self, layout: str, budget: int, ctx: int):
-        from kvjax import cascade, engine
         from kvjax import policies as P
         from kvjax.policies import scorers
+        from kvjax.compress import make_plan
 
-        cfg, n = self.config, self.n_steps
-        if layout == "uni":
-            pol = P.SnapKV(budget=budget, window=states.window())
-            return pol, engine.make_plan(pol, cfg, ctx, n)
-        if layout == "ada":
-            pol = P.AdaKV(P.SnapKV(budget=budget, window=states.window()))
-            return pol, engine.make_plan(pol, cfg, ctx, n)
+        cfg, n, w = self.config, self.n_steps, states.window()
         if layout == "cake":
             bl = states.cake_layer_budgets(budget, cfg.num_layers, self.min_ctx)
-            pol = P.Compose(scorers.WindowAttention(states.window()), budget=min(budget, max(bl)),
-                            allocator_=P.PerLayer(bl), window=states.window())
-            return pol, engine.make_plan(pol, cfg, ctx, n)
-        if layout == "full":
-            pol = P.Full()
-            return pol, engine.make_plan(pol, cfg, ctx, n)
-        if layout == "cake_cascade":
-            pol = P.CAKE(budget=budget, window=min(32, states.window()))
-            return pol, cascade.make_plan(pol, cfg, ctx, n)
-        raise ValueError(layout)
+            pol = P.Compose(scorers.WindowAttention(w), budget=min(budget, max(bl)), allocator_=P.PerLayer(bl),
+                            window=w)
+        else:
+            pol = {"uni": lambda: P.SnapKV(budget=budget, window=w), "full": P.Full,
+                   "ada": lambda: P.AdaKV(P.SnapKV(budget=budget, window=w)),
+                   "cake_cascade": lambda: P.CAKE(budget=budget, window=min(32, w))}[layout]()
+        return pol, make_plan(pol, cfg, ctx, n)
 
     def plan_ctx(self, spec: Spec) -> int:
         return spec.budget if spec.layout == "full" else self.min_ctx
 
     # -- the jitted program
     def runner(self, spec: Spec):
-        from kvjax.cache import Cache
+        from kvjax.cache import Cache, Pools, Streams
 
         pol, plan = self.policy_plan(spec.layout, spec.budget, self.plan_ctx(spec))
         step_fn = importlib.import_module("kvjax.decode").decode_step
         cfg, n = self.config, self.n_steps
 
         def run(weights, pools, meta, tok):
-            k, v, pos, s, s2 = pools
-            start, length, cap, budget, next_pos = meta
-            cache = Cache(k=k, v=v, pos=pos, score=s, score2=s2, start=start, length=length, cap=cap,
-                          budget=budget, next_pos=next_pos, layout=plan.layout)
+            *streams, next_pos = meta
+            cache = Cache(Pools(*pools), Streams(*streams), next_pos, plan.layout)
 
             def body(i, carry):
                 cache, tok = carry
@@ -190,7 +178,8 @@ class Bench:
                 return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
             cache, tok = jax.lax.fori_loop(0, n, body, (cache, tok))
-            return (cache.k, cache.v, cache.pos, cache.score, cache.score2), tok
+            p = cache.pools
+            return (p.k, p.v, p.pos, p.score, p.score2), tok
 
         from kvjax.decode import gemm_compiler_options  # as kvjax.generate compiles its decode loop
 
@@ -204,7 +193,7 @@ class Bench:
         sds = jax.ShapeDtypeStruct
         pools = (sds((batch, p, d), dt), sds((batch, p, d), dt), sds((batch, p), jnp.int32),
                  sds((batch, p), jnp.float32), sds((batch, p), jnp.float32))
-        m = sds((batch, cfg.num_layers, cfg.num_kv_heads), jnp.int32)
+        m = sds((cfg.num_layers, batch, cfg.num_kv_heads), jnp.int32)
         meta = (m, m, m, m, sds((batch,), jnp.int32))
         return pools, meta, sds((batch,), jnp.int32)
 

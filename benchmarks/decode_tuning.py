@@ -71,7 +71,7 @@ def kernel_state(bench, batch, budget):
     _, plan = bench.policy_plan("ada", budget, bench.min_ctx)
     job = D.Job(spec, "uniform", 32768)
     pools, meta, used, _ = D.fill_state(bench, job, batch, plan)
-    start, length = meta[0].transpose(1, 0, 2), meta[1].transpose(1, 0, 2)
+    start, length = meta[0], meta[1]  # [L, B, H]
     cfg = bench.config
     q = jax.random.normal(jax.random.key(3), (batch, cfg.num_kv_heads, cfg.group_size, cfg.head_dim),
                           jnp.float32).astype(pools[0].dtype)

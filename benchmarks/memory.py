@@ -59,7 +59,7 @@ def main():
         jax.block_until_ready(pre.cache)
         dt = time.perf_counter() - t0
         held = live_bytes(weight_ids) - base
-        live = int(np.asarray(pre.cache.length).sum())
+        live = int(np.asarray(pre.cache.streams.length).sum())
         rows.append(dict(policy=name, live_device_bytes=int(held), cache_nbytes=int(pre.cache.nbytes),
                          kv_pool_bytes=int(pre.cache.kv_nbytes), pool_slots=pre.cache.layout.pool_size,
                          live_token_slots=live, prefill_s_incl_compile=round(dt, 2)))

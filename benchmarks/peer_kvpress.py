@@ -15,7 +15,7 @@ kvpress: its pipeline's own procedure (`kvpress/pipeline.py`): under `with press
 Timed with `torch.cuda.synchronize()`; peak memory is `torch.cuda.max_memory_allocated()`
 (weights included) over prefill + decode, and over decode alone.
 
-kvjax: `kvjax.engine.prefill` (jitted) then `kvjax.decode.decode_step` in a jitted `fori_loop` of
+kvjax: `kvjax.compress.prefill` (jitted) then `kvjax.decode.decode_step` in a jitted `fori_loop` of
 `--new` steps (pools donated); implementation "pallas" (and "xla", the library default, at B=1024);
 at B=1024 also batch 32 (the prefilled cache repeated 32 times). Peak memory is the allocator's
 `peak_bytes_in_use` with XLA_PYTHON_CLIENT_PREALLOCATE=false (weights included), one process per
@@ -174,9 +174,8 @@ def run_kvjax(args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from kvjax import engine
     from kvjax import policies as P
-    from kvjax.cache import Cache
+    from kvjax import compress as engine
     from kvjax.decode import decode_step
 
     tiny = args.tiny
@@ -205,33 +204,25 @@ def run_kvjax(args) -> dict:
         return P.AdaKV(snap) if args.kvjax_press.startswith("AdaKV") else snap
 
     def decode_program(pol, plan, impl):
-        def run(weights, pools, meta_, tok):
-            k, v, pos, s, s2 = pools
-            start, length, cap, budget, next_pos = meta_
-            cache = Cache(k=k, v=v, pos=pos, score=s, score2=s2, start=start, length=length, cap=cap, budget=budget,
-                          next_pos=next_pos, layout=plan.layout)
-
+        def run(weights, cache, tok):
             def body(i, carry):
                 c, t = carry
                 c, logits = decode_step(weights, c, t, pol, None, config=cfg, plan=plan, implementation=impl)
                 return c, jnp.argmax(logits, -1).astype(jnp.int32)
 
-            cache, tok = jax.lax.fori_loop(0, n, body, (cache, tok))
-            return (cache.k, cache.v, cache.pos, cache.score, cache.score2), tok
+            return jax.lax.fori_loop(0, n, body, (cache, tok))
 
         return jax.jit(run, donate_argnums=(1,))
 
     def time_decode(prog, cache, tok, reps):
-        pools = (cache.k, cache.v, cache.pos, cache.score, cache.score2)
-        meta_ = (cache.start, cache.length, cache.cap, cache.budget, cache.next_pos)
         t0 = time.perf_counter()
-        pools, tok = prog(weights, pools, meta_, tok)  # compiles, warms up
+        cache, tok = prog(weights, cache, tok)  # compiles, warms up
         jax.block_until_ready(tok)
         first = time.perf_counter() - t0
         ts = []
         for _ in range(reps):
             t0 = time.perf_counter()
-            pools, tok = prog(weights, pools, meta_, tok)
+            cache, tok = prog(weights, cache, tok)
             jax.block_until_ready(tok)
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts) / n, first
@@ -262,7 +253,7 @@ def run_kvjax(args) -> dict:
                                  impl=impl, prefill_s=t_prefill, prefill_first_call_s=first_prefill,
                                  ms_per_token=step * 1e3, tokens_per_s=1 / step, decode_first_call_s=first,
                                  peak_bytes=peak(), peak_prefill_bytes=peak_prefill,
-                                 cache_bytes=cache.nbytes, kept_tokens=int(jnp.sum(cache.length))))
+                                 cache_bytes=cache.nbytes, kept_tokens=int(jnp.sum(cache.streams.length))))
                 print(json.dumps({k: rows[-1].get(k) for k in ("engine", "press", "budget", "impl", "prefill_s",
                                                                "ms_per_token", "peak_bytes")}), flush=True)
             if budget == args.main_budget and args.batch > 1:

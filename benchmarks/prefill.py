@@ -2,8 +2,8 @@
 
     python benchmarks/prefill.py [--out benchmarks/results] [--contexts 8192,32768] [--impl xla] [--tiny]
 
-One prompt (batch 1) of 8K and 32K random tokens, prefilled by the engine's jitted prefill
-(`kvjax.engine.prefill`, or `kvjax.cascade.prefill` for policies that cascade) with Full,
+One prompt (batch 1) of 8K and 32K random tokens, prefilled by the library's jitted prefill
+(`kvjax.compress.prefill`, one-shot or the cascade as the policy says) with Full,
 SnapKV(1024), AdaKV(SnapKV(1024)) and, when `kvjax.policies` has it, CAKE(1024). Each program is
 compiled ahead of time (compile time reported apart), run once to warm up, then timed
 `--reps` times with `block_until_ready`; the median is reported, and the overhead of compression
@@ -44,15 +44,13 @@ def policies(budget: int, window: int | None = None, cake_window: int | None = N
 
 
 def program(config, policy, ctx: int, impl: str, headroom: int):
-    from kvjax import cascade, engine
+    from kvjax.compress import make_plan, prefill
 
-    mod = cascade if policy.cascades else engine
-    plan = mod.make_plan(policy, config, ctx, headroom)
+    plan = make_plan(policy, config, ctx, headroom)
 
     def run(weights, tokens, lengths):
-        out = mod.prefill(weights, tokens, lengths, policy, jax.random.key(0), config=config, plan=plan,
-                          implementation=impl)
-        return out[0], out[1]
+        return prefill(weights, tokens, lengths, policy, jax.random.key(0), config=config, plan=plan,
+                       implementation=impl)
 
     return jax.jit(run), plan
 

@@ -26,10 +26,10 @@ cell re-runs the 30-layer prefill, which dominates on CPU (about 4 s per 2K prom
 37 s per 6K on this 2-core machine when idle), so ~90 cells cost ~90 prefills per prompt.
 `--engine shared` (default) uses that the prompt's hidden states do not depend on the policy for
 one-shot compression: the prefill attends over the full prompt, compression only decides what the
-cache keeps. One jitted scan runs the model once per batch and mode and, after each layer, lets
-every policy score, select and pack that layer into its own pool as kvjax.engine.prefill (and
-kvjax.cascade.prefill for CAKE) does; the question (agnostic mode) and decoding then go through
-kvjax's own decode step and loop with each policy's plan. Before the run every policy is checked
+cache keeps. The library's `kvjax.compress.prefill_policies` runs the model once per batch and mode
+and, after each layer, lets every policy compress that layer into its own pool (one-shot, or CAKE's
+cascade); the question (agnostic mode) and decoding then go through kvjax's own decode step and
+loop with each policy's plan. Before the run every policy is checked
 against `kvjax.prefill` on a short prompt in both modes (kept positions of every stream, pool
 contents, next-token logits); one that does not match falls back to `kvjax.generate` per cell, and
 the JSON records the engine of each cell. Policies whose prefill depends on the compressed cache
@@ -211,7 +211,7 @@ def batches(items, size):
 def verify(params, runner, pols: dict[str, Any], modes, max_new_tokens, log, n_tokens=512):
     """Shared path vs kvjax.prefill on one short prompt per mode: the kept positions of every stream,
     the pool contents and the next-token logits (after the question in agnostic mode). Decoding is
-    kvjax's own loop (api._decode_loop) in both paths, so equal caches and logits give equal texts.
+    kvjax's own loop (kvjax.loop) in both paths, so equal caches and logits give equal texts.
     -> {name: report}."""
     tok = params.tokenizer
     sample = needles.single_needle(n_tokens, tok, seed=12345)
@@ -228,8 +228,8 @@ def verify(params, runner, pols: dict[str, Any], modes, max_new_tokens, log, n_t
             ref = kvjax.prefill(params, sample.prompt if mode == "aware" else sample.context, pol,
                                 max_new_tokens=max_new_tokens, question=None if mode == "aware" else sample.question)
             kept = compare_kept(cache, ref.cache)
-            same_layout = cache.layout == ref.cache.layout and cache.k.shape == ref.cache.k.shape
-            dk = float(jnp.max(jnp.abs(cache.k - ref.cache.k))) if same_layout else float("inf")
+            same_layout = cache.layout == ref.cache.layout and cache.pools.k.shape == ref.cache.pools.k.shape
+            dk = float(jnp.max(jnp.abs(cache.pools.k - ref.cache.pools.k))) if same_layout else float("inf")
             dl = float(jnp.max(jnp.abs(lg - ref.logits)))
             same_next = bool(jnp.all(jnp.argmax(lg, -1) == jnp.argmax(ref.logits, -1)))
             ok = kept >= 0.98 and same_layout and dl < 1e-2 and same_next

@@ -8,7 +8,7 @@ from kvjax import policies
 from kvjax.api import Generation, Prefilled, forward, generate, load, prefill, save
 from kvjax.xkv.budgets import BudgetProfile, load_profile
 from kvjax.cache import Cache, kept_positions
-from kvjax.chunked import perplexity
+from kvjax.ppl import perplexity
 from kvjax.io.checkpoint import Params
 from kvjax.xkv.profile import profile
 from kvjax.models.config import ConfigError

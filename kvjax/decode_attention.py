@@ -11,13 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.evict import stream_mask
 from kvjax.models.prompt_attention import NEG_INF
-
-
-def stream_mask(rel_start, length, span: int):
-    """[B, H, S] bool: slot s of the region belongs to head h's used stream."""
-    s = jnp.arange(span)[None, None, :]
-    return (s >= rel_start[:, :, None]) & (s < (rel_start + length)[:, :, None])
 
 
 def _kernel_blocks(batch: int, heads: int, region_slots: int, skewed: bool):

@@ -1,8 +1,8 @@
 """Llama-family decoders (Llama 2/3/3.1/3.2, Mistral) as pure functions over weight pytrees."""
 
 from .config import ConfigError, ModelConfig, RopeScaling
-from .llama import LayerWeights, Weights, embed, final_logits, layer_qkv, mlp, rms_norm, rope_inv_freq
-from .llama import apply_rope, forward, scan_layers, unstack_layers
+from .llama import LayerWeights, Weights, decoder_layer, embed, final_logits, layer_qkv, mlp, rms_norm
+from .llama import apply_rope, forward, rope_inv_freq, scan_layers, unstack_layers
 
 __all__ = [
     "ConfigError",
@@ -11,6 +11,7 @@ __all__ = [
     "LayerWeights",
     "Weights",
     "apply_rope",
+    "decoder_layer",
     "embed",
     "final_logits",
     "forward",

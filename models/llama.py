@@ -12,6 +12,7 @@ Activations are `[B, T, E]`; queries are grouped by KV head as `[B, KV, G, T, D]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -103,6 +104,7 @@ def rms_norm(x, weight, eps: float):
     return weight * x32.astype(x.dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     """Inverse rotary frequencies [D/2] (float32), with linear or llama3 scaling applied."""
     d = config.head_dim
@@ -121,7 +123,9 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         inv = np.where(wavelen > low_wavelen, inv / s.factor, inv)
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
         inv = np.where(medium, smoothed, inv)
-    return inv.astype(np.float32)
+    inv = inv.astype(np.float32)
+    inv.setflags(write=False)  # cached and shared
+    return inv
 
 
 def apply_rope(x, positions, inv_freq):
@@ -183,21 +187,36 @@ def final_logits(weights: Weights, x, config: ModelConfig):
     return jnp.matmul(h, w_out, preferred_element_type=jnp.float32)
 
 
+def decoder_layer(lw: LayerWeights, x, positions, config: ModelConfig, attend):
+    """One decoder layer; `attend` is the only part that differs between prompt, decode and chunk.
+
+        q, k, v   = layer_qkv(x)                  pre-norm, projections, RoPE
+        out, aux  = attend(q, k, v)               q [B, KV, G, T, D], k/v [B, KV, T, D] -> out [B, KV, G, T, D]
+        x        += attn_output(out); x += mlp(x)
+
+    `attend` returns whatever else its caller needs as `aux` (prompt statistics, an updated cache).
+    Returns (x [B, T, E], aux).
+    """
+    q, k, v = layer_qkv(lw, x, positions, config, rope_inv_freq(config))
+    out, aux = attend(q, k, v)
+    x = x + attn_output(lw, out.astype(x.dtype))
+    return mlp(lw, x, config), aux
+
+
 def forward(weights: Weights, config: ModelConfig, tokens, lengths=None, *, chunk: int = 512):
     """Logits of every position with no cache. tokens [B, T] int, lengths [B] -> [B, T, V] float32."""
     b, t = tokens.shape
     lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    inv_freq = rope_inv_freq(config)
+
+    def attend(q, k, v):
+        out = causal_attention(q, k, v, lengths, scale=config.attention_scale,
+                               sliding_window=config.sliding_window, chunk=chunk)
+        return out, None
 
     def layer(x, xs):
         (lw,) = xs
-        q, k, v = layer_qkv(lw, x, positions, config, inv_freq)
-        attn = causal_attention(
-            q, k, v, lengths, scale=config.attention_scale, sliding_window=config.sliding_window, chunk=chunk
-        )
-        x = x + attn_output(lw, attn)
-        return mlp(lw, x, config), None
+        return decoder_layer(lw, x, positions, config, attend)[0], None
 
     x, _ = scan_layers(layer, embed(weights, tokens), (weights.layers,))
     return final_logits(weights, x, config)

@@ -123,3 +123,23 @@ def causal_attention(
     if column_squares:
         return out, colsum, colsq
     return (out, colsum) if column_sums else out
+
+
+def window_attention(q, k, lengths, window: int, scale: float):
+    """Softmax attention of the last `window` valid queries of each sequence over the prompt (what
+    observation-window scorers such as SnapKV read).
+
+    q [B, H, G, T, D], k [B, H, T, D] -> (probs [B, H, G, w, T] float32, row_valid [B, w]).
+    """
+    b, h, g, t, d = q.shape
+    q_pos = lengths[:, None] - window + jnp.arange(window)[None, :]  # [B, w]
+    row_valid = q_pos >= 0
+    q_pos = jnp.maximum(q_pos, 0)
+    qw = jnp.take_along_axis(q, q_pos[:, None, None, :, None], axis=3)  # [B, H, G, w, D]
+    logits = jnp.matmul(
+        qw.reshape(b, h, g * window, d), jnp.swapaxes(k, -1, -2), preferred_element_type=jnp.float32
+    ).reshape(b, h, g, window, t) * scale
+    k_pos = jnp.arange(t)
+    mask = (k_pos[None, None, :] <= q_pos[:, :, None]) & (k_pos[None, None, :] < lengths[:, None, None])
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    return jax.nn.softmax(logits, axis=-1), row_valid

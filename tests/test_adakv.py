@@ -48,7 +48,7 @@ def test_adakv_head_budgets_and_kept_positions_equal_the_repository_rule(smollm2
     cfg = smollm2_f32.config
     pre = kvjax.prefill(smollm2_f32, [ids], P.AdaKV(P.SnapKV(budget=budget, window=window), alpha=alpha),
                         max_new_tokens=1)
-    lengths = np.asarray(pre.cache.length)[0]
+    lengths = np.asarray(pre.cache.streams.length)[:, 0]
     kept = kvjax.kept_positions(pre.cache)
     forced = np.arange(n) >= n - window
     uneven = 0
@@ -69,10 +69,10 @@ def test_adakv_holds_the_uniform_total_not_the_largest_head_layout():
     prompt = _prompt(400, 2)
     snap = kvjax.prefill(params, [prompt], P.SnapKV(budget=64, window=16), max_new_tokens=16)
     ada = kvjax.prefill(params, [prompt], P.AdaKV(P.SnapKV(budget=64, window=16), alpha=0.1), max_new_tokens=16)
-    lengths = np.asarray(ada.cache.length)[0]  # [L, H]
+    lengths = np.asarray(ada.cache.streams.length)[:, 0]  # [L, H]
     assert (lengths.max(axis=1) > 64).all()  # some head of every layer keeps more than B ...
     cfg = params.config
-    d, itemsize = cfg.head_dim, np.dtype(np.asarray(ada.cache.k).dtype).itemsize
+    d, itemsize = cfg.head_dim, np.dtype(np.asarray(ada.cache.pools.k).dtype).itemsize
     largest_head_layout = 2 * cfg.num_layers * cfg.num_kv_heads * (lengths.max() + 16) * d * itemsize
     slack = 2 * cfg.num_layers * (cfg.num_kv_heads // 2 + 1) * d * itemsize
     # ... yet the pool holds the uniform total (plus the rounding slack), not max-head x heads
@@ -89,8 +89,8 @@ def test_adakv_head_groups_keep_each_shard_at_its_share():
     one_group = kvjax.prefill(params, [prompt], P.AdaKV(P.SnapKV(budget=48, window=8), alpha=0.0), max_new_tokens=16)
     two_groups = kvjax.prefill(params, [prompt], P.AdaKV(P.SnapKV(budget=48, window=8), alpha=0.0, head_groups=2),
                                max_new_tokens=16)
-    free = np.asarray(one_group.cache.length)[0]
-    shard = np.asarray(two_groups.cache.length)[0].reshape(3, 2, 2)  # [L, group, heads of the group]
+    free = np.asarray(one_group.cache.streams.length)[:, 0]
+    shard = np.asarray(two_groups.cache.streams.length)[:, 0].reshape(3, 2, 2)  # [L, group, heads of the group]
     np.testing.assert_array_equal(shard.sum(axis=2), 2 * 48)  # alpha 0: no rounding, exact shares
     assert (free.reshape(3, 2, 2).sum(axis=2) != 2 * 48).any()  # without groups, shards would differ
     singles = kvjax.prefill(params, [prompt], P.AdaKV(P.SnapKV(budget=48, window=8), alpha=0.0, head_groups=4),

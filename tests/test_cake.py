@@ -12,7 +12,7 @@ import pytest
 
 import kvjax
 from conftest import torch_or_skip
-from kvjax import cascade
+from kvjax.compress import cascade, prefill_traced
 from kvjax import policies as P
 from oracle_attention import avg_pool5, hf_attentions
 from selection import assert_same_selection
@@ -82,7 +82,7 @@ def test_cake_budgets_and_kept_positions_equal_the_formulas_on_the_embedded_mode
 
     policy = P.CAKE(budget=budget, window=window, gamma=gamma, cascade=cascade_)
     pre = kvjax.prefill(smollm2_f32, [ids], policy, max_new_tokens=1)
-    lengths = np.asarray(pre.cache.length)[0]  # [L, H]
+    lengths = np.asarray(pre.cache.streams.length)[:, 0]  # [L, H]
     np.testing.assert_array_equal(lengths, np.broadcast_to((ref_counts + window)[:, None], lengths.shape))
     assert lengths.sum() == cfg.num_kv_heads * cfg.num_layers * budget  # the total is spent exactly
     assert len(set(ref_counts.tolist())) > 3  # the layers really differ
@@ -111,8 +111,8 @@ def _cascade_run(policy, prompts):
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
-    run = jax.jit(functools.partial(cascade.prefill, config=params.config, plan=plan))
-    cache, _, occupancy = run(params.weights, tokens, lengths, policy, jax.random.key(0))
+    run = jax.jit(lambda w, t, n, p, r: prefill_traced(w, t, n, (p,), (plan,), r, config=params.config))
+    (cache,), _, (occupancy,) = run(params.weights, tokens, lengths, policy, jax.random.key(0))
     return params, plan, cache, np.asarray(occupancy)
 
 
@@ -131,7 +131,7 @@ def test_cascade_pool_never_holds_more_than_the_total_budget_plus_one_layer():
     # the reserved pool is the total plus headroom, not a full layer per layer
     assert plan.layout.pool_size == h * (num_layers * (8 + plan.headroom) + num_layers * 40)
     assert plan.layout.pool_size < h * num_layers * n / 4
-    assert cache.k.shape[1] == plan.layout.pool_size
+    assert cache.pools.k.shape[1] == plan.layout.pool_size
 
 
 def test_cascade_off_holds_every_layer_until_the_last_then_splits_once():
@@ -140,7 +140,7 @@ def test_cascade_off_holds_every_layer_until_the_last_then_splits_once():
     h = params.config.num_kv_heads
     np.testing.assert_array_equal(occupancy[:-1, 0], h * 480 * np.arange(1, params.config.num_layers))
     assert occupancy[-1, 0] == h * params.config.num_layers * 48
-    assert cache.k.shape[1] == plan.layout.pool_size
+    assert cache.pools.k.shape[1] == plan.layout.pool_size
 
 
 def test_cake_decode_keeps_each_layer_at_its_budget_and_the_recent_window():
@@ -149,7 +149,7 @@ def test_cake_decode_keeps_each_layer_at_its_budget_and_the_recent_window():
     prompt = _prompt(300, 3)
     pre = kvjax.prefill(params, [prompt], policy, max_new_tokens=12)
     out = kvjax.generate(params, [prompt], policy=policy, max_new_tokens=12)
-    before, after = np.asarray(pre.cache.length), np.asarray(out.cache.length)
+    before, after = np.asarray(pre.cache.streams.length), np.asarray(out.cache.streams.length)
     np.testing.assert_array_equal(after, before)  # one in, one out, every step and layer
     assert np.ptp(before.sum(axis=2)) > 0  # layers got different budgets
     n_total = len(prompt) + len(out.tokens[0]) - 1  # the last sampled token is never fed back
@@ -157,7 +157,7 @@ def test_cake_decode_keeps_each_layer_at_its_budget_and_the_recent_window():
         for kept in layer_kept[0]:
             assert set(range(n_total - 8, n_total)) <= set(kept.tolist())  # the recent window stays
             assert kept.max() == n_total - 1
-    assert out.stats["layer_budgets"][0] == after[0].tolist()
+    assert out.stats["layer_budgets"][0] == after[:, 0].tolist()
 
 
 def test_cake_decode_evicts_the_lowest_pooled_attention_of_the_new_query():
@@ -177,10 +177,10 @@ def test_cake_decode_evicts_the_lowest_pooled_attention_of_the_new_query():
     token = jnp.array([7], jnp.int32)
     cache, _ = step(params.weights, pre.cache, token, policy)
     # the same step with one more slot of budget evicts nothing and leaves every slot's pooled score
-    roomy = dataclasses.replace(pre.cache, budget=pre.cache.budget + 1)
+    roomy = dataclasses.replace(pre.cache, streams=dataclasses.replace(pre.cache.streams, budget=pre.cache.streams.budget + 1))
     seen, _ = step(params.weights, roomy, token, policy)
-    score, pos = np.asarray(seen.score)[0], np.asarray(seen.pos)[0]
-    start, length = np.asarray(seen.start)[0], np.asarray(seen.length)[0]
+    score, pos = np.asarray(seen.pools.score)[0], np.asarray(seen.pools.pos)[0]
+    start, length = np.asarray(seen.streams.start)[:, 0], np.asarray(seen.streams.length)[:, 0]
     new = kvjax.kept_positions(cache)
     for layer in range(cfg.num_layers):
         for h in range(cfg.num_kv_heads):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import engine
 from kvjax import policies as P
-from kvjax.api import _decode_loop, _prefill, new_tokens_bucket
+from kvjax.api import compile_counts
+from kvjax.prompts import new_tokens_bucket
 from conftest import TINY
 
 
@@ -73,13 +73,13 @@ def test_batch_of_different_lengths_gives_the_same_tokens_as_each_alone(params):
 
 def test_no_recompilation_for_new_length_or_max_new_tokens_in_the_same_bucket(params):
     kvjax.generate(params, [_prompt(20)], max_new_tokens=5)
-    before = dict(engine.TRACE_COUNTS)
+    before = compile_counts()
     kvjax.generate(params, [_prompt(37, seed=3)], max_new_tokens=5)  # same 64-token bucket
     kvjax.generate(params, [_prompt(33, seed=4)], max_new_tokens=9)  # same 16-token decode bucket
-    assert engine.TRACE_COUNTS == before
-    assert _prefill._cache_size() >= 1 and _decode_loop._cache_size() >= 1
+    assert compile_counts() == before
+    assert before["prefill"] >= 1 and before["decode"] >= 1
     kvjax.generate(params, [_prompt(100, seed=5)], max_new_tokens=5)  # next bucket: compiles
-    assert engine.TRACE_COUNTS["prefill"] > before["prefill"]
+    assert compile_counts()["prefill"] > before["prefill"]
 
 
 def test_generation_stops_at_stop_token_and_reports_stats(params):
@@ -132,8 +132,8 @@ def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
     a = kvjax.generate(params, prompts, policy=pol, max_new_tokens=6)
     b = kvjax.generate(per_layer, prompts, policy=pol, max_new_tokens=6)
     assert a.tokens == b.tokens
-    np.testing.assert_allclose(np.asarray(a.cache.k), np.asarray(b.cache.k), atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(a.cache.length), np.asarray(b.cache.length))
+    np.testing.assert_allclose(np.asarray(a.cache.pools.k), np.asarray(b.cache.pools.k), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(a.cache.streams.length), np.asarray(b.cache.streams.length))
     np.testing.assert_allclose(np.asarray(kvjax.forward(params, prompts[0][None])),
                                np.asarray(kvjax.forward(per_layer, prompts[0][None])), atol=1e-5)
 
@@ -190,7 +190,7 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
     assert calls, "the Pallas kernel was not used"
     assert ("probs" in calls) == (pre.policy.decode_eviction is not None)
     a, b = caches["xla"], caches["pallas"]
-    np.testing.assert_array_equal(np.asarray(a.length), np.asarray(b.length))
-    np.testing.assert_array_equal(np.asarray(a.pos), np.asarray(b.pos))
+    np.testing.assert_array_equal(np.asarray(a.streams.length), np.asarray(b.streams.length))
+    np.testing.assert_array_equal(np.asarray(a.pools.pos), np.asarray(b.pools.pos))
     for name in ("k", "v"):  # later layers' keys carry the attention outputs' rounding differences
-        np.testing.assert_allclose(np.asarray(getattr(a, name)), np.asarray(getattr(b, name)), atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(np.asarray(getattr(a.pools, name)), np.asarray(getattr(b.pools, name)), atol=1e-4, err_msg=name)

@@ -114,7 +114,7 @@ def test_pyramidkv_with_an_active_pyramid_equals_kvpress(smollm2_f32):
     pre = kvjax.prefill(smollm2_f32, [IDS], P.PyramidKV(budget=768), max_new_tokens=1)
     kept = kvjax.kept_positions(pre.cache)
     cfg = smollm2_f32.config
-    assert np.asarray(pre.cache.length)[0, :, 0].tolist() == ref["n_kept"].tolist()
+    assert np.asarray(pre.cache.streams.length)[:, 0, 0].tolist() == ref["n_kept"].tolist()
     for layer in range(cfg.num_layers):
         ref_kept = ref[f"kept_layer{layer}"]
         for h in range(cfg.num_kv_heads):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import engine
+from kvjax.api import compile_counts
 from kvjax import policies as P
 from test_generate import _prompt, _tiny_params
 
@@ -30,7 +30,7 @@ def test_every_stream_keeps_its_budget_and_its_window(params, policy):
     prompt = _prompt(50)
     pre = kvjax.prefill(params, [prompt], policy, max_new_tokens=4)
     kept = kvjax.kept_positions(pre.cache)
-    budgets = np.asarray(pre.cache.budget)[0]
+    budgets = np.asarray(pre.cache.streams.budget)[:, 0]
     for layer in range(params.config.num_layers):
         for h in range(params.config.num_kv_heads):
             pos = kept[layer][0][h]
@@ -75,7 +75,7 @@ def test_cache_bytes_equal_kept_slots_plus_headroom(params, policy, expected_str
     slots = cfg.num_kv_heads * (bounds + plan.headroom).sum()
     assert pre.cache.layout.pool_size == slots
     assert pre.cache.kv_nbytes == 2 * slots * cfg.head_dim * 4
-    kept = np.asarray(pre.cache.length)[0]
+    kept = np.asarray(pre.cache.streams.length)[:, 0]
     assert (kept == bounds[:, None]).all()
     full = kvjax.prefill(params, [_prompt(200)], None, max_new_tokens=16)
     assert pre.cache.nbytes < full.cache.nbytes / 3
@@ -85,14 +85,14 @@ def test_per_head_budgets_vary_the_stream_sizes(params):
     budgets = ((8, 24), (16, 16))
     pol = P.Compose(scorer_=P.scorers.KeyNorm(), budget=np.array(budgets), allocator_=P.PerLayer(budgets))
     pre = kvjax.prefill(params, [_prompt(100)], pol, max_new_tokens=4)
-    assert np.asarray(pre.cache.length)[0].tolist() == [[8, 24], [16, 16]]
+    assert np.asarray(pre.cache.streams.length)[:, 0].tolist() == [[8, 24], [16, 16]]
 
 
 @pytest.mark.parametrize("policy", [P.H2O(budget=16, recent=4), P.TOVA(budget=16)], ids=["H2O", "TOVA"])
 def test_decode_time_eviction_keeps_streams_at_budget(params, policy):
     out = kvjax.generate(params, [_prompt(40)], policy=policy, max_new_tokens=20)
     assert len(out.tokens[0]) == 20
-    length = np.asarray(out.cache.length)[0]
+    length = np.asarray(out.cache.streams.length)[:, 0]
     assert (length == 16).all()
     assert out.cache.layout.pool_size == params.config.num_layers * params.config.num_kv_heads * (16 + 1)
     kept = kvjax.kept_positions(out.cache)
@@ -127,10 +127,10 @@ def test_batch_with_different_lengths_and_ratio_budgets_equals_each_alone(params
 def test_no_recompilation_when_budget_or_numeric_options_change_in_a_bucket(params):
     prompt = [_prompt(90)]
     kvjax.generate(params, prompt, policy=P.SnapKV(budget=20, window=4), max_new_tokens=4)
-    before = dict(engine.TRACE_COUNTS)
+    before = compile_counts()
     kvjax.generate(params, prompt, policy=P.SnapKV(budget=27, window=4), max_new_tokens=4)
     kvjax.generate(params, [_prompt(70, 1)], policy=P.SnapKV(budget=31, window=4), max_new_tokens=4)
-    assert engine.TRACE_COUNTS == before
+    assert compile_counts() == before
 
 
 def test_query_agnostic_context_then_question_matches_the_concatenated_prompt_with_full_cache(params):

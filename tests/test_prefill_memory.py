@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kvjax import engine
+from kvjax import compress as engine
 from kvjax import policies as P
 from kvjax.models import LayerWeights, ModelConfig, Weights
 

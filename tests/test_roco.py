@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 import kvjax
-from kvjax import chunked
-from kvjax.decode import _smallest, decode_step
+from kvjax.compress import chunked
+from kvjax.ppl import perplexity
+from kvjax.prompts import length_bucket
+from kvjax.decode import decode_step
+from kvjax.evict import smallest as _smallest
 from kvjax.models.prompt_attention import causal_attention
 from kvjax.models.llama import embed, layer_qkv, rope_inv_freq
 from kvjax.policies import H2O, SnapKV
@@ -35,7 +38,7 @@ def _prompt(n, seed=0):
 def _encode(params, prompts, policy, bucket=None):
     """Chunked prefill of a batch through the jitted core: (cache, last logits, peak lengths, plan)."""
     lengths = np.array([len(p) for p in prompts], np.int32)
-    bucket = bucket or kvjax.api.length_bucket(int(lengths.max()), params.config.max_position_embeddings)
+    bucket = bucket or length_bucket(int(lengths.max()), params.config.max_position_embeddings)
     tokens = np.zeros((len(prompts), bucket), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -205,8 +208,8 @@ def test_chunked_prefill_layer0_equals_numpy_replay(params):
     policy = RoCo(budget=64, chunk=16, recent_ratio=0.5)
     cache, _, _, _ = _encode(params, [prompt], policy, bucket=512)
     kept = kvjax.kept_positions(cache)[0][0]
-    pos, score = np.asarray(cache.pos)[0], np.asarray(cache.score)[0]
-    start, length = np.asarray(cache.start)[0, 0], np.asarray(cache.length)[0, 0]
+    pos, score = np.asarray(cache.pools.pos)[0], np.asarray(cache.pools.score)[0]
+    start, length = np.asarray(cache.streams.start)[0, 0], np.asarray(cache.streams.length)[0, 0]
     for h, (want, s, changed) in enumerate(_layer0_replay(params, prompt, 64, 16, sinks=4, recent=10, ratio=0.5)):
         assert changed > 0  # the scope changed some eviction: the comparison tests it
         np.testing.assert_array_equal(kept[h], want, err_msg=f"head {h}")
@@ -219,8 +222,8 @@ def test_4k_prompt_never_holds_more_than_budget_plus_chunk(params):
     cache, _, peak, plan = _encode(params, [_prompt(4096, seed=1)], policy)
     cfg = params.config
     assert peak.max() == 256 + 64  # every stream reached, and never passed, budget + chunk
-    assert (np.asarray(cache.length) == 256).all()
-    assert (np.asarray(cache.cap) == 256 + 64).all()
+    assert (np.asarray(cache.streams.length) == 256).all()
+    assert (np.asarray(cache.streams.cap) == 256 + 64).all()
     assert cache.layout.pool_size == cfg.num_layers * cfg.num_kv_heads * (256 + 64)
     for streams in kvjax.kept_positions(cache):
         for pos in streams[0]:
@@ -250,7 +253,7 @@ def test_decode_keeps_every_stream_at_the_budget(params):
     for i in range(32):
         cache, logits = step(params.weights, cache, tok, policy)
         tok = jnp.argmax(logits, -1)
-        assert (np.asarray(cache.length) == 64).all(), f"step {i}"
+        assert (np.asarray(cache.streams.length) == 64).all(), f"step {i}"
     for streams in kvjax.kept_positions(cache):
         for pos in streams[0]:
             assert list(pos[:4]) == [0, 1, 2, 3] and pos[-1] == 481 and len(set(pos)) == 64
@@ -282,13 +285,13 @@ def _forward_nll(params, tokens):
 
 def test_full_cache_perplexity_equals_forward(params):
     texts = [_prompt(300, seed=7), _prompt(170, seed=8)]
-    out = chunked.perplexity(params, texts, None, chunk=32)
+    out = perplexity(params, texts, None, chunk=32)
     for text, nll, ppl, n in zip(texts, out["nll"], out["perplexity"], out["tokens"]):
         ref = _forward_nll(params, text)
         assert n == len(text)
         np.testing.assert_allclose(nll, ref, atol=2e-5)
         np.testing.assert_allclose(ppl, np.exp(ref.mean()), rtol=1e-5)
-    roco = chunked.perplexity(params, texts[0].tolist(), ROCO)
+    roco = perplexity(params, texts[0].tolist(), ROCO)
     assert roco["tokens"] == 300 and np.isfinite(roco["perplexity"])
     # the first tokens are read before anything is evicted: same as the full cache
     np.testing.assert_allclose(roco["nll"][:63], out["nll"][0][:63], atol=2e-5)
@@ -298,21 +301,21 @@ def test_full_cache_perplexity_equals_forward(params):
 def test_full_cache_perplexity_equals_forward_with_a_sliding_window():
     params = _tiny_params("mistral", sliding_window=24)
     text = _prompt(150, seed=9)
-    out = chunked.perplexity(params, text, None, chunk=16)
+    out = perplexity(params, text, None, chunk=16)
     np.testing.assert_allclose(out["nll"], _forward_nll(params, text), atol=2e-5)
 
 
 def test_perplexity_errors(params):
     text = _prompt(100)
     with pytest.raises(ValueError, match="covers the whole text"):
-        chunked.perplexity(params, text, RoCo(budget=128))
+        perplexity(params, text, RoCo(budget=128))
     with pytest.raises(ValueError, match="positions"):
-        chunked.perplexity(params, _prompt(9000), RoCo(budget=64))
+        perplexity(params, _prompt(9000), RoCo(budget=64))
     with pytest.raises(TypeError, match="Policy"):
-        chunked.perplexity(params, text, "roco")
+        perplexity(params, text, "roco")
     with pytest.raises(ValueError, match="cannot stream"):
-        chunked.perplexity(params, text, SnapKV(budget=64, window=8))
-    out = chunked.perplexity(params, text, H2O(budget=48, recent=8), chunk=8)  # H2O streams too
+        perplexity(params, text, SnapKV(budget=64, window=8))
+    out = perplexity(params, text, H2O(budget=48, recent=8), chunk=8)  # H2O streams too
     assert np.isfinite(out["perplexity"])
 
 

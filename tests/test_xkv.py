@@ -229,7 +229,7 @@ def _handmade(budgets, window=8, model="tiny"):
 def test_profiled_keeps_each_layer_at_its_profiled_budget(tiny, tmp_path):
     path = _handmade((40, 16, 72)).save(tmp_path / "b.json")
     pre = kvjax.prefill(tiny, [_prompt(300, 1)], Profiled(str(path)), max_new_tokens=4)
-    lengths = np.asarray(pre.cache.length)[0]  # [L, H]
+    lengths = np.asarray(pre.cache.streams.length)[:, 0]  # [L, H]
     np.testing.assert_array_equal(lengths, [[40, 40], [16, 16], [72, 72]])
     # every kept set still holds the window (the last 8 prompt positions)
     for layer in kvjax.kept_positions(pre.cache):
@@ -249,7 +249,7 @@ def test_profiled_with_equal_budgets_is_snapkv(tiny):
 def test_adakv_over_profiled_keeps_each_layer_total(tiny):
     budgets = (40, 16, 72)
     pre = kvjax.prefill(tiny, [_prompt(300, 2)], P.AdaKV(Profiled(_handmade(budgets)), alpha=0.0), max_new_tokens=4)
-    lengths = np.asarray(pre.cache.length)[0]
+    lengths = np.asarray(pre.cache.streams.length)[:, 0]
     np.testing.assert_array_equal(lengths.sum(axis=1), 2 * np.asarray(budgets))  # alpha 0: exact shares
     assert (lengths[:, 0] != lengths[:, 1]).any()  # heads traded tokens
 
@@ -257,7 +257,7 @@ def test_adakv_over_profiled_keeps_each_layer_total(tiny):
 def test_profiled_from_a_real_profile_run(tiny):
     prof = profile(tiny, 1, 3 * 40, window=8, n_tokens=160)
     pre = kvjax.prefill(tiny, [_prompt(400, 3)], Profiled(prof), max_new_tokens=4)
-    np.testing.assert_array_equal(np.asarray(pre.cache.length)[0], np.repeat(np.asarray(prof.budgets)[:, None], 2, 1))
+    np.testing.assert_array_equal(np.asarray(pre.cache.streams.length)[:, 0], np.repeat(np.asarray(prof.budgets)[:, None], 2, 1))
 
 
 def test_profiled_errors_are_clear(tiny, tmp_path):

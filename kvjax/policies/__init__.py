@@ -5,20 +5,9 @@ from kvjax.policies.cake import CAKE
 from kvjax.policies.profiled import Profiled
 from kvjax.policies.roco import RoCo
 from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
-from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer
-from kvjax.policies.policy import (
-    H2O,
-    TOVA,
-    Compose,
-    Full,
-    KNorm,
-    Policy,
-    PyramidKV,
-    Random,
-    SnapKV,
-    StreamingLLM,
-    make,
-)
+from kvjax.policies.base import DecodeEviction, PolicyError, PrefillMode, PrefillStats, Scorer
+from kvjax.policies.policy import H2O, TOVA, Compose, Full, KNorm, Policy, PyramidKV, Random, SnapKV, StreamingLLM
+from kvjax.policies.registry import NAMES, make
 
 __all__ = [
     "AdaKV",
@@ -30,9 +19,12 @@ __all__ = [
     "KNorm",
     "PerLayer",
     "Policy",
+    "NAMES",
     "PolicyError",
+    "PrefillMode",
     "Profiled",
     "PrefillStats",
+    "Pyramid",
     "PyramidKV",
     "Random",
     "RoCo",
@@ -43,10 +35,3 @@ __all__ = [
     "Uniform",
     "make",
 ]
-
-from kvjax.policies import policy as _policy  # noqa: E402
-
-_policy._BY_NAME["adakv"] = AdaKV
-_policy._BY_NAME["cake"] = CAKE
-_policy._BY_NAME["profiled"] = Profiled
-_policy._BY_NAME["roco"] = RoCo

@@ -4,7 +4,7 @@ For one layer with H KV heads and a per-head budget B (window w included, B' = B
 1. take the top H·B' scores over the flattened [H x prefix] scores; n_h = how many fall in head h;
 2. floor alpha, as the AdaKV repository computes it: B'_h = round((1 - alpha)·n_h + int(alpha·B'))
    (float32, round half to even); rounding can move the layer total by at most H/2 tokens either
-   way, so every layer region has H/2 spare slots (kvjax.engine.make_plan);
+   way, so every layer region has H/2 spare slots (kvjax.compress.oneshot.make_plan);
 3. head h keeps its top B'_h prefix tokens plus the window.
 The layer's share of the pool stays H·B (+ H/2): heads trade tokens, memory does not grow. With
 `head_groups` > 1 the trade happens only inside groups of consecutive heads (the heads one device
@@ -13,6 +13,7 @@ holds when KV heads are sharded), so every shard keeps the same share.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
@@ -130,19 +131,8 @@ class AdaKV(Policy):
     def budget(self):
         return self.inner.budget
 
-    @property
-    def scorer(self):
-        return self.inner.scorer
-
-    @property
-    def allocator(self):
-        return AdaAllocator(self.inner.allocator, self.alpha, self.inner.protected_window,
-                            self.inner.protected_sinks, self.head_groups, self.normalize, self.convention)
-
-    @property
-    def protected_window(self):
-        return self.inner.protected_window
-
-    @property
-    def protected_sinks(self):
-        return self.inner.protected_sinks
+    def parts(self):
+        inner = self.inner.parts()
+        alloc = AdaAllocator(inner.allocator, self.alpha, inner.window, inner.sinks, self.head_groups, self.normalize,
+                             self.convention)
+        return dataclasses.replace(inner, allocator=alloc)

@@ -16,6 +16,7 @@ Conventions (shared by every policy):
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, ClassVar
 
 import jax
@@ -37,10 +38,25 @@ def policy_dataclass(cls):
     return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
 
 
-@dataclasses.dataclass
+class PrefillMode(enum.Enum):
+    """How the runtime prefills a prompt for a policy (`Policy.prefill_mode`).
+
+    ONE_SHOT: after each layer's attention, score its tokens and pack the keep-set into the pool.
+    CASCADE:  layer budgets depend on every layer (CAKE): after each layer, the allocator re-splits
+              the total over the layers seen so far and earlier layers shrink (kvjax.compress.cascade).
+    CHUNKED:  the prompt streams through the cache in chunks, evicting as it goes (RoCo).
+    """
+
+    ONE_SHOT = "one-shot"
+    CASCADE = "cascade"
+    CHUNKED = "chunked"
+
+
+@dataclasses.dataclass(frozen=True)
 class PrefillStats:
     """What a scorer may look at for one layer of the prompt (inside jit).
 
+    q               [B, H, G, T, D]  queries (after RoPE), or None
     k, v            [B, H, T, D]     keys (after RoPE) and values of the prompt
     lengths         [B]              valid prompt length (prompts are right-padded to T)
     window_attn     [B, H, G, w, T]  softmax attention of the last w valid queries (None if w=0)
@@ -51,6 +67,7 @@ class PrefillStats:
     rng             PRNG key         for random scorers
     """
 
+    q: Any
     k: Any
     v: Any
     lengths: Any
@@ -73,6 +90,15 @@ class PrefillStats:
     def valid(self):
         """[B, T] bool: token exists in the prompt."""
         return self.positions[None, :] < self.lengths[:, None]
+
+    def with_window(self, window: int, scale: float) -> "PrefillStats":
+        """These stats with the attention of the last `window` queries filled in (needs q)."""
+        from kvjax.models.prompt_attention import window_attention
+
+        if not window:
+            return dataclasses.replace(self, window_attn=None, window_valid=None)
+        attn, valid = window_attention(self.q, self.k, self.lengths, window, scale)
+        return dataclasses.replace(self, window_attn=attn, window_valid=valid)
 
 
 def reduce_group(x, how: str, axis: int = 2):
@@ -131,6 +157,11 @@ class Scorer:
 
     #: last queries whose attention the scorer needs (0: none)
     window: int = 0
+    #: how the query heads of a GQA group are reduced: "mean" or "max"
+    group_reduce: str = "mean"
+    #: decode re-scores a slot from its neighbours up to this many slots away (CAKE's pooling), so
+    #: streams that share a region need this many free slots between them
+    decode_pool_radius: ClassVar[int] = 0
     needs_colsum: ClassVar[bool] = False
     needs_colsq: ClassVar[bool] = False
     #: one index set per layer (all heads keep the same positions)

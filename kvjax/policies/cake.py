@@ -11,7 +11,7 @@ h) on the prefix keys j < n - w:
                         capped at n - w with the excess spread evenly, integer sum exact
     indicator           I_j = avgpool_5(mean_i A + gamma * Var_i A) over the prefix, GQA group mean
 
-Every layer also keeps its w window tokens. The cascade (kvjax/cascade.py) re-splits B_total over
+Every layer also keeps its w window tokens. The cascade (kvjax/compress/cascade.py) re-splits B_total over
 the layers seen so far after each layer and shrinks them with their stored indicators, so the
 stored KV stays near B_total plus one layer's full KV. While decoding, each new query's attention
 (pooled, group mean) re-selects the layer's non-window tokens, keeping every layer at its budget.
@@ -27,9 +27,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer, check_positive_int
+from kvjax.policies.base import DecodeEviction, PolicyError, PrefillMode, PrefillStats, Scorer, check_positive_int
 from kvjax.policies.base import policy_dataclass, reduce_group, static_field
-from kvjax.policies.policy import Policy
+from kvjax.policies.policy import Parts, Policy
 from kvjax.policies.scorers import pool1d
 
 
@@ -101,14 +101,46 @@ class CakeIndicator(Scorer):
         indicator = jnp.where(prefix[:, None, None, :], mean + self.gamma * var, 0.0)
         return reduce_group(pool1d(indicator, self.kernel, "avg"), "mean")
 
+    @property
+    def decode_pool_radius(self) -> int:
+        return self.kernel // 2
+
     def prefill_running(self, stats: PrefillStats):
-        s = self.prefill_scores(stats)
+        # the stored indicator ranks a layer's tokens again when the cascade shrinks it: the window
+        # stays (+inf), as at selection
+        window = stats.positions[None, :] >= (stats.lengths - self.window)[:, None]
+        s = jnp.where(window[:, None, :], jnp.inf, self.prefill_scores(stats))
         return s, jnp.zeros_like(s)
 
     def decode_update(self, score, score2, probs, slot_pos, next_pos):
-        # streams are separated by >= kernel // 2 empty slots (see kvjax/cascade.py), so pooling over
-        # the region pools each stream on its own with zero padding, as the reference pools its cache
+        # streams are separated by >= kernel // 2 empty slots (kvjax/compress/cascade.py), so pooling
+        # over the region pools each stream on its own with zero padding, as the reference pools its cache
         return pool1d(probs, self.kernel, "avg"), score2
+
+
+@policy_dataclass
+class CakeAllocator:
+    """CAKE's layer allocation, re-split after every layer of the cascade (kvjax.compress.cascade).
+
+    `preference(stats)` is P_l of one layer, `split(...)` shares the total over the layers seen so
+    far; inside a layer every head keeps the same budget."""
+
+    window: int = static_field(32)
+    tau1: Any = 1.0
+    tau2: Any = 1.0
+    cascade: bool = static_field(True)
+    adaptive_heads = False
+
+    def preference(self, stats: PrefillStats):
+        """[B] float32: this layer's preference P_l."""
+        return layer_preference(stats, self.window, self.tau1, self.tau2)
+
+    def split(self, prefs, active, total, cap):
+        """[B, L] int32 non-window budgets of the active layers (`split_budgets`)."""
+        return split_budgets(prefs, active, total, cap)
+
+    def head_budgets(self, scores, layer_budget, valid, layer):
+        return jnp.broadcast_to(layer_budget[:, None], scores.shape[:2])
 
 
 @policy_dataclass
@@ -142,19 +174,8 @@ class CAKE(Policy):
         if isinstance(self.budget, int) and self.budget <= self.window:
             raise PolicyError(f"budget ({self.budget}) must exceed the window ({self.window})")
 
-    @property
-    def scorer(self):
-        return CakeIndicator(self.window, self.gamma, self.kernel)
+    def parts(self):
+        return Parts(CakeIndicator(self.window, self.gamma, self.kernel),
+                     CakeAllocator(self.window, self.tau1, self.tau2, self.cascade), window=self.window,
+                     decode=DecodeEviction(every=1, recent=self.window), mode=PrefillMode.CASCADE)
 
-    @property
-    def protected_window(self):
-        return self.window
-
-    @property
-    def decode_eviction(self):
-        return DecodeEviction(every=1, recent=self.window)
-
-    @property
-    def cascades(self) -> bool:
-        """Prefill goes through kvjax.cascade (layer budgets depend on every layer's pattern)."""
-        return True

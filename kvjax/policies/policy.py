@@ -2,8 +2,10 @@
 
     Policy = scorer x allocator + options (budget, window, sinks, decode-time eviction)
 
-`Compose(scorer, allocator, budget, ...)` builds any combination; the named classes below
-(SnapKV, H2O, ...) fix the pairing of the published method and expose its options.
+Each policy says what it is made of in one place, `parts()`; the runtime reads the parts through
+the `Policy` properties. `Compose(scorer, allocator, budget, ...)` builds any combination; the
+named classes below (SnapKV, H2O, ...) fix the pairing of the published method and expose its
+options.
 """
 
 from __future__ import annotations
@@ -14,50 +16,55 @@ from typing import Any
 import numpy as np
 
 from kvjax.policies import allocators, scorers
-from kvjax.policies.base import DecodeEviction, PolicyError, Scorer, check_budget, check_positive_int
+from kvjax.policies.base import DecodeEviction, PolicyError, PrefillMode, Scorer, check_budget
+from kvjax.policies.base import check_positive_int
 from kvjax.policies.base import policy_dataclass, static_field
 
 
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    """What a policy is made of.
+
+    scorer:   which tokens matter; allocator: how many each stream keeps
+    window:   always-kept most recent prompt tokens; sinks: always-kept first prompt tokens
+    decode:   decode-time eviction (None: the budget bounds the compressed prompt only)
+    mode:     how the runtime prefills (one-shot, cascade or chunked)
+    """
+
+    scorer: Scorer
+    allocator: Any = allocators.Uniform()
+    window: int = 0
+    sinks: int = 0
+    decode: DecodeEviction | None = None
+    mode: PrefillMode = PrefillMode.ONE_SHOT
+    keeps_everything: bool = False
+
+
+def _part(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.parts(), name), doc=doc)
+
+
 class Policy:
-    """Interface of every policy. Subclasses are `policy_dataclass`es with a `budget` leaf."""
+    """Interface of every policy. Subclasses are `policy_dataclass`es with a `budget` leaf and a
+    `parts()` method."""
 
     budget: Any = None
 
-    @property
-    def scorer(self) -> Scorer:
+    def parts(self) -> Parts:
         raise NotImplementedError
 
-    @property
-    def allocator(self):
-        return allocators.Uniform()
+    # what the runtime reads, from `parts()`
+    scorer = _part("scorer", "Scores the prompt's tokens (and keeps running statistics).")
+    allocator = _part("allocator", "How many tokens each stream keeps.")
+    protected_window = _part("window", "Always-kept most recent prompt tokens (static).")
+    protected_sinks = _part("sinks", "Always-kept first prompt tokens (static).")
+    decode_eviction = _part("decode", "Decode-time eviction, or None.")
+    keeps_everything = _part("keeps_everything", "The uncompressed cache.")
+    prefill_mode = _part("mode", "How the runtime prefills a prompt for this policy.")
 
-    #: always-kept most recent prompt tokens (static)
-    @property
-    def protected_window(self) -> int:
-        return 0
-
-    #: always-kept first prompt tokens (static)
-    @property
-    def protected_sinks(self) -> int:
-        return 0
-
-    @property
-    def decode_eviction(self) -> DecodeEviction | None:
-        return None
-
-    @property
-    def keeps_everything(self) -> bool:
-        return False
-
-    #: layer budgets depend on every layer: prefill through kvjax.cascade
-    @property
-    def cascades(self) -> bool:
-        return False
-
-    #: the prompt streams through the cache in chunks, evicting as it goes: prefill through kvjax.chunked
-    @property
-    def chunked_prefill(self) -> bool:
-        return False
+    def __post_init__(self):
+        self.parts()  # validates the scorer's and allocator's options
+        self._validate()
 
     def _validate(self):
         check_budget(self.budget)
@@ -72,13 +79,8 @@ class Policy:
 class Full(Policy):
     """Keep every token (the uncompressed cache)."""
 
-    @property
-    def scorer(self):
-        return scorers.KeepAll()
-
-    @property
-    def keeps_everything(self) -> bool:
-        return True
+    def parts(self):
+        return Parts(scorers.KeepAll(), keeps_everything=True)
 
     def _validate(self):
         pass
@@ -100,25 +102,8 @@ class Compose(Policy):
         check_positive_int("sinks", self.sinks, allow_zero=True)
         self._validate()
 
-    @property
-    def scorer(self):
-        return self.scorer_
-
-    @property
-    def allocator(self):
-        return self.allocator_
-
-    @property
-    def protected_window(self):
-        return self.window
-
-    @property
-    def protected_sinks(self):
-        return self.sinks
-
-    @property
-    def decode_eviction(self):
-        return self.decode
+    def parts(self):
+        return Parts(self.scorer_, self.allocator_, self.window, self.sinks, self.decode)
 
 
 @policy_dataclass
@@ -134,16 +119,15 @@ class SnapKV(Policy):
     group_reduce: str = static_field("mean")
 
     def __post_init__(self):
-        self.scorer, self.allocator  # validate their options
+        self.parts()  # validates the scorer's and allocator's options
         self._validate()
 
-    @property
-    def scorer(self):
-        return scorers.WindowAttention(self.window, self.kernel, self.pooling, self.group_reduce)
+    def parts(self):
+        scorer = scorers.WindowAttention(self.window, self.kernel, self.pooling, self.group_reduce)
+        return Parts(scorer, self.layer_allocator(), window=self.window)
 
-    @property
-    def protected_window(self):
-        return self.window
+    def layer_allocator(self):
+        return allocators.Uniform()
 
 
 @policy_dataclass
@@ -153,8 +137,7 @@ class PyramidKV(SnapKV):
     beta: int = static_field(20)
     style: str = static_field("kvpress")
 
-    @property
-    def allocator(self):
+    def layer_allocator(self):
         return allocators.Pyramid(window=self.window, beta=self.beta, style=self.style)
 
 
@@ -171,20 +154,12 @@ class H2O(Policy):
     def __post_init__(self):
         check_positive_int("recent", self.recent, allow_zero=True)
         check_positive_int("evict_every", self.evict_every)
-        self.scorer
+        self.parts()
         self._validate()
 
-    @property
-    def scorer(self):
-        return scorers.AccumulatedAttention(self.group_reduce)
-
-    @property
-    def protected_window(self):
-        return self.recent
-
-    @property
-    def decode_eviction(self):
-        return DecodeEviction(every=self.evict_every, recent=self.recent)
+    def parts(self):
+        return Parts(scorers.AccumulatedAttention(self.group_reduce), window=self.recent,
+                     decode=DecodeEviction(every=self.evict_every, recent=self.recent))
 
 
 @policy_dataclass
@@ -199,17 +174,9 @@ class TOVA(Policy):
         check_positive_int("evict_every", self.evict_every)
         self._validate()
 
-    @property
-    def scorer(self):
-        return scorers.LastQueryAttention()
-
-    @property
-    def protected_window(self):
-        return 1  # the last prompt token (it is the query)
-
-    @property
-    def decode_eviction(self):
-        return DecodeEviction(every=self.evict_every, recent=1)
+    def parts(self):
+        # the last prompt token is the query: always kept
+        return Parts(scorers.LastQueryAttention(), window=1, decode=DecodeEviction(every=self.evict_every, recent=1))
 
 
 @policy_dataclass
@@ -218,12 +185,8 @@ class KNorm(Policy):
 
     budget: Any = 256
 
-    def __post_init__(self):
-        self._validate()
-
-    @property
-    def scorer(self):
-        return scorers.KeyNorm()
+    def parts(self):
+        return Parts(scorers.KeyNorm())
 
 
 @policy_dataclass
@@ -237,13 +200,8 @@ class StreamingLLM(Policy):
         check_positive_int("sinks", self.sinks, allow_zero=True)
         self._validate()
 
-    @property
-    def scorer(self):
-        return scorers.Recency()
-
-    @property
-    def protected_sinks(self):
-        return self.sinks
+    def parts(self):
+        return Parts(scorers.Recency(), sinks=self.sinks)
 
 
 @policy_dataclass
@@ -252,27 +210,5 @@ class Random(Policy):
 
     budget: Any = 256
 
-    def __post_init__(self):
-        self._validate()
-
-    @property
-    def scorer(self):
-        return scorers.RandomScore()
-
-
-_BY_NAME = {
-    cls.__name__.lower(): cls for cls in (Full, SnapKV, PyramidKV, H2O, TOVA, KNorm, StreamingLLM, Random)
-}
-
-
-def make(name: str, **options) -> Policy:
-    """Build a policy from its name (as in configs): `make("snapkv", budget=128, window=32)`."""
-    key = name.lower().replace("-", "").replace("_", "")
-    if key not in _BY_NAME:
-        raise PolicyError(f"unknown policy {name!r}; known: {', '.join(sorted(_BY_NAME))}")
-    cls = _BY_NAME[key]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(options) - fields
-    if unknown:
-        raise PolicyError(f"{cls.__name__} has no option {sorted(unknown)}; options: {sorted(fields)}")
-    return cls(**options)
+    def parts(self):
+        return Parts(scorers.RandomScore())

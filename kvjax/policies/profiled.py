@@ -19,7 +19,7 @@ import numpy as np
 from kvjax.xkv.budgets import BudgetProfile, ProfileError, load_profile
 from kvjax.policies import allocators, scorers
 from kvjax.policies.base import PolicyError, check_positive_int, policy_dataclass, static_field
-from kvjax.policies.policy import Policy
+from kvjax.policies.policy import Parts, Policy
 
 
 def _load(source) -> BudgetProfile:
@@ -53,7 +53,7 @@ class Profiled(Policy):
         if self.window is None:
             object.__setattr__(self, "window", self.profile.window)
         check_positive_int("window", self.window)
-        self.scorer  # validates kernel, pooling, group_reduce
+        self.parts()  # validates kernel, pooling, group_reduce
         smallest = min(self.profile.budgets)
         if self.window > smallest:
             layer = self.profile.budgets.index(smallest)
@@ -68,14 +68,6 @@ class Profiled(Policy):
         """[L] int64: tokens per KV head of each layer, window included."""
         return np.asarray(self.profile.budgets, np.int64)
 
-    @property
-    def scorer(self):
-        return scorers.WindowAttention(self.window, self.kernel, self.pooling, self.group_reduce)
-
-    @property
-    def allocator(self):
-        return allocators.PerLayer(tuple(self.profile.budgets))
-
-    @property
-    def protected_window(self):
-        return self.window
+    def parts(self):
+        scorer = scorers.WindowAttention(self.window, self.kernel, self.pooling, self.group_reduce)
+        return Parts(scorer, allocators.PerLayer(tuple(self.profile.budgets)), window=self.window)

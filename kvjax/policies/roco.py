@@ -18,12 +18,12 @@ encoding step, with EasyKV's `budget` read as K and its `stride` as m):
 3. evict the m candidates with the smallest mu (ties: the lower slot).
 With n = K + m and every protected token present, the volatile set has R + m - recent tokens.
 
-The prompt is not compressed in one shot: `kvjax.chunked` prefills the first K tokens, then feeds
+The prompt is not compressed in one shot: `kvjax.compress.chunked` prefills the first K tokens, then feeds
 the rest `chunk` tokens at a time, evicting back to K after each chunk (EasyKV's "encoding"; EasyKV
 feeds `stride` tokens per step, so `chunk=stride` reproduces it). Statistics count every query
 from position 0, as EasyKV with `keep_attention=True`. While decoding, every `stride` steps each
 stream above K loses its excess one token at a time by the same rule (`stride=1`: one per head per
-step). One-shot compression through `kvjax.engine.prefill` (no chunking) ranks by mu alone.
+step). One-shot compression (`kvjax.compress.oneshot`, no chunking) ranks by mu alone.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.policies.base import DecodeEviction, PolicyError, PrefillStats, Scorer, check_choice
+from kvjax.policies.base import DecodeEviction, PolicyError, PrefillMode, PrefillStats, Scorer, check_choice
 from kvjax.policies.base import check_positive_int, policy_dataclass, reduce_group, static_field
-from kvjax.policies.policy import Policy
+from kvjax.policies.policy import Parts, Policy
 
 
 def running_moments(score, score2, slot_pos, seen):
@@ -141,26 +141,12 @@ class RoCo(Policy):
             raise PolicyError(f"recent_ratio must be in [0, 1), got {self.recent_ratio}")
         if isinstance(self.budget, (np.ndarray, list, tuple)):
             raise PolicyError("RoCo takes one budget per stream (an int or a ratio), not an array")
-        self.scorer  # validate its options
+        self.parts()  # validates the scorer's options
         self._validate()
 
-    @property
-    def scorer(self):
-        return RobustAttention(self.recent_ratio, self.sinks, self.group_reduce)
+    def parts(self):
+        # the prompt streams through the cache in chunks (kvjax.compress.chunked), not compressed at once
+        return Parts(RobustAttention(self.recent_ratio, self.sinks, self.group_reduce), window=self.recent,
+                     sinks=self.sinks, decode=DecodeEviction(every=self.stride, recent=self.recent, sinks=self.sinks),
+                     mode=PrefillMode.CHUNKED)
 
-    @property
-    def protected_window(self):
-        return self.recent
-
-    @property
-    def protected_sinks(self):
-        return self.sinks
-
-    @property
-    def decode_eviction(self):
-        return DecodeEviction(every=self.stride, recent=self.recent, sinks=self.sinks)
-
-    @property
-    def chunked_prefill(self) -> bool:
-        """The prompt streams through the cache in chunks (kvjax.chunked), not compressed at once."""
-        return True

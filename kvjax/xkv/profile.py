@@ -37,10 +37,10 @@ import numpy as np
 from kvjax.xkv.budgets import BudgetProfile, default_path, load_profile  # noqa: F401  (re-exported)
 from kvjax.xkv.solver import solve
 from kvjax.io.checkpoint import Params
-from kvjax.engine import window_attention
 from kvjax.eval.synthetic import sample_prompts
-from kvjax.models.prompt_attention import causal_attention
-from kvjax.models.llama import attn_output, embed, layer_qkv, mlp, rope_inv_freq, scan_layers
+from kvjax.models import decoder_layer, embed, scan_layers
+from kvjax.models.prompt_attention import window_attention
+from kvjax.compress.prompt import prompt_attend
 from kvjax.policies.base import reduce_group
 from kvjax.policies.scorers import pool1d
 
@@ -80,13 +80,11 @@ def _curves(weights, tokens, lengths, *, config, window, sizes, metric, kernel, 
     """tokens [B, T], lengths [B] -> retention [L, B, H, S] float32, layer by layer, full cache."""
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    inv_freq = rope_inv_freq(config)
+    attend = prompt_attend(lengths, config, colsum=False, colsq=False, group_reduce="mean")
 
     def layer_step(x, xs):
         (lw,) = xs
-        q, k, v = layer_qkv(lw, x, positions, config, inv_freq)
-        attn = causal_attention(q, k, v, lengths, scale=config.attention_scale, sliding_window=config.sliding_window)
-        x = mlp(lw, x + attn_output(lw, attn), config)
+        x, (q, k, _, _, _) = decoder_layer(lw, x, positions, config, attend)
         probs, _ = window_attention(q, k, lengths, window, config.attention_scale)
         return x, retention_curves(probs, lengths, window, sizes, metric, kernel, pooling)
 

@@ -1,0 +1,177 @@
+"""Chunked ("encoding") prefill under a cache budget (EasyKV's mode, RoCo's prefill).
+
+    make_plan(policy, config, prompt_len, headroom, chunk=None)             -> Plan
+    prefill(weights, tokens [B, T], lengths [B], policy, rng, config=, plan=)  -> (Cache, logits [B, V])
+    encode(...)       the jitted core: also the peak stream lengths and per-token NLL (kvjax.perplexity)
+
+The prompt is not compressed at once: each row prefills its first K tokens (its stream budget)
+with ordinary causal attention, keeping all of them with their running statistics (the one-shot
+compression step with every token kept), then the rest streams through the cache `chunk` tokens
+per step (`kvjax.decode.extend_step`): the chunk attends over the kept tokens and itself, the
+statistics absorb its attention, and every stream is evicted back to K by the policy's rule. A
+stream never holds more than K + chunk tokens, so the pool is sized `budget + chunk` per stream and
+no prompt-sized KV ever exists beyond the first K tokens.
+
+Policies that stream: RoCo (its prefill in `kvjax.generate`), H2O (running sums, here chunked),
+and Full (no eviction: the full-cache reference, fed through the same chunks).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvjax.cache import Plan, region_layout
+from kvjax.decode import extend_step
+from kvjax.models import ModelConfig, Weights, final_logits
+from kvjax.policies.allocators import Uniform
+from kvjax.policies.policy import Policy
+from kvjax.compress import oneshot
+from kvjax.compress.step import resolve_budget
+from kvjax.compress.prompt import prompt_pass
+
+#: prompt tokens per step when neither the call nor the policy says
+DEFAULT_CHUNK = 32
+
+#: positions per block when turning hidden states into log-likelihoods ([B, block, V] at a time)
+_NLL_BLOCK = 256
+
+
+def chunk_size(policy: Policy, chunk: int | None = None) -> int:
+    """The chunk: the argument, else the policy's own (`RoCo.chunk`), else DEFAULT_CHUNK."""
+    c = chunk if chunk is not None else getattr(policy, "chunk", DEFAULT_CHUNK)
+    if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or c < 1:
+        raise ValueError(f"chunk must be a positive int, got {c!r}")
+    return int(c)
+
+
+def check_streamable(policy: Policy) -> None:
+    """Raise unless the policy can stream a prompt through the cache in chunks."""
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a kvjax.policies.Policy (or None for the full cache), got {type(policy).__name__}")
+    if policy.keeps_everything:
+        return
+    ev = policy.decode_eviction
+    ok = ev is not None and not policy.scorer.layer_shared and policy.allocator == Uniform()
+    if not ok:
+        raise ValueError(
+            f"{type(policy).__name__} cannot stream a prompt in chunks: use Full (None), RoCo or H2O "
+            "(running statistics, one budget for every stream)"
+        )
+
+
+def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, headroom: int = 0, *,
+              chunk: int | None = None) -> Plan:
+    """Pool layout for a prompt bucket of `prompt_len` tokens: every stream gets budget + headroom
+    slots, headroom = max(chunk, the decode eviction period) (decoding stays at the budget).
+    Full keeps the prompt plus max(chunk, headroom)."""
+    check_streamable(policy)
+    c = chunk_size(policy, chunk)
+    num_layers, h = config.num_layers, config.num_kv_heads
+    if policy.keeps_everything:
+        bound, headroom = prompt_len, max(c, headroom)
+    else:
+        ev = policy.decode_eviction
+        bound = oneshot.stream_bound(policy, prompt_len)
+        # a stream must be able to hold its protected tokens, or it could never evict (and overflow)
+        bound = max(bound, ev.sinks + ev.recent)
+        headroom = max(c, ev.every)
+    return Plan(region_layout([h * (bound + headroom)] * num_layers, h), (bound,) * num_layers, int(headroom))
+
+
+def _stream_budgets(policy: Policy, lengths):
+    """Tokens each row's streams keep [B] (never more than the prompt, as the one-shot prefill does)."""
+    if policy.keeps_everything:
+        return lengths
+    return jnp.minimum(resolve_budget(policy, lengths), lengths)
+
+
+def _token_nll(weights: Weights, config: ModelConfig, x, targets, valid):
+    """-log p(target | position) for hidden states x [B, N, E], targets/valid [B, N] -> [B, N]
+    (0 where not valid), a block of positions at a time so [B, N, V] logits never exist."""
+    b, n, e = x.shape
+    blk = min(_NLL_BLOCK, n)
+    nb = -(-n // blk)
+    pad = nb * blk - n
+    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, nb, blk, e).swapaxes(0, 1)
+    ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, nb, blk).swapaxes(0, 1)
+
+    def one(args):
+        xb, tb = args
+        logits = final_logits(weights, xb, config)  # [B, blk, V]
+        picked = jnp.take_along_axis(logits, tb[..., None], axis=-1)[..., 0]
+        return jax.nn.logsumexp(logits, axis=-1) - picked
+
+    nll = jax.lax.map(one, (xs, ts)).swapaxes(0, 1).reshape(b, nb * blk)[:, :n]
+    return jnp.where(valid, nll, 0.0)
+
+
+def _logits_nll(logits, targets, valid):
+    """logits [B, C, V], targets/valid [B, C] -> [B, C] (0 where not valid)."""
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+
+
+def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: ModelConfig, plan: Plan,
+            chunk: int, prefix: int | None, with_nll: bool):
+    """Chunked prefill of right-padded prompts tokens [B, T], lengths [B].
+
+    prefix: static width of the first, all-at-once part (None: the stream bound, so each row
+    prefills its first K tokens; Full in `perplexity` passes `chunk`, streaming nearly everything).
+    Returns (cache, logits of each row's last token [B, V], peak stream lengths [L, B, H] over the
+    chunk steps, nll [B, T] of each next token (position t scores token t + 1; None unless with_nll)).
+    """
+    b, t = tokens.shape
+    rng = jax.random.key(0) if rng is None else rng
+    budgets = _stream_budgets(policy, lengths)
+    width = min(plan.stream_bound[0] if prefix is None else prefix, t)
+    n_prefix = jnp.minimum(budgets if prefix is None else width, lengths).astype(jnp.int32)
+    # the prefix: the one-shot compression step keeping every token (each stream's budget is its
+    # row's, at least the prefix), with the running statistics
+    keep_all = jnp.broadcast_to(jnp.maximum(budgets, n_prefix)[:, None], (b, config.num_layers))
+    comp = oneshot.compressor(policy, plan, n_prefix, config, weights.embed.dtype, "xla", layer_budgets=keep_all)
+    x, (pools,), (traces,) = prompt_pass(weights, tokens[:, :width], n_prefix, config, (comp,), rng)
+    cache = oneshot.finish(pools, traces, plan, n_prefix)
+    last = final_logits(weights, jnp.take_along_axis(x, (n_prefix - 1)[:, None, None], axis=1), config)[:, 0]
+    nll = None
+    if with_nll:
+        pos = jnp.arange(width)[None, :]
+        targets = tokens[:, jnp.minimum(jnp.arange(width) + 1, t - 1)]
+        nll = _token_nll(weights, config, x, targets, (pos < n_prefix[:, None]) & (pos + 1 < lengths[:, None]))
+        nll = jnp.pad(nll, ((0, 0), (0, t - width)))
+    peak = cache.streams.length
+
+    def step(state):
+        cache, last, peak, nll = state
+        start = cache.next_pos
+        n_valid = jnp.clip(lengths - start, 0, chunk).astype(jnp.int32)
+        idx = start[:, None] + jnp.arange(chunk)[None, :]  # [B, C] positions fed
+        chunk_tokens = jnp.take_along_axis(tokens, jnp.minimum(idx, t - 1), axis=1)
+        cache, logits, pk = extend_step(weights, cache, chunk_tokens, n_valid, policy, config=config, plan=plan)
+        ends = (n_valid > 0) & (start + n_valid == lengths)
+        row_last = jnp.take_along_axis(logits, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        last = jnp.where(ends[:, None], row_last, last)
+        if nll is not None:
+            fed = jnp.arange(chunk)[None, :] < n_valid[:, None]
+            targets = jnp.take_along_axis(tokens, jnp.minimum(idx + 1, t - 1), axis=1)
+            vals = _logits_nll(logits, targets, fed & (idx + 1 < lengths[:, None]))
+            nll = nll.at[jnp.arange(b)[:, None], jnp.where(fed, idx, t)].set(vals, mode="drop")
+        return cache, last, jnp.maximum(peak, pk), nll
+
+    # rows finish at different chunks; a finished row feeds nothing (n_valid 0) until all are done
+    state = jax.lax.while_loop(lambda s: jnp.any(s[0].next_pos < lengths), step, (cache, last, peak, nll))
+    return state
+
+
+encode = jax.jit(_encode, static_argnames=("config", "plan", "chunk", "prefix", "with_nll"))
+
+
+def prefill(weights: Weights, tokens, lengths, policy: Policy, rng=None, *, config: ModelConfig, plan: Plan,
+            implementation: str = "xla"):
+    """Chunked prefill with the other modes' signature (pure, jittable): (cache, logits [B, V]).
+    `implementation` is accepted for symmetry; chunk attention runs on XLA."""
+    chunk = chunk_size(policy)
+    cache, logits, _, _ = _encode(weights, tokens, lengths, policy, rng, config=config, plan=plan, chunk=chunk,
+                                  prefix=None, with_nll=False)
+    return cache, logits
