@@ -83,7 +83,7 @@ def draw_span(target: int, encoder: Encoder, corpus: str, span_seed: float) -> H
 
 
 def fit_haystack(target: int, encoder: Encoder, span: H.Span, *, head: str, items: Sequence[tuple[float, str]],
-                 question: str, fit: str = "prompt", variants: int = 4, avoid: Sequence[str] = ()) -> Fitted:
+                 question: str, fit: str = "prompt", variants: int = 6, avoid: Sequence[str] = ()) -> Fitted:
     """Assemble head + haystack (a prefix of `span`, with `items`) + question so that the prompt
     (fit="prompt") or the context (fit="context") has exactly `target` tokens.
 
@@ -109,7 +109,7 @@ def fit_haystack(target: int, encoder: Encoder, span: H.Span, *, head: str, item
 def _fit_span(target, encoder, span: H.Span, head, items, question, fit, variants, cpt):
     """(Fitted, the haystack text used), or None when the span is too short for the target."""
     sent = H.sentence_starts(span.text)
-    first_short = None
+    shorts = []
     for v in range(min(variants, len(sent))):
         start = sent[v]
         text = span.text[start:]
@@ -134,16 +134,16 @@ def _fit_span(target, encoder, span: H.Span, head, items, question, fit, variant
             return None
         if n == target:
             return _done(build, encoder, cuts[i], question, span, start, text)
-        if first_short is None:
-            first_short = (build, measure, cuts, i, start, text)
-    build, measure, cuts, i, start, text = first_short
-    # a cut inside the next word, then inside the one after it
-    cands = [c for j in (i + 1, i + 2) if j < len(cuts) for c in range(cuts[j - 1] + (2 if j > 1 else 1), cuts[j])]
-    c = first_exact(measure, target, cands)
-    if c is None:
-        raise LengthError(f"no haystack cut gives exactly {target} tokens (the nearest below has "
-                          f"{measure(cuts[i])}); try another seed")
-    return _done(build, encoder, c, question, span, start, text)
+        shorts.append((build, measure, cuts, i, start, text, n))
+    for build, measure, cuts, i, start, text, _ in shorts:
+        # a cut inside the next word, then inside the one after it
+        cands = [c for j in (i + 1, i + 2) if j < len(cuts)
+                 for c in range(cuts[j - 1] + (2 if j > 1 else 1), cuts[j])]
+        c = first_exact(measure, target, cands)
+        if c is not None:
+            return _done(build, encoder, c, question, span, start, text)
+    raise LengthError(f"no haystack cut gives exactly {target} tokens (the nearest below has "
+                      f"{max(s[-1] for s in shorts)}); try another seed")
 
 
 def _done(build, encoder, cut, question, span: H.Span, start: int, text: str):
