@@ -176,6 +176,13 @@ def test_scores_of_right_wrong_and_partial_answers(tok, name):
         assert got.fraction == pytest.approx(len(half) / len(s.answers)) and not got.all_present
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_a_right_answer_fits_in_the_suggested_generation_length(tok, name):
+    for seed in range(5):
+        s = ruler.make_sample(name, 600, tok, seed=seed)
+        assert len(tok.encode(" " + ", ".join(s.answers) + ".")) < ruler.MAX_NEW_TOKENS[name]
+
+
 @pytest.mark.parametrize(
     "text, expected, fraction",
     [(" 4071853.", ["4071853"], 1.0), (" 40718531", ["4071853"], 0.0), (" 407185.", ["4071853"], 0.0),

@@ -21,7 +21,7 @@ from kvjax.eval.sample import Sample
 from kvjax.eval.scoring import Score, mean_score, score
 from kvjax.eval.variable_tracking import VariableTracking
 
-__all__ = ["TASKS", "RULER_VARIANTS", "Task", "task", "make_sample", "make_samples", "Sample", "Score", "score",
+__all__ = ["TASKS", "RULER_VARIANTS", "MAX_NEW_TOKENS", "Task", "task", "make_sample", "make_samples", "Sample", "Score", "score",
            "mean_score", "Niah", "VariableTracking", "CommonWords"]
 
 Task = Niah | VariableTracking | CommonWords
@@ -33,6 +33,18 @@ TASKS: dict[str, Task] = {
     "niah_multiquery": Niah(n_keys=4, n_queries=4),
     "variable_tracking": VariableTracking(),
     "common_words": CommonWords(),
+}
+
+#: tokens to generate per task (default settings): the right answer written as a comma list takes at most
+#: 9 / 9 / 36 / 36 / 27 / 24 SmolLM2 tokens (one token per digit), plus room for formatting. RULER generates
+#: 128 (needles), 30 (variable tracking) and 120 (common words). UUID values need about 25 tokens each.
+MAX_NEW_TOKENS: dict[str, int] = {
+    "niah_single": 16,
+    "niah_multikey": 16,
+    "niah_multivalue": 48,
+    "niah_multiquery": 48,
+    "variable_tracking": 40,
+    "common_words": 40,
 }
 
 #: RULER's numbered configurations (RULER's niah_multivalue / niah_multiquery are TASKS' own, and its
