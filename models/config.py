@@ -181,9 +181,9 @@ def _sliding_window(d: dict[str, Any], model_type: str) -> int | None:
         return None
     if len(windowed) < n:
         raise ConfigError(
-            f"unsupported qwen2 config: use_sliding_window=true windows layers {windowed[0]}..{windowed[-1]} "
-            f"({len(windowed)} of {n}; max_window_layers={d.get('max_window_layers')!r}, layer_types) and "
-            f"leaves the others full; kvjax applies one sliding_window to all layers or to none"
+            f"unsupported qwen2 config: use_sliding_window=true windows {len(windowed)} of {n} layers "
+            f"(layer_types, or max_window_layers={d.get('max_window_layers')!r}) and leaves the others full "
+            f"attention; kvjax applies one sliding_window to all layers or to none"
         )
     return int(window)
 
