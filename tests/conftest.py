@@ -34,14 +34,22 @@ def save_tiny_hf(directory: pathlib.Path, model_type: str = "llama", seed: int =
     import transformers
 
     cfg = dict(TINY, **overrides)
-    config_cls = transformers.MistralConfig if model_type == "mistral" else transformers.LlamaConfig
-    model_cls = transformers.MistralForCausalLM if model_type == "mistral" else transformers.LlamaForCausalLM
+    classes = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }
+    config_cls, model_cls = classes[model_type]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**cfg)).float().eval()
-    # random init is small; widen it so the logits are far from uniform
+    # random init is small; widen it so the logits are far from uniform. Biases start at zero, which
+    # would hide a bias the loader drops: give them random values too.
     with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(4.0 if p.ndim > 1 else 1.0)
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+            else:
+                p.mul_(4.0 if p.ndim > 1 else 1.0)
     model.save_pretrained(directory)
     return directory
 

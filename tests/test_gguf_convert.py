@@ -1,8 +1,8 @@
 """The torch-free GGUF converter (kvjax.io.gguf) and the embedded-model cache (kvjax.io.embedded).
 
 torch-marked tests: the converted SmolLM2 equals transformers' own GGUF loading (every tensor, the
-config, the token ids, the logits). The others run without torch on a tiny GGUF written here the way
-llama.cpp's converter writes one (q/k rows permuted, dims innermost first, a Q8_0 embedding).
+config, the token ids, the logits). The others run without torch on tiny llama and qwen2 GGUFs
+written the way llama.cpp's converter writes them (tests/tiny_gguf.py).
 """
 
 from __future__ import annotations
@@ -17,92 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import torch_or_skip
-
-# ----------------------------------------------------------------------------------------------
-# a tiny llama GGUF
-
-TINY = dict(hidden=32, ffn=64, heads=4, kv_heads=2, head_dim=8, layers=2, context=128, theta=500000.0)
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ Ġ", "h e", "l l", "he ll", "hell o", "Ċ Ċ", "Ġ hello"]
-TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-
-
-def byte_alphabet() -> list[str]:
-    """GPT-2's 256 byte characters, in byte order (written out here, independent of the module)."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    extra = iter(range(256, 512))
-    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-
-
-def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's q/k row order: per head, row i of the first half, then row i of the second half."""
-    d = w.shape[0] // n_heads
-    order = [h * d + (i // 2) + (i % 2) * (d // 2) for h in range(n_heads) for i in range(d)]
-    return w[order]
-
-
-def write_tiny_gguf(path, *, arch="llama", pre="smollm", drop=(), seed=0) -> dict[str, np.ndarray]:
-    """Write a 2-layer llama GGUF; return the Hugging Face tensors it should convert back to."""
-    import gguf
-
-    c = TINY
-    rng = np.random.default_rng(seed)
-    tokens = SPECIALS + byte_alphabet() + ["".join(m.split(" ")) for m in MERGES]
-    types = [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS))
-    h, f, q, kv = c["hidden"], c["ffn"], c["heads"] * c["head_dim"], c["kv_heads"] * c["head_dim"]
-    hf = {"model.embed_tokens.weight": rng.standard_normal((len(tokens), h), np.float32),
-          "model.norm.weight": rng.standard_normal(h).astype(np.float32)}
-    gguf_of = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(c["layers"]):
-        for g, name, shape in [("attn_norm", "input_layernorm", (h,)), ("ffn_norm", "post_attention_layernorm", (h,)),
-                               ("attn_q", "self_attn.q_proj", (q, h)), ("attn_k", "self_attn.k_proj", (kv, h)),
-                               ("attn_v", "self_attn.v_proj", (kv, h)), ("attn_output", "self_attn.o_proj", (h, q)),
-                               ("ffn_gate", "mlp.gate_proj", (f, h)), ("ffn_up", "mlp.up_proj", (f, h)),
-                               ("ffn_down", "mlp.down_proj", (h, f))]:
-            hf[f"model.layers.{i}.{name}.weight"] = rng.standard_normal(shape).astype(np.float32)
-            gguf_of[f"model.layers.{i}.{name}.weight"] = f"blk.{i}.{g}.weight"
-
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(c["layers"])
-    w.add_context_length(c["context"])
-    w.add_embedding_length(h)
-    w.add_feed_forward_length(f)
-    w.add_head_count(c["heads"])
-    w.add_head_count_kv(c["kv_heads"])
-    w.add_rope_dimension_count(c["head_dim"])
-    w.add_rope_freq_base(c["theta"])
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(MERGES)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(False)
-    w.add_chat_template(TEMPLATE)
-    for name, x in hf.items():
-        if gguf_of[name].split(".")[-2] in drop:
-            continue
-        if name.endswith("q_proj.weight"):
-            x = llama_cpp_permute(x, c["heads"])
-        elif name.endswith("k_proj.weight"):
-            x = llama_cpp_permute(x, c["kv_heads"])
-        if name == "model.embed_tokens.weight":  # quantised, as in the real file
-            packed = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-            hf[name] = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q8_0)
-            w.add_tensor(gguf_of[name], packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            w.add_tensor(gguf_of[name], x)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return hf
-
+from tiny_gguf import TEMPLATE, TINY, write_tiny_gguf
 
 @pytest.fixture
 def tiny(tmp_path):
@@ -161,6 +76,51 @@ def test_tiny_tokenizer_and_the_llama_cpp_digit_split(tiny, tmp_path):
     assert default.encode("\n\n5").tokens == ["Ċ", "Ċ", "5"]
     assert llama_cpp.encode("\n\n5").tokens == ["ĊĊ", "5"]
     assert default.encode("hello world").ids == llama_cpp.encode("hello world").ids
+    assert default.encode("a12").tokens == ["a", "12"] and llama_cpp.encode("a12").tokens == ["a", "1", "2"]
+    assert default.encode("<tool_call>hello").tokens == ["<tool_call>", "hello"]  # user-defined: kept whole
+
+
+def test_tiny_qwen2_gguf_converts_with_qkv_biases_and_unpermuted_rows(tmp_path):
+    import jax.numpy as jnp
+    from safetensors.numpy import load_file
+
+    import kvjax
+    from kvjax.io.gguf import convert_gguf_to_hf
+    from kvjax.models import ModelConfig
+
+    expected = write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    out = convert_gguf_to_hf(tmp_path / "qwen.gguf", tmp_path / "hf")
+    got = load_file(out / "model.safetensors")
+    assert set(got) == set(expected) and "model.layers.1.self_attn.v_proj.bias" in got
+    assert not any("o_proj.bias" in n for n in got)
+    for name, x in expected.items():
+        np.testing.assert_array_equal(got[name], x, err_msg=name)  # rows as written: no q/k permutation
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2" and cfg["architectures"] == ["Qwen2ForCausalLM"]
+    assert (cfg["use_sliding_window"], cfg["sliding_window"]) == (False, None) and "attention_bias" not in cfg
+    assert cfg["head_dim"] == 8 and cfg["rope_parameters"]["rope_theta"] == TINY["theta"]
+    config = ModelConfig.from_file(out)
+    assert (config.qkv_bias, config.o_bias, config.mlp_bias, config.sliding_window) == (True, False, False, None)
+    layers = kvjax.load(out, dtype=jnp.float32, per_layer=False).weights.layers
+    np.testing.assert_array_equal(np.asarray(layers.bk[1]), expected["model.layers.1.self_attn.k_proj.bias"])
+    assert layers.bq.shape == (2, 32) and layers.bo is None
+
+
+def test_tiny_qwen2_tokenizer_equals_transformers_gguf_tokenizer(tmp_path):
+    import tokenizers
+    import transformers
+
+    from kvjax.io.gguf import convert_gguf_to_hf
+
+    write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2")
+    ours = tokenizers.Tokenizer.from_file(str(convert_gguf_to_hf(tmp_path / "qwen.gguf", tmp_path / "hf")
+                                              / "tokenizer.json"))
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="qwen.gguf")
+    # the qwen2 regex: one digit per piece (the merge "1 2" is never reached), newline runs together
+    assert ours.encode("a12").tokens == ["a", "1", "2"] and ours.encode("\n\n5").tokens == ["ĊĊ", "5"]
+    for text in TEXTS + _random_texts() + ["a12 12 123", "hello\n\n\nhello", "<tool_call>hello"]:
+        assert ours.encode(text).ids == ref(text).input_ids, repr(text)
+        assert ours.decode(ours.encode(text).ids) == ref.decode(ref(text).input_ids, skip_special_tokens=True), repr(text)
 
 
 def test_bfloat16_output(tiny, tmp_path):
@@ -194,9 +154,12 @@ def test_not_a_gguf_file_is_named(tmp_path):
 def test_unsupported_architecture_and_missing_tensor_are_named(tmp_path):
     from kvjax.io.gguf import convert_gguf_to_hf
 
-    write_tiny_gguf(tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(ValueError, match="unsupported GGUF architecture 'qwen2'"):
-        convert_gguf_to_hf(tmp_path / "qwen.gguf", tmp_path / "out")
+    write_tiny_gguf(tmp_path / "phi.gguf", arch="phi3")
+    with pytest.raises(ValueError, match="unsupported GGUF architecture 'phi3'.*llama, qwen2"):
+        convert_gguf_to_hf(tmp_path / "phi.gguf", tmp_path / "out")
+    write_tiny_gguf(tmp_path / "nobias.gguf", arch="qwen2", drop=("attn_k",))
+    with pytest.raises(ValueError, match=r"lacks tensors: model\.layers\.0\.self_attn\.k_proj\.weight"):
+        convert_gguf_to_hf(tmp_path / "nobias.gguf", tmp_path / "out")
     write_tiny_gguf(tmp_path / "holes.gguf", drop=("ffn_up",))
     with pytest.raises(ValueError, match=r"lacks tensors: model\.layers\.0\.mlp\.up_proj\.weight, "
                                          r"model\.layers\.1\.mlp\.up_proj\.weight"):
@@ -228,7 +191,7 @@ def test_unknown_embedded_name_lists_the_known_ones(tmp_path, monkeypatch):
     from kvjax.io.embedded import embedded_checkpoint
 
     monkeypatch.setenv("KVJAX_CACHE_DIR", str(tmp_path))
-    with pytest.raises(ValueError, match="unknown model 'smollm9'.*known: smollm2-135m"):
+    with pytest.raises(ValueError, match=r"unknown model 'smollm9'.*known: qwen2\.5-0\.5b, smollm2-135m"):
         embedded_checkpoint("smollm9")
     import kvjax
 

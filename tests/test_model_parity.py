@@ -1,4 +1,4 @@
-"""kvjax's Llama/Mistral logits equal Hugging Face transformers' (PyTorch, float32)."""
+"""kvjax's Llama/Mistral/Qwen2 logits equal Hugging Face transformers' (PyTorch, float32)."""
 
 from __future__ import annotations
 
@@ -45,6 +45,29 @@ def test_llama_logits_match_transformers(tmp_path, case):
     d = save_tiny_hf(tmp_path, "llama", **CASES[case])
     tokens = _tokens(40)
     params = kvjax.load(d, dtype=jnp.float32)
+    ours = np.asarray(kvjax.forward(params, tokens, chunk=16))
+    ref = hf_logits(d, tokens)
+    assert np.abs(ours - ref).max() <= 2e-4, np.abs(ours - ref).max()
+
+
+QWEN2_CASES = {
+    "qwen2_untied": dict(rope_theta=1000000.0),
+    "qwen2_tied": dict(tie_word_embeddings=True),
+    # every layer windowed (max_window_layers=0): one window for all layers, which kvjax supports
+    "qwen2_sliding_all_layers": dict(use_sliding_window=True, sliding_window=8, max_window_layers=0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QWEN2_CASES))
+def test_qwen2_logits_match_transformers(tmp_path, case):
+    # Qwen2ForCausalLM: q/k/v biases (random here, so a dropped one shows), no o_proj or MLP bias
+    d = save_tiny_hf(tmp_path, "qwen2", **QWEN2_CASES[case])
+    tokens = _tokens(40)
+    params = kvjax.load(d, dtype=jnp.float32)
+    layers = params.weights.layers
+    assert (params.config.qkv_bias, params.config.o_bias, params.config.mlp_bias) == (True, False, False)
+    assert layers.bq is not None and layers.bk is not None and layers.bv is not None and layers.bo is None
+    assert params.config.sliding_window == QWEN2_CASES[case].get("sliding_window")
     ours = np.asarray(kvjax.forward(params, tokens, chunk=16))
     ref = hf_logits(d, tokens)
     assert np.abs(ours - ref).max() <= 2e-4, np.abs(ours - ref).max()

@@ -61,13 +61,14 @@ def _hf_layer_tensors(config: ModelConfig, i: int) -> dict[str, tuple[str, tuple
         "w_up": (p + "mlp.up_proj.weight", (f, e), True),
         "w_down": (p + "mlp.down_proj.weight", (e, f), True),
     }
-    if config.attention_bias:
+    if config.qkv_bias:
         t |= {
             "bq": (p + "self_attn.q_proj.bias", (hq,), False),
             "bk": (p + "self_attn.k_proj.bias", (hkv,), False),
             "bv": (p + "self_attn.v_proj.bias", (hkv,), False),
-            "bo": (p + "self_attn.o_proj.bias", (e,), False),
         }
+    if config.o_bias:
+        t["bo"] = (p + "self_attn.o_proj.bias", (e,), False)
     if config.mlp_bias:
         t |= {
             "b_gate": (p + "mlp.gate_proj.bias", (f,), False),
@@ -78,7 +79,7 @@ def _hf_layer_tensors(config: ModelConfig, i: int) -> dict[str, tuple[str, tuple
 
 
 def load_hf_weights(directory, config: ModelConfig, dtype=jnp.bfloat16, shardings=None) -> Weights:
-    """Read a HF Llama/Mistral checkpoint tensor by tensor into `Weights` of `dtype`.
+    """Read a HF Llama/Mistral/Qwen2 checkpoint tensor by tensor into `Weights` of `dtype`.
 
     `shardings`, if given, is a `Weights`-shaped pytree of `jax.sharding.Sharding` (see
     `kvjax.sharding.weight_shardings`); each stacked tensor is placed directly with it.

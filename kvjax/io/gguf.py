@@ -2,28 +2,24 @@
 
     convert_gguf_to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2")  # -> pathlib.Path("smollm2")
 
-The `gguf` package parses the file and dequantises every tensor in numpy. This module renames the
-tensors to Hugging Face's names, undoes llama.cpp's q/k row permutation, writes `config.json` from
-the `llama.*` metadata and rebuilds the byte-level BPE tokenizer from the `tokenizer.ggml.*`
-vocabulary, merges and token types. The result equals what transformers' own GGUF loader builds
-(tests/test_gguf_convert.py checks every tensor, the config and the token ids) and loads both in
-transformers and in `kvjax.load`.
+Architectures: `llama` (LlamaForCausalLM) and `qwen2` (Qwen2ForCausalLM: q/k/v biases). The `gguf`
+package parses the file and dequantises every tensor in numpy (F32, F16, Q4_0/1, Q5_0/1, Q8_0, the
+K-quants, ...). This module renames the tensors to Hugging Face's names, undoes llama.cpp's q/k row
+permutation where its converter applied one, writes `config.json` from the `<arch>.*` metadata and
+the tokenizer files from the `tokenizer.ggml.*` vocabulary (`kvjax.io.gguf_tokenizer`). The result
+equals what transformers' own GGUF loader builds (tests/test_gguf_convert.py and tests/test_qwen2.py
+check every tensor, the config and the token ids) and loads both in transformers and in `kvjax.load`.
 
-The q/k permutation: llama.cpp's converter reorders the rows of each attention head of q_proj and
-k_proj from Hugging Face's rotate-half layout (the first half of the head's rows pair with the
-second half) to GGML's interleaved layout (rows 2i and 2i+1 form a pair), using the query head
-count for q and the key/value head count for k. `unpermute_rope_rows` restores the halves.
-
-Tokenizer: by default the pre-tokenizer is the one transformers builds from a GGUF (the GPT-2
-regex of `ByteLevel`, whatever `tokenizer.ggml.pre` says, for the pre-tokenizer names accepted
-here). llama.cpp reads `tokenizer.ggml.pre` = "smollm" (and "starcoder", "refact", ...) as "split
-every numeric character off first", which is also what SmolLM2's original `tokenizer.json` does
-(`Digits(individual_digits=True)`). The two differ on whitespace runs before a digit ("a  5",
-"\\n\\n5"); `pretokenizer="llama.cpp"` writes the digit-splitting variant.
+The q/k permutation: for `llama`, llama.cpp's converter reorders the rows of each attention head of
+q_proj and k_proj from Hugging Face's rotate-half layout (the first half of the head's rows pair with
+the second half) to GGML's interleaved layout (rows 2i and 2i+1 form a pair), using the query head
+count for q and the key/value head count for k. `unpermute_rope_rows` restores the halves. Its
+`qwen2` converter writes the rows as they are (GGML runs Qwen2 with rotate-half, "NEOX", RoPE).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -33,26 +29,44 @@ import uuid
 
 import numpy as np
 
+from kvjax.io.gguf_tokenizer import PRETOKENIZERS, check_tokenizer, tokenizer_files
+
 # Bump when the files written change: `kvjax.io.embedded` reconverts caches of another version.
 CONVERTER_VERSION = 2
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-DTYPES = ("float32", "float16", "bfloat16")
-PRETOKENIZERS = ("transformers", "llama.cpp")
 
-# `tokenizer.ggml.pre` values whose llama.cpp regex is GPT-2's, and those that split every numeric
-# character off before it. transformers uses the GPT-2 regex for all of them.
-_GPT2_REGEX_PRE = frozenset({"gpt2", "mpt", "olmo", "jais"})
-_DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How one GGUF `general.architecture` maps to a Hugging Face model class."""
+
+    model_type: str  # config.json's model_type
+    hf_class: str  # config.json's architectures[0]
+    permuted_qk: bool  # llama.cpp's converter interleaved the q/k rows of every head
+    qkv_bias: bool  # q/k/v projections have biases (blk.N.attn_{q,k,v}.bias)
+    config_fields: tuple[tuple[str, object], ...]  # fixed entries of config.json, after tie_word_embeddings
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", "LlamaForCausalLM", permuted_qk=True, qkv_bias=False,
+                          config_fields=(("attention_bias", False), ("attention_dropout", 0.0), ("mlp_bias", False))),
+    # the window stays off: Qwen2's GGUF metadata has no sliding-window keys
+    "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", permuted_qk=False, qkv_bias=True,
+                          config_fields=(("attention_dropout", 0.0), ("use_sliding_window", False),
+                                         ("sliding_window", None))),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+DTYPES = ("float32", "float16", "bfloat16")
 
 _GGUF_MAGIC = b"GGUF"
-_TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4  # llama.cpp token types
 
 _LAYER_TENSORS = {  # GGUF name inside blk.{i} -> HF name inside model.layers.{i}
     "attn_norm.weight": "input_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
     "attn_k.weight": "self_attn.k_proj.weight",
     "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
@@ -85,12 +99,14 @@ def convert_gguf_to_hf(gguf_path, out_dir, dtype: str = "float32", *, pretokeniz
     _check_replaceable(out_dir)
     reader = _open(gguf_path)
     arch = _meta(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise ValueError(f"{gguf_path.name}: unsupported GGUF architecture {arch!r} "
                          f"(kvjax converts {', '.join(SUPPORTED_ARCHITECTURES)})")
     config = _config(reader, arch, dtype)
-    tokenizer_files = _tokenizer_files(reader, arch, pretokenizer)  # before the tensors: fail fast
-    tensors = _tensors(reader, config, dtype)
+    tokenizer_meta = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    check_tokenizer(tokenizer_meta)  # before the tensors: fail fast
+    tok_files = tokenizer_files(tokenizer_meta, _meta(reader, f"{arch}.context_length", 2048), pretokenizer)
+    tensors = _tensors(reader, config, ARCHITECTURES[arch], dtype)
 
     from safetensors.numpy import save_file
 
@@ -103,7 +119,7 @@ def convert_gguf_to_hf(gguf_path, out_dir, dtype: str = "float32", *, pretokeniz
         _write_json(tmp / "config.json", config)
         generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config[k] is not None}
         _write_json(tmp / "generation_config.json", generation)
-        for name, text in tokenizer_files.items():
+        for name, text in tok_files.items():
             (tmp / name).write_text(text, encoding="utf-8")
         for path in tmp.iterdir():
             os.chmod(path, 0o644)  # safetensors writes its file private
@@ -180,9 +196,10 @@ def _config(reader, arch: str, dtype: str) -> dict:
         value = _meta(reader, f"tokenizer.ggml.{name}")
         return None if value is None else int(value)
 
+    spec = ARCHITECTURES[arch]
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [spec.hf_class],
+        "model_type": spec.model_type,
         "hidden_size": hidden,
         "intermediate_size": int(req("feed_forward_length")),
         "num_hidden_layers": int(req("block_count")),
@@ -195,9 +212,7 @@ def _config(reader, arch: str, dtype: str) -> dict:
         "max_position_embeddings": int(req("context_length")),
         "vocab_size": int(key("vocab_size", n_tokens)),
         "tie_word_embeddings": not any(t.name == "output.weight" for t in reader.tensors),
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
+        **dict(spec.config_fields),
         # transformers 5 reads rope_parameters; older loaders (and transformers 4) read rope_theta
         "rope_theta": theta,
         "rope_parameters": {"rope_theta": theta, "rope_type": "default"},
@@ -218,7 +233,7 @@ def _scalar(name: str, value):
     return value
 
 
-def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(config: dict, spec: Architecture) -> dict[str, tuple[int, ...]]:
     """HF name -> numpy shape ([out, in] for projections) of every tensor the checkpoint needs."""
     h, f, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
     q, kv = config["num_attention_heads"] * d, config["num_key_value_heads"] * d
@@ -231,6 +246,8 @@ def _expected_shapes(config: dict) -> dict[str, tuple[int, ...]]:
         "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
+    if spec.qkv_bias:
+        layer |= {"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)}
     for i in range(config["num_hidden_layers"]):
         shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
     return shapes
@@ -245,15 +262,16 @@ def _hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def _tensors(reader, config: dict, dtype: str) -> dict[str, np.ndarray]:
+def _tensors(reader, config: dict, spec: Architecture, dtype: str) -> dict[str, np.ndarray]:
     import gguf
 
-    expected = _expected_shapes(config)
+    expected = _expected_shapes(config, spec)
     by_name = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None or name not in expected:
-            raise ValueError(f"unexpected tensor {t.name!r} in a {config['num_hidden_layers']}-layer llama GGUF")
+            raise ValueError(f"unexpected tensor {t.name!r} in a {config['num_hidden_layers']}-layer "
+                             f"{config['model_type']} GGUF")
         by_name[name] = t
     missing = [n for n in expected if n not in by_name]
     if missing:
@@ -271,9 +289,9 @@ def _tensors(reader, config: dict, dtype: str) -> dict[str, np.ndarray]:
         except NotImplementedError as e:
             raise ValueError(f"tensor {t.name!r}: cannot dequantise GGML type {t.tensor_type.name}: {e}") from e
         x = np.asarray(x, np.float32).reshape(shape)
-        if name.endswith("q_proj.weight"):
+        if spec.permuted_qk and name.endswith("q_proj.weight"):
             x = unpermute_rope_rows(x, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
+        elif spec.permuted_qk and name.endswith("k_proj.weight"):
             x = unpermute_rope_rows(x, config["num_key_value_heads"])
         tensors[name] = np.ascontiguousarray(x.astype(out_dtype, copy=False))
     return tensors
@@ -285,99 +303,6 @@ def _numpy_dtype(dtype: str):
 
         return ml_dtypes.bfloat16
     return np.dtype(dtype)
-
-
-# ----------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for themselves, the
-    others (controls, space, ...) take the characters from U+0100 on, in byte order."""
-    keep = set(range(0x21, 0x7F)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(0x100 + shifted)
-            shifted += 1
-    return table
-
-
-def _tokenizer_files(reader, arch: str, pretokenizer: str) -> dict[str, str]:
-    """tokenizer.json, tokenizer_config.json and special_tokens_map.json, as text."""
-    model = _meta(reader, "tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(f"unsupported GGUF tokenizer model {model!r}: kvjax converts byte-level BPE ('gpt2')")
-    pre = _meta(reader, "tokenizer.ggml.pre", "gpt2")
-    if pre not in _GPT2_REGEX_PRE | _DIGIT_SPLIT_PRE:
-        raise ValueError(f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre); kvjax knows "
-                         f"{sorted(_GPT2_REGEX_PRE | _DIGIT_SPLIT_PRE)}")
-    import tokenizers
-    from tokenizers import decoders, models, pre_tokenizers, processors
-
-    tokens = list(_required(reader, "tokenizer.ggml.tokens"))
-    types = list(_meta(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = _required(reader, "tokenizer.ggml.merges")
-    alphabet = _byte_alphabet()
-    spelled = set(alphabet.values())
-
-    def byte_spelling(token: str) -> str:  # a token written in plain text, not in the byte alphabet
-        return token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode("utf-8"))
-
-    vocab = {byte_spelling(t): i for i, t in enumerate(tokens)}
-    pairs = []
-    for m in merges:
-        left, sep, right = m.partition(" ")
-        if not sep or not left or not right:
-            raise ValueError(f"malformed BPE merge {m!r} in tokenizer.ggml.merges")
-        pairs.append((left, right))
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
-    if pretokenizer == "llama.cpp" and pre in _DIGIT_SPLIT_PRE:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
-    tok.decoder = decoders.ByteLevel()
-    # control tokens (<|im_start|>, ...) are special and matched whole; a "control" token outside the
-    # byte alphabet would be a mislabel (and would grow the vocabulary), so it stays a plain token.
-    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL and set(t) <= spelled])
-    tok.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == _TOKEN_USER_DEFINED and t in vocab])
-
-    def token_name(key):
-        i = _meta(reader, f"tokenizer.ggml.{key}")
-        return None if i is None else tokens[int(i)]
-
-    bos, eos = token_name("bos_token_id"), token_name("eos_token_id")
-    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
-    single = ([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else [])
-    pair = single + [x if x != "$A" else "$B:1" for x in single]
-    specials = sorted({(t, vocab[byte_spelling(t)]) for t in (bos if add_bos else None, eos if add_eos else None) if t})
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-
-    special_map = {"bos_token": bos, "eos_token": eos, "unk_token": token_name("unknown_token_id"),
-                   "pad_token": token_name("padding_token_id")}
-    special_map = {k: v for k, v in special_map.items() if v is not None}
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",  # keeps transformers from rebuilding a LlamaTokenizer
-        **special_map,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_meta(reader, f"{arch}.context_length", 2048)),
-    }
-    template = _meta(reader, "tokenizer.chat_template")
-    if template:
-        config["chat_template"] = template
-    return {
-        "tokenizer.json": tok.to_str(),
-        "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
-        "special_tokens_map.json": json.dumps(special_map, indent=2, ensure_ascii=False),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
