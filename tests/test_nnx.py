@@ -18,7 +18,7 @@ from kvjax.models import LayerWeights, ModelConfig, Weights, unstack_layers
 
 nnx = pytest.importorskip("flax.nnx")
 optax = pytest.importorskip("optax")
-from kvjax.models.nnx import CausalLM, LlamaForCausalLM, MistralForCausalLM  # noqa: E402
+from kvjax.models.nnx import CausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM  # noqa: E402
 
 
 def _tiny(model_type="llama", *, dtype=jnp.float32, per_layer=False, tie=False, bias=False, **overrides):
@@ -32,8 +32,13 @@ def _tiny(model_type="llama", *, dtype=jnp.float32, per_layer=False, tie=False, 
     def rnd(*shape, scale=0.08):
         return (jax.random.normal(next(keys), shape, jnp.float32) * scale).astype(dtype)
 
-    biases = dict(bq=rnd(n, hq), bk=rnd(n, hkv), bv=rnd(n, hkv), bo=rnd(n, e), b_gate=rnd(n, f), b_up=rnd(n, f),
-                  b_down=rnd(n, e)) if bias else {}
+    biases = {}  # the ones the config has (qwen2: q, k and v always)
+    if config.qkv_bias:
+        biases.update(bq=rnd(n, hq), bk=rnd(n, hkv), bv=rnd(n, hkv))
+    if config.o_bias:
+        biases.update(bo=rnd(n, e))
+    if config.mlp_bias:
+        biases.update(b_gate=rnd(n, f), b_up=rnd(n, f), b_down=rnd(n, e))
     layers = LayerWeights(
         attn_norm=1 + rnd(n, e), wq=rnd(n, e, hq), wk=rnd(n, e, hkv), wv=rnd(n, e, hkv), wo=rnd(n, hq, e),
         mlp_norm=1 + rnd(n, e), w_gate=rnd(n, e, f), w_up=rnd(n, e, f), w_down=rnd(n, f, e), **biases,
@@ -95,9 +100,11 @@ def test_module_holds_the_weights_as_params_in_the_weights_layout():
 
 def test_classes_follow_model_type():
     assert type(CausalLM.from_params(_tiny("llama"))) is LlamaForCausalLM
-    assert type(CausalLM.from_params(_tiny("mistral", sliding_window=8))) is MistralForCausalLM
+    assert type(CausalLM.from_params(_tiny("mistral", sliding_window=8))) is MistralForCausalLM, Qwen2ForCausalLM
+    assert type(CausalLM.from_params(_tiny("qwen2"))) is Qwen2ForCausalLM
     assert set(kvjax.models.config.SUPPORTED_MODEL_TYPES) == {LlamaForCausalLM.model_type,
-                                                              MistralForCausalLM.model_type}
+                                                              MistralForCausalLM.model_type,
+                                                              Qwen2ForCausalLM.model_type}
 
 
 def _next_token_loss(model, tokens):

@@ -60,7 +60,7 @@ def test_budgets_heatmap_of_a_generation_shows_the_chosen_sequence(plt, adakv_ge
         assert plot.budgets_heatmap(adakv_generation, sequence=b, ax=ax) is ax
         np.testing.assert_array_equal(ax.images[0].get_array(), want[b])
     np.testing.assert_array_equal(plot.budgets_heatmap(adakv_generation.cache, sequence=1).images[0].get_array(),
-                                  np.asarray(adakv_generation.cache.budget)[1])
+                                  np.asarray(adakv_generation.cache.streams.budget)[:, 1])
     _png(axes[0], tmp_path / "generation_budgets.png")
 
 
