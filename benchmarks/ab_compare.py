@@ -4,7 +4,7 @@ run by that version's own scripts, with the ratios after / before.
     python benchmarks/ab_compare.py --before .ab/before --after . --out benchmarks/results \
         [--decode-only REGEX] [--prefill-only SUBSTRING] [--contexts 32768] [--deadline-s 1500]
 
-Each side is a source tree (a checkout). It is installed (not editable) into its own folder, and
+Each side is a source tree (a checkout). It is laid out as installed into its own folder, and
 its `benchmarks/decode.py` and `benchmarks/prefill.py` run in subprocesses whose `PYTHONPATH` is
 that folder, so each side measures its own library with its own synthetic states. The order
 alternates (before, after for decode; after, before for prefill) so a slow drift of the device
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,20 +28,25 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def install(tree: pathlib.Path, target: pathlib.Path, log) -> None:
-    """pip-install the source tree (its own pyproject) into `target`, without dependencies."""
-    t0 = time.perf_counter()
-    build = pathlib.Path(tempfile.mkdtemp(prefix="ab_build_"))
-    src = build / "src"
-    subprocess.run(["cp", "-r", str(tree), str(src)], check=True)
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-compile",
-                    "--target", str(target), str(src)], check=True)
-    log(f"installed {tree} into {target} in {time.perf_counter() - t0:.0f}s")
+    """Lay the source tree out as installed: `kvjax/` with `models/` and `pallas_kernels/` as its
+    subpackages (pyproject's package-dir), so `PYTHONPATH=target` imports this version alone."""
+    (target.parent / f"scripts_{target.name}").mkdir(parents=True, exist_ok=True)
+    pkg = target / "kvjax"
+    shutil.copytree(tree / "kvjax", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("models", "pallas_kernels"):
+        shutil.copytree(tree / sub, pkg / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    log(f"laid out {tree} as a package in {target}")
 
 
 def run_script(tree: pathlib.Path, site: pathlib.Path, script: str, args: list[str], out: pathlib.Path, log,
                timeout: float) -> int:
+    """Run the side's own script from a copy of its benchmarks folder placed beside no source tree
+    (the scripts put their parent folder on sys.path, which would shadow the installed package)."""
+    scripts = site.parent / f"scripts_{site.name}" / "benchmarks"
+    if not scripts.exists():
+        subprocess.run(["cp", "-r", str(tree / "benchmarks"), str(scripts)], check=True)
     env = dict(os.environ, PYTHONPATH=str(site), PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(tree / "benchmarks" / script), "--out", str(out), *args]
+    cmd = [sys.executable, str(scripts / script), "--out", str(out), *args]
     log("run " + " ".join(cmd))
     t0 = time.perf_counter()
     try:
@@ -89,6 +95,9 @@ def main(argv=None) -> int:
     ap.add_argument("--after", default=str(HERE.parent), help="source tree of the later version")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--decode-only", default=r"^(uniform/ctx32768/B1024/b(1|32|max)/pallas|full/ctx32768/B32768/bmax/pallas)")
+    ap.add_argument("--decode-weights", default="unstacked", choices=("stacked", "unstacked"),
+                    help="decode.py --weights (unstacked: per-layer buffers, as kvjax.load gives on GPU)")
+    ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--prefill-only", default="32768")
     ap.add_argument("--contexts", default="32768")
     ap.add_argument("--deadline-s", type=float, default=1500.0, help="overall; split between the four runs")
@@ -107,11 +116,14 @@ def main(argv=None) -> int:
         install(tree, sites[name], log)
     tiny = ["--tiny"] if args.tiny else []
     share = lambda: max(60.0, (args.deadline_s - (time.perf_counter() - t_start)) / remaining[0])  # noqa: E731
-    remaining = [4]
-    order = [("decode.py", "before"), ("decode.py", "after"), ("prefill.py", "after"), ("prefill.py", "before")]
+    order = [("decode.py", "before"), ("decode.py", "after")]
+    if not args.skip_prefill:
+        order += [("prefill.py", "after"), ("prefill.py", "before")]
+    remaining = [len(order)]
     for script, name in order:
         budget = share()
-        extra = (["--only", args.decode_only, "--deadline-s", str(budget - 30)] if script == "decode.py"
+        extra = (["--only", args.decode_only, "--deadline-s", str(budget - 30), "--weights", args.decode_weights]
+                 if script == "decode.py"
                  else ["--only", args.prefill_only, "--contexts", args.contexts])
         run_script(sides[name], sites[name], script, extra + tiny, work / name, log, timeout=budget)
         remaining[0] -= 1
@@ -119,13 +131,15 @@ def main(argv=None) -> int:
                   lambda r: r["name"].replace("/library", ""), "ms_per_step")
     pre = compare(_rows(work / "before", "prefill"), _rows(work / "after", "prefill"),
                   lambda r: (r["policy"], r["ctx"], r["impl"]), "seconds")
-    meta = dict(before=str(sides["before"]), after=str(sides["after"]), wall_s=round(time.perf_counter() - t_start))
+    meta = dict(before=str(sides["before"]), after=str(sides["after"]), decode_weights=args.decode_weights,
+                wall_s=round(time.perf_counter() - t_start))
     devs = sorted((work / "after").glob("decode_*.json"))
     if devs:
         meta.update(device=json.loads(devs[-1].read_text())["meta"].get("device"))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = "tiny" if args.tiny else (meta.get("device") or "device").lower().replace(" ", "_")
+    slug += "" if args.decode_weights == "unstacked" else "_stacked"
     raw = {n: dict(decode=_rows(work / n, "decode"), prefill=_rows(work / n, "prefill")) for n in sides}
     (out / f"ab_{slug}.json").write_text(json.dumps(dict(meta=meta, decode=dec, prefill=pre, raw=raw), indent=1,
                                                     default=str))
