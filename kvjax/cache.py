@@ -106,14 +106,16 @@ class Plan:
         return self.layout.max_span
 
 
-def place_streams(plan: Plan, kept, bound, first):
+def place_streams(plan: Plan, kept, bound, first, reserve=None):
     """Where a layer's streams go: (start [B, H], cap [B, H]) int32, start relative to the region.
 
     kept [B, H] tokens each stream keeps; bound: the layer's stream bound (scalar); first [B] the
-    first free slot of the region. Streams of a sequence lie back to back in head order.
+    first free slot of the region; reserve [B] (packed plans): tokens a stream may grow to before
+    it evicts, when more than it keeps. Streams of a sequence lie back to back in head order.
     """
     if plan.packed:
-        caps = kept.astype(jnp.int32) + plan.headroom
+        held = kept if reserve is None else jnp.maximum(kept, reserve[:, None])
+        caps = held.astype(jnp.int32) + plan.headroom
     else:
         caps = jnp.broadcast_to(jnp.asarray(bound, jnp.int32) + plan.headroom, kept.shape)
     return first[:, None] + jnp.cumsum(caps, axis=1) - caps, caps
@@ -232,3 +234,36 @@ def kept_positions(cache: Cache) -> list[list[list[np.ndarray]]]:
 def occupancy(cache: Cache) -> jax.Array:
     """Used slots per sequence [B] (the live KV, as opposed to the reserved pool)."""
     return cache.streams.length.sum(axis=(0, 2))
+
+
+def relayout(cache: Cache, plan: Plan, held, width: int) -> Cache:
+    """The same streams laid out in the pool of another plan (more room to decode into).
+
+    held [L, B, H]: tokens each stream may hold before it evicts (its length; its budget for a
+    policy that evicts while decoding); width: static bound on any stream's length (the old plan's
+    `max(stream_bound) + headroom`). Kept tokens keep their order; the new pool's other slots are empty.
+    """
+    start, cap = layout_streams(plan, held)
+    old, length = cache.streams.start, cache.streams.length
+    j = jnp.arange(width)
+    inside = j < length[..., None]  # [L, B, H, W]
+    b = cache.batch_size
+    per_row = lambda a: jnp.moveaxis(a, 1, 0).reshape(b, -1)  # [L, B, H, W] -> [B, L*H*W]
+    src = per_row(jnp.minimum(old[..., None] + j, cache.pools.slots - 1))
+    dst = per_row(jnp.where(inside, start[..., None] + j, plan.layout.pool_size))  # past the pool: dropped
+    rows = jnp.arange(b)[:, None]
+    fresh = Pools.empty(b, plan.layout.pool_size, cache.pools.k.shape[2], cache.pools.k.dtype)
+
+    def move(new, old_pool):
+        return new.at[rows, dst].set(old_pool[rows, src], mode="drop")
+
+    pools = Pools(**{f: move(getattr(fresh, f), getattr(cache.pools, f)) for f in Pools.EMPTY})
+    streams = Streams(start, length, cap, cache.streams.budget)
+    return Cache(pools, streams, cache.next_pos, plan.layout)
+
+
+def tile(cache: Cache, n: int) -> Cache:
+    """A cache of one sequence repeated n times (several questions about one compressed context)."""
+    rep = lambda axis: (lambda a: jnp.repeat(a, n, axis=axis))
+    return Cache(jax.tree_util.tree_map(rep(0), cache.pools), jax.tree_util.tree_map(rep(1), cache.streams),
+                 jnp.repeat(cache.next_pos, n), cache.layout)

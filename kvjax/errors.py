@@ -16,15 +16,19 @@ class KvjaxError(Exception):
     """Base of every error kvjax raises on purpose."""
 
 
-class InputError(KvjaxError, ValueError):
-    """A public function got an argument it cannot use."""
+class InputError(KvjaxError, ValueError, TypeError):
+    """A public function got an argument it cannot use (a wrong value or a wrong type: it is both a
+    ValueError and a TypeError, so either `except` catches it)."""
 
 
 def _show(value) -> str:
     text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    if len(text) <= 80:
+        return text
+    return text[:77] + "..." if isinstance(value, (str, bytes, list, tuple)) else f"a {type(value).__name__}"
 
 
 def bad_input(argument: str, value, allowed: str) -> InputError:
-    """`InputError("temperature=nan: allowed: a finite number >= 0")`-style error."""
-    return InputError(f"{argument}={_show(value)}: {allowed}")
+    """`InputError("temperature must be a finite number >= 0, got nan")`: the argument, what is
+    allowed (`allowed` completes "must be ..."), the value given."""
+    return InputError(f"{argument} must be {allowed}, got {_show(value)}")

@@ -1,19 +1,22 @@
 """The sampling loop: a named state carried through `lax.while_loop`, in chunks of steps.
 
     state = start(logits [B, V], cache, rng, stop_ids, capacity=, sampler=)   # samples the first token
-    state = run(weights, state, policy, until, stop_ids, config=, plan=, sampler=, implementation=)
+    state = drive(weights, state, policy, max_new, stop_ids, config=, plan=, sampler=, implementation=)
 
-`run` decodes until every row is done or `until` steps are sampled; `until` is traced, so calling it
-again to go on (a chunk at a time, so the host stays responsive) compiles nothing new.
+The compiled loop (`runner(batch)`) decodes until every row is done or `until` steps are sampled;
+`until` is traced, so `drive` calls it a chunk of steps at a time (the host stays responsive:
+Ctrl-C, stop strings) and compiles nothing new.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.cache import Cache
 from kvjax.decode import decode_step, gemm_compiler_options
@@ -80,3 +83,47 @@ def runner(batch: int):
 def compiled_count() -> int:
     """Programs compiled so far for the loop (tests: no recompilation within a bucket)."""
     return _run_default._cache_size() + sum(f._cache_size() for f in _run_with_options.values())
+
+
+def _stop_at_strings(state: DecodeState, stops: tuple[str, ...], decode, checked: list[int]) -> DecodeState:
+    """Rows whose generated text now contains a stop string end at the token that completes it."""
+    tokens, n_gen, done = np.asarray(state.tokens), np.asarray(state.n_gen).copy(), np.asarray(state.done).copy()
+    changed = False
+    for i in range(tokens.shape[0]):
+        n = int(n_gen[i])
+        if checked[i] >= n:
+            continue
+        text = decode(tokens[i, :n].tolist())
+        if any(s in text for s in stops):
+            k = max(checked[i], 1)
+            while not any(s in decode(tokens[i, :k].tolist()) for s in stops):
+                k += 1
+            n_gen[i], done[i], changed = k, True, True
+        checked[i] = int(n_gen[i])
+    if not changed:
+        return state
+    return dataclasses.replace(state, n_gen=jnp.asarray(n_gen), done=jnp.asarray(done))
+
+
+def drive(weights, state: DecodeState, policy, max_new: int, stop_ids, *, config, plan, sampler, implementation,
+          stop_strings: tuple[str, ...] = (), decode=None, seconds_per_call: float = 0.5) -> DecodeState:
+    """Decode until every row is done or `max_new` tokens are sampled, a chunk of steps per call of
+    the compiled loop, sized so a call takes about `seconds_per_call`: between calls the host sees
+    Ctrl-C and checks stop strings (a row whose text contains one ends at the token completing it)."""
+    run = runner(state.tokens.shape[0])
+    checked = [0] * state.tokens.shape[0]
+    if stop_strings:
+        state = _stop_at_strings(state, stop_strings, decode, checked)
+    steps, chunk = 1, 8
+    while steps < max_new and not bool(jnp.all(state.done)):
+        until = min(steps + chunk, max_new)
+        t0 = time.perf_counter()
+        state = run(weights, state, policy, jnp.int32(until), stop_ids, config=config, plan=plan, sampler=sampler,
+                    implementation=implementation)
+        jax.block_until_ready(state.step)
+        took = max(time.perf_counter() - t0, 1e-4)
+        chunk = int(min(max((until - steps) * seconds_per_call / took, 1), 4096))
+        steps = until
+        if stop_strings:
+            state = _stop_at_strings(state, stop_strings, decode, checked)
+    return state

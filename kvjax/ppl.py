@@ -11,6 +11,7 @@ import numpy as np
 from kvjax import prompts
 from kvjax.policies.policy import Full, Policy
 from kvjax.compress.chunked import check_streamable, chunk_size, encode, make_plan
+from kvjax.errors import InputError
 
 
 def _covers(policy: Policy, n: int) -> bool:
@@ -49,13 +50,13 @@ def perplexity(params, text_or_tokens, policy: Policy | None = None, *, chunk: i
     longest = max(len(s) for s in seqs)
     limit = params.config.max_position_embeddings
     if longest > limit:
-        raise ValueError(f"text of {longest} tokens exceeds the model's {limit} positions (max_position_embeddings)")
+        raise InputError(f"text of {longest} tokens exceeds the model's {limit} positions (max_position_embeddings)")
     if min(len(s) for s in seqs) < 2:
-        raise ValueError("perplexity needs texts of at least 2 tokens")
+        raise InputError("perplexity needs texts of at least 2 tokens")
     if not policy.keeps_everything:
         for i, s in enumerate(seqs):
             if _covers(policy, len(s)):
-                raise ValueError(
+                raise InputError(
                     f"budget {policy.budget} covers the whole text {i} ({len(s)} tokens): nothing would be "
                     "evicted; use policy=None for the full-cache perplexity"
                 )

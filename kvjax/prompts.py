@@ -7,11 +7,10 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import numpy as np
 
+from kvjax.errors import InputError, bad_input
 from kvjax.io.checkpoint import Params
 
 #: prompt lengths are padded up to one of these (then multiples of the largest step)
@@ -31,30 +30,65 @@ def new_tokens_bucket(n: int) -> int:
     return max(16, 1 << (int(n) - 1).bit_length())
 
 
+_PROMPT_FORMS = ("text (a str), a list of strings, or token ids (an int array [T] or [B, T], a list of ints, "
+                 "or a list of int arrays)")
+
+
+def _token_row(p, what: str, i: int) -> list[int]:
+    """One prompt given as token ids -> a list of ints (integer dtype only: floats are not rounded)."""
+    try:
+        arr = np.asarray(p)
+    except (ValueError, TypeError):
+        raise bad_input(f"{what}[{i}]", p, _PROMPT_FORMS) from None
+    if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
+        raise bad_input(f"{what}[{i}]", p, f"integer token ids (not {arr.dtype}: they are not rounded), or {_PROMPT_FORMS}")
+    if arr.ndim != 1:
+        raise bad_input(f"{what}[{i}]", p, f"1-D token ids (one prompt), not shape {list(arr.shape)}")
+    return arr.tolist()
+
+
+def _check_text(text: str, what: str, i: int) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_input(f"{what}[{i}]", text[max(0, e.start - 20): e.end + 20],
+                        f"valid Unicode text (character {e.start} is a lone surrogate {text[e.start]!r})") from None
+
+
 def encode(params: Params, prompt, chat: bool, *, special_tokens: bool = True, what: str = "prompt"):
-    """A string, a list of strings, or token arrays -> list of token lists (validated).
+    """A string, a list of strings, or token ids -> list of token lists (validated).
     `special_tokens=False` for text appended after a prompt (no BOS)."""
+    if isinstance(prompt, (bytes, bytearray)):
+        raise bad_input(what, prompt, f"{_PROMPT_FORMS} (decode bytes to str first)")
     if isinstance(prompt, str):
         prompt = [prompt]
-    elif isinstance(prompt, np.ndarray) or isinstance(prompt, jax.Array):
+    elif isinstance(prompt, (np.ndarray, jax.Array)):
         arr = np.asarray(prompt)
-        prompt = [arr.tolist()] if arr.ndim == 1 else [row.tolist() for row in arr]
-    if not isinstance(prompt, Sequence) or len(prompt) == 0:
-        raise ValueError(f"{what} is empty: give a string, a list of strings or token arrays")
+        if arr.ndim not in (1, 2):
+            raise bad_input(what, prompt, f"token ids of shape [T] or [B, T], not {list(arr.shape)}")
+        prompt = [arr] if arr.ndim == 1 else list(arr)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+        prompt = [list(prompt)]  # a flat list of ints is one prompt's token ids
+    if not isinstance(prompt, (list, tuple)) or len(prompt) == 0:
+        raise bad_input(what, prompt, f"a non-empty prompt: {_PROMPT_FORMS}")
     seqs = []
     for i, p in enumerate(prompt):
+        if isinstance(p, (bytes, bytearray)):
+            raise bad_input(f"{what}[{i}]", p, "text (decode bytes to str first) or token ids")
         if isinstance(p, str):
             if params.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass token ids instead of text")
+                raise bad_input(f"{what}[{i}]", p, "token ids: this checkpoint has no tokenizer to read text")
+            _check_text(p, what, i)
             text = params.tokenizer.apply_chat_template([{"role": "user", "content": p}]) if chat else p
             ids = params.tokenizer.encode(text, add_special_tokens=special_tokens and not chat)
         else:
-            ids = [int(t) for t in np.asarray(p).reshape(-1)]
+            ids = _token_row(p, what, i)
         if len(ids) == 0:
-            raise ValueError(f"{what} {i} is empty")
+            raise bad_input(f"{what}[{i}]", p, "a non-empty prompt (this one is empty)")
         bad = [t for t in ids if not 0 <= t < params.config.vocab_size]
         if bad:
-            raise ValueError(f"{what} {i} has token ids outside the vocabulary [0, {params.config.vocab_size}): {bad[:5]}")
+            raise bad_input(f"{what}[{i}]", bad[:5], f"token ids in the vocabulary [0, {params.config.vocab_size}): "
+                            "some are outside the vocabulary")
         seqs.append(ids)
     return seqs
 
@@ -63,16 +97,18 @@ def encode_questions(params: Params, question, batch: int):
     """Questions appended after each of `batch` compressed contexts (one string for all, or a list)."""
     if question is None:
         return []
+    if isinstance(question, (bytes, bytearray)) or not isinstance(question, (str, list, tuple)):
+        raise bad_input("question", question, "a string (asked of every context) or a list of strings")
     qs = [question] * batch if isinstance(question, str) else list(question)
     if len(qs) != batch:
-        raise ValueError(f"{len(qs)} questions for {batch} contexts")
+        raise bad_input("question", question, f"one question per context: {batch} contexts, {len(qs)} questions")
     return encode(params, qs, chat=False, special_tokens=False, what="question")
 
 
 def check_positions(params: Params, prompt_len: int, max_new_tokens: int):
     limit = params.config.max_position_embeddings
     if prompt_len + max_new_tokens > limit:
-        raise ValueError(
+        raise InputError(
             f"prompt of {prompt_len} tokens plus {max_new_tokens} new tokens exceeds the model's "
             f"{limit} positions (max_position_embeddings)"
         )

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+
+from kvjax.errors import bad_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,12 +20,13 @@ class Sampler:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.temperature, bool) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad_input("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise bad_input("top_k", self.top_k, "an int >= 1, or None")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # also rejects nan
+            raise bad_input("top_p", self.top_p, "a number in (0, 1], or None")
 
     @property
     def greedy(self) -> bool:

@@ -12,10 +12,12 @@ import math
 import pathlib
 from typing import Any, Literal
 
+from kvjax.errors import KvjaxError
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-class ConfigError(ValueError):
+class ConfigError(KvjaxError, ValueError):
     """A checkpoint's `config.json` is missing, malformed or describes an unsupported model."""
 
 

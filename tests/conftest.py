@@ -73,3 +73,15 @@ def smollm2_f32(smollm2_dir):
     import kvjax
 
     return kvjax.load(smollm2_dir, dtype=jnp.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. XLA:CPU maps a few hundred memory regions
+    per loaded executable, and one process running the whole suite would pass the kernel's
+    vm.max_map_count (65,530): LLVM then fails to allocate and the process segfaults."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()

@@ -89,20 +89,38 @@ def test_full_cache_finds_the_pass_key_five_times():
     assert len(full) == 5 and all(a["correct"] for a in full)
 
 
-@pytest.mark.parametrize("ratio", [0.5, 0.9])
-@pytest.mark.parametrize("name", ["snapkv", "streamingllm", "knorm", "tova"])
-def test_passkey_answers_agree_with_kvpress(smollm2_f32, name, ratio):
+PASSKEY = [(name, ratio) for name in ("snapkv", "streamingllm", "knorm", "tova") for ratio in (0.5, 0.9)]
+
+
+@pytest.fixture(scope="module")
+def passkey_outputs(smollm2_f32):
+    """kvjax's answers to the 5 pass-key prompts for each (press, ratio): the prompts share one
+    length, so each press keeps kvpress's n_kept = int(n (1 - ratio)) of every prompt; one prompt
+    pass compresses for all 8 policies (`kvjax.prefill` with a list), then each decodes."""
+    prompts = []
+    for a in ANSWERS:
+        if a["press"] != "none" and a["prompt_ids"] not in prompts:
+            prompts.append(a["prompt_ids"])
+    n = len(prompts[0])
+    assert len(prompts) == 5 and all(len(p) == n for p in prompts)
+    pols = [POLICIES[name](max(1, int(n * (1 - ratio)))) for name, ratio in PASSKEY]
+    pres = kvjax.prefill(smollm2_f32, prompts, pols, max_new_tokens=8)
+    return {key: (prompts, kvjax.generate(smollm2_f32, prefilled=pre, max_new_tokens=8))
+            for key, pre in zip(PASSKEY, pres)}
+
+
+@pytest.mark.parametrize("name,ratio", PASSKEY)
+def test_passkey_answers_agree_with_kvpress(passkey_outputs, name, ratio):
     from kvjax.eval.passkey import score_answer
 
+    prompts, out = passkey_outputs[(name, ratio)]
     cases = [a for a in ANSWERS if a["press"] == name and a["ratio"] == ratio]
     assert len(cases) == 5
     agree, ours_correct = 0, 0
     for case in cases:
-        n = len(case["prompt_ids"])
-        budget = max(1, int(n * (1 - ratio)))  # kvpress's n_kept
-        out = kvjax.generate(smollm2_f32, [case["prompt_ids"]], policy=POLICIES[name](budget), max_new_tokens=8)
-        agree += out.tokens[0] == case["tokens"][: len(out.tokens[0])]
-        ours_correct += score_answer(out.text[0], case["key"])
+        i = prompts.index(case["prompt_ids"])
+        agree += out.tokens[i] == case["tokens"][: len(out.tokens[i])]
+        ours_correct += score_answer(out.text[i], case["key"])
     assert agree >= 4, f"{name} at {ratio}: {agree}/5 answers equal kvpress's"
     kvpress_correct = sum(c["correct"] for c in cases)
     assert abs(ours_correct - kvpress_correct) <= 1

@@ -59,7 +59,7 @@ def test_greedy_generation_equals_transformers_and_batching_changes_nothing(smol
     tok = smollm2_f32.tokenizer
     ids = [tok.encode(p) for p in PROMPTS]
     assert len({len(i) for i in ids}) == 3  # different lengths, one batch
-    batch = kvjax.generate(smollm2_f32, ids, max_new_tokens=32, stop=[-1])
+    batch = kvjax.generate(smollm2_f32, ids, max_new_tokens=32)
     for i, p in enumerate(ids):
         alone = kvjax.generate(smollm2_f32, [p], max_new_tokens=32)
         ref = _hf_greedy(hf_model, p, 32)

@@ -217,12 +217,17 @@ def test_profile_rejects_bad_options(tiny):
 # the policy
 
 
-def _handmade(budgets, window=8, model="tiny"):
+def _handmade(budgets, window=8, model="tiny", config=None):
+    """A profile written by hand for `config` (the `tiny` fixture's model by default)."""
+    from kvjax.xkv.budgets import config_hash
+
+    config = config if config is not None else _tiny_params(num_hidden_layers=3).config
     sizes = tuple(range(0, 100, 4))
     return BudgetProfile(
         model=model, total=sum(budgets), window=window, budgets=tuple(budgets), sizes=sizes,
         curves=tuple(tuple(float(s) / 100 for s in sizes) for _ in budgets), solver="dp", metric="mass", seed=0,
-        num_prompts=1, prompt_lengths=(512,), num_kv_heads=2, retention=1.0,
+        num_prompts=1, prompt_lengths=(512,), num_kv_heads=2, retention=1.0, architecture=config.model_type,
+        config_hash=config_hash(config),
     )
 
 
@@ -283,7 +288,7 @@ def test_profiled_errors_are_clear(tiny, tmp_path):
         Profiled(_handmade((40, 16, 72)), pooling="median")
     with pytest.raises(P.PolicyError, match="BudgetProfile or the path"):
         Profiled(42)
-    with pytest.raises(P.PolicyError, match="budgets has 4 layers, the model has 3"):
+    with pytest.raises(P.PolicyError, match=r"made for another model: num_layers 4 \(this model: 3\)"):
         kvjax.prefill(tiny, [_prompt(100)], Profiled(_handmade((40, 16, 72, 20))))
     with pytest.raises(ProfileError):
         BudgetProfile.from_dict([1, 2])
@@ -314,4 +319,5 @@ def test_cli_profile_writes_the_budgets(tmp_path, capsys):
     out = capsys.readouterr().out
     assert " ".join(f"{l}:{b}" for l, b in enumerate(prof.budgets)) in out and str(path) in out
     first = path.read_text()
-    assert main(args) == 0 and path.read_text() == first  # seeded: the same file again
+    assert main(args) == 2  # an existing file is not overwritten without --force
+    assert main(args + ["--force"]) == 0 and path.read_text() == first  # seeded: the same file again

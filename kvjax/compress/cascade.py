@@ -31,15 +31,17 @@ from kvjax.compress.prompt import Compressor
 
 
 def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, headroom: int) -> Plan:
-    """Pool sized for the total budget: H * (L * (window + headroom) + L * (budget - window))."""
+    """Pool sized for the total budget: H * (L * (window + headroom) + L * (budget - window)), the
+    budget at most what a stream can reach (prompt + `headroom` decode tokens)."""
     num_layers, h, w = config.num_layers, config.num_kv_heads, policy.protected_window
-    bound = stream_bound(policy, prompt_len)
+    bound = stream_bound(policy, prompt_len, headroom)
     # decode evicts every step; the extra free slots keep neighbouring streams apart, so pooling the
     # new query's attention over the pool never mixes two streams
     headroom = policy.decode_eviction.every + policy.scorer.decode_pool_radius
     total = num_layers * max(bound - w, 0)
     pool = h * (num_layers * (min(w, prompt_len) + headroom) + total)
-    stream_bounds = (min(prompt_len, total + w),) * num_layers
+    # the widest stream: a layer early in the cascade (up to the prompt), or one filling up to the budget
+    stream_bounds = (min(max(prompt_len, bound), total + w),) * num_layers
     return Plan(shared_layout(pool, num_layers, h), stream_bounds, int(headroom), adaptive_heads=False, packed=True)
 
 
@@ -53,11 +55,12 @@ def _gather_streams(pool, start, max_len: int):
     return jnp.moveaxis(gathered, 0, 1), idx
 
 
-def shrink_and_compact(pools: Pools, start, length, new_len, present, headroom: int, max_len: int):
+def shrink_and_compact(pools: Pools, start, length, new_len, present, headroom: int, max_len: int, reserve):
     """Keep each stream's top `new_len` slots by `pools.score` and lay all streams out again back to back.
 
-    start, length, new_len [L, B, H]; present [L] bool (layers holding streams). Kept slots stay in
-    their order. Returns (pools, start, length).
+    start, length, new_len [L, B, H]; present [L] bool (layers holding streams); reserve [B]: the
+    slots a stream keeps for itself when more than it holds (it fills up while decoding). Kept slots
+    stay in their order. Returns (pools, start, length).
     """
     b, p = pools.score.shape
     sc, src = _gather_streams(pools.score, start, max_len)  # [L, B, H, M]
@@ -66,7 +69,7 @@ def shrink_and_compact(pools: Pools, start, length, new_len, present, headroom: 
     new_len = jnp.minimum(new_len, length)
     keep = mt.masked_topk(sc.reshape(rows, max_len), new_len.reshape(rows), inside.reshape(rows, max_len))
     keep = keep.reshape(sc.shape)
-    cap = jnp.where(present[:, None, None], new_len + headroom, 0)
+    cap = jnp.where(present[:, None, None], jnp.maximum(new_len, reserve[None, :, None]) + headroom, 0)
     flat_cap = jnp.moveaxis(cap, 1, 0).reshape(b, -1)  # [B, L*H] in (layer, head) order
     new_start = jnp.moveaxis((jnp.cumsum(flat_cap, axis=1) - flat_cap).reshape((b,) + cap.shape[:1] + cap.shape[2:]), 0, 1)
     dest = jnp.where(keep, new_start[..., None] + jnp.cumsum(keep, axis=-1) - 1, p)
@@ -94,14 +97,18 @@ def compressor(policy: Policy, plan: Plan, lengths, prompt_len: int, config: Mod
     # without the cascade every layer keeps its full KV until the last one
     run_size = plan.layout.pool_size if alloc.cascade else max(plan.layout.pool_size,
                                                                 h * num_layers * (prompt_len + headroom))
-    total = num_layers * jnp.maximum(resolve_budget(policy, lengths) - w, 0)  # B_total [B]
+    per_head = resolve_budget(policy, lengths)
+    total = num_layers * jnp.maximum(per_head - w, 0)  # B_total [B]
+    # a budget that covers the prompt: every layer keeps it all and may fill up to the budget while
+    # decoding (nothing is evicted until a stream is full)
+    reserve = jnp.where(per_head >= lengths, jnp.minimum(per_head, max(plan.stream_bound)), 0).astype(jnp.int32)
     cap = jnp.maximum(lengths - w, 0)  # most prefix tokens a layer can keep [B]
     window_kept = jnp.minimum(lengths, w)
     layer_ids = jnp.arange(num_layers)
     bounds = jnp.asarray(plan.stream_bound, jnp.int32)
 
     def step(state, stats, layer_xs):
-        pools, start, length, prefs = state
+        pools, start, length, prefs, _ = state
         layer = stats.layer
         stats = layer_stats(policy, stats, config.attention_scale)
         prefs = prefs.at[:, layer].set(alloc.preference(stats))
@@ -114,25 +121,28 @@ def compressor(policy: Policy, plan: Plan, lengths, prompt_len: int, config: Mod
         earlier = layer_ids < layer
         pools, start, length = shrink_and_compact(
             pools, start, length, jnp.broadcast_to(keep_count.T[:, :, None], length.shape), earlier, headroom,
-            prompt_len)
-        free = jnp.sum(jnp.where(earlier[:, None, None], length + headroom, 0), axis=(0, 2))  # [B]
+            prompt_len, reserve)
+        held = jnp.maximum(length, reserve[None, :, None]) + headroom
+        free = jnp.sum(jnp.where(earlier[:, None, None], held, 0), axis=(0, 2))  # [B]
         pools, (s, n, _, _) = compress_layer(policy, plan, pools, stats, keep_count[:, layer], bounds[layer],
-                                             base=0, size=run_size, first=free, implementation=implementation)
+                                             base=0, size=run_size, first=free, reserve=reserve,
+                                             implementation=implementation)
         start, length = start.at[layer].set(s), length.at[layer].set(n)
-        return (pools, start, length, prefs), length.sum(axis=(0, 2))
+        return (pools, start, length, prefs, reserve), length.sum(axis=(0, 2))
 
     streams0 = jnp.zeros((num_layers, b, h), jnp.int32)
     state = (Pools.empty(b, run_size, config.head_dim, dtype), streams0, streams0,
-             jnp.zeros((b, num_layers), jnp.float32))
+             jnp.zeros((b, num_layers), jnp.float32), reserve)
     scorer = policy.scorer
     return Compressor(step, state, (), scorer.needs_colsum, scorer.needs_colsq, scorer.group_reduce)
 
 
 def finish(state, occupancy, plan: Plan, lengths):
     """(Cache, occupancy [L, B]) from the cascade's final state: the pool trimmed to the plan."""
-    pools, start, length, _ = state
+    pools, start, length, _, reserve = state
     size = plan.layout.pool_size
     pools = pools.map(lambda a, _: a[:, :size])
     pools = Pools(pools.k, pools.v, pools.pos, pools.score, jnp.zeros_like(pools.score2))
-    streams = Streams(start, length, length + plan.headroom, length)
+    budget = jnp.maximum(length, reserve[None, :, None])  # what each layer's split left it, or the whole budget
+    streams = Streams(start, length, budget + plan.headroom, budget)
     return Cache(pools, streams, lengths.astype(jnp.int32), plan.layout), occupancy

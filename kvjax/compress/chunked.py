@@ -30,6 +30,7 @@ from kvjax.policies.policy import Policy
 from kvjax.compress import oneshot
 from kvjax.compress.step import resolve_budget
 from kvjax.compress.prompt import prompt_pass
+from kvjax.errors import InputError
 
 #: prompt tokens per step when neither the call nor the policy says
 DEFAULT_CHUNK = 32
@@ -42,7 +43,7 @@ def chunk_size(policy: Policy, chunk: int | None = None) -> int:
     """The chunk: the argument, else the policy's own (`RoCo.chunk`), else DEFAULT_CHUNK."""
     c = chunk if chunk is not None else getattr(policy, "chunk", DEFAULT_CHUNK)
     if not isinstance(c, (int, np.integer)) or isinstance(c, bool) or c < 1:
-        raise ValueError(f"chunk must be a positive int, got {c!r}")
+        raise InputError(f"chunk must be a positive int, got {c!r}")
     return int(c)
 
 
@@ -55,7 +56,7 @@ def check_streamable(policy: Policy) -> None:
     ev = policy.decode_eviction
     ok = ev is not None and not policy.scorer.layer_shared and policy.allocator == Uniform()
     if not ok:
-        raise ValueError(
+        raise InputError(
             f"{type(policy).__name__} cannot stream a prompt in chunks: use Full (None), RoCo or H2O "
             "(running statistics, one budget for every stream)"
         )
@@ -63,9 +64,10 @@ def check_streamable(policy: Policy) -> None:
 
 def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, headroom: int = 0, *,
               chunk: int | None = None) -> Plan:
-    """Pool layout for a prompt bucket of `prompt_len` tokens: every stream gets budget + headroom
-    slots, headroom = max(chunk, the decode eviction period) (decoding stays at the budget).
-    Full keeps the prompt plus max(chunk, headroom)."""
+    """Pool layout for a prompt bucket of `prompt_len` tokens and `headroom` decode tokens: every
+    stream gets its budget (at most prompt + headroom) plus max(chunk, the decode eviction period)
+    slots (decoding fills a stream up to its budget, then holds it there). Full keeps the prompt
+    plus max(chunk, headroom)."""
     check_streamable(policy)
     c = chunk_size(policy, chunk)
     num_layers, h = config.num_layers, config.num_kv_heads
@@ -73,7 +75,7 @@ def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, headroom: in
         bound, headroom = prompt_len, max(c, headroom)
     else:
         ev = policy.decode_eviction
-        bound = oneshot.stream_bound(policy, prompt_len)
+        bound = oneshot.stream_bound(policy, prompt_len, headroom)
         # a stream must be able to hold its protected tokens, or it could never evict (and overflow)
         bound = max(bound, ev.sinks + ev.recent)
         headroom = max(c, ev.every)
@@ -81,10 +83,10 @@ def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, headroom: in
 
 
 def _stream_budgets(policy: Policy, lengths):
-    """Tokens each row's streams keep [B] (never more than the prompt, as the one-shot prefill does)."""
+    """The budget of each row's streams [B]: what a stream may hold, prompt and generated tokens."""
     if policy.keeps_everything:
         return lengths
-    return jnp.minimum(resolve_budget(policy, lengths), lengths)
+    return resolve_budget(policy, lengths)
 
 
 def _token_nll(weights: Weights, config: ModelConfig, x, targets, valid):

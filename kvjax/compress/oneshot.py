@@ -23,28 +23,39 @@ from kvjax.compress.step import compress_layer, layer_stats, resolve_budget
 from kvjax.compress.prompt import Compressor
 
 
-def stream_bound(policy: Policy, prompt_len: int) -> int:
-    """Static bound on one stream's kept tokens for a prompt bucket (before per-layer allocation):
-    token budgets are rounded up to BUDGET_ROUNDING so nearby budgets share a compile."""
+def budget_bound(policy: Policy, prompt_len: int) -> int:
+    """Static bound on one stream's budget for a prompt bucket (before per-layer allocation): token
+    budgets are rounded up to BUDGET_ROUNDING so nearby budgets share a compile; a ratio's bound
+    is a function of the bucket already."""
     budget = policy.budget
     if isinstance(budget, (float, np.floating)):
-        bound = math.ceil(budget * prompt_len)  # a function of the bucket already
-    elif isinstance(budget, (int, np.integer)):
-        bound = round_up(budget)  # nearby budgets share one compile; exact when a multiple
-    else:
-        bound = int(np.max(budget))
-    return min(bound, prompt_len)
+        return math.ceil(budget * prompt_len)
+    if isinstance(budget, (int, np.integer)):
+        return round_up(budget)  # exact when a multiple
+    return int(np.max(budget))
+
+
+def reach(policy: Policy, prompt_len: int, growth: int) -> int:
+    """The most tokens a stream can ever hold: the prompt, plus the tokens decoding appends (the
+    question and the generated tokens) for policies that hold streams at their budget while decoding."""
+    return prompt_len + (growth if policy.decode_eviction is not None else 0)
+
+
+def stream_bound(policy: Policy, prompt_len: int, growth: int = 0) -> int:
+    """The most tokens one stream holds before it evicts (after prefill, for prefill-only policies)."""
+    return min(budget_bound(policy, prompt_len), reach(policy, prompt_len, growth))
 
 
 def make_plan(policy: Policy, config: ModelConfig, prompt_len: int, headroom: int) -> Plan:
-    """Size the pool for a prompt bucket of `prompt_len` tokens and `headroom` decode slots per
-    stream (policies that evict while decoding need only their eviction period)."""
+    """Size the pool for a prompt bucket of `prompt_len` tokens and `headroom` decode tokens per
+    stream. A policy that evicts while decoding lets a stream grow to its budget (at most prompt +
+    headroom), then holds it there: its streams need only their eviction period beyond that."""
     num_layers, h = config.num_layers, config.num_kv_heads
     if policy.keeps_everything:
         bounds = np.full((num_layers,), prompt_len, np.int64)
     else:
-        bounds = policy.allocator.static_layer_bounds(stream_bound(policy, prompt_len), num_layers)
-        bounds = np.minimum(np.asarray(bounds), prompt_len)
+        bounds = policy.allocator.static_layer_bounds(budget_bound(policy, prompt_len), num_layers)
+        bounds = np.minimum(np.asarray(bounds), reach(policy, prompt_len, headroom))
     ev = policy.decode_eviction
     headroom = ev.every if ev is not None else headroom
     adaptive = bool(policy.allocator.adaptive_heads)
@@ -64,7 +75,8 @@ def compressor(policy: Policy, plan: Plan, lengths, config: ModelConfig, dtype, 
     if layer_budgets is None:
         per_head = resolve_budget(policy, lengths)
         layer_budgets = policy.allocator.layer_budgets(per_head, config.num_layers, lengths)  # [B, L]
-    layer_budgets = jnp.minimum(layer_budgets, jnp.asarray(plan.stream_bound)[None, :])
+    # a stream keeps min(budget, prompt) tokens, which the plan's bound holds; the budget itself is
+    # stored as given (a decode-time-eviction policy fills the stream up to it before it evicts)
     xs = (jnp.asarray(plan.layout.layer_base, jnp.int32), layer_budgets.T, jnp.asarray(plan.stream_bound, jnp.int32))
     first = jnp.zeros((b,), jnp.int32)
 

@@ -41,7 +41,8 @@ def select(policy: Policy, stats: PrefillStats, layer_budget, implementation: st
     """Keep-mask [B, H, T] and per-head budgets [B, H] int32 of one layer.
 
     layer_budget [B]: tokens per head of this layer (the allocator may redistribute them over the
-    heads). Forced tokens (the policy's window and sinks) score +inf.
+    heads). A stream keeps min(budget, prompt length) tokens; its budget may be larger (it then
+    fills up while decoding). Forced tokens (the policy's window and sinks) score +inf.
     """
     valid = stats.valid
     b, h, t = stats.k.shape[:3]
@@ -53,10 +54,10 @@ def select(policy: Policy, stats: PrefillStats, layer_budget, implementation: st
     if policy.protected_window:
         forced |= pos >= stats.lengths[:, None] - policy.protected_window
     scores = jnp.where(forced[:, None, :], jnp.inf, scores)
-    budgets = policy.allocator.head_budgets(scores, layer_budget, valid, stats.layer)
-    budgets = jnp.clip(budgets, 0, stats.lengths[:, None]).astype(jnp.int32)
+    budgets = jnp.maximum(policy.allocator.head_budgets(scores, layer_budget, valid, stats.layer), 0)
+    budgets = budgets.astype(jnp.int32)
     keep = mt.masked_topk(
-        scores.reshape(b * h, t), budgets.reshape(b * h),
+        scores.reshape(b * h, t), jnp.minimum(budgets, stats.lengths[:, None]).reshape(b * h),
         jnp.broadcast_to(valid[:, None], (b, h, t)).reshape(b * h, t), implementation=implementation,
     ).reshape(b, h, t)
     return keep, budgets
@@ -84,12 +85,12 @@ def pack(pools: Pools, keep, start, payload: Pools, *, base, size: int, implemen
 
 
 def compress_layer(policy: Policy, plan: Plan, pools: Pools, stats: PrefillStats, layer_budget, bound, *,
-                   base, size: int, first, implementation: str = "xla"):
+                   base, size: int, first, reserve=None, implementation: str = "xla"):
     """Select one layer's keep-sets and pack them into the pool.
 
     stats: the layer's statistics (`layer_stats`); layer_budget [B] tokens per head; bound: the
     layer's static stream bound; the layer's streams go into the region [base, base + size) from
-    its slot `first` [B] on. Returns (pools, (start, length, cap, budget) [B, H] int32 each, start
+    its slot `first` [B] on (`reserve`: see `place_streams`). Returns (pools, (start, length, cap, budget) [B, H] int32 each, start
     absolute in the pool).
     """
     b, h, t = stats.k.shape[:3]
@@ -99,7 +100,7 @@ def compress_layer(policy: Policy, plan: Plan, pools: Pools, stats: PrefillStats
         run1, run2 = policy.scorer.prefill_running(stats)
     else:
         run1 = run2 = jnp.zeros((b, h, t), jnp.float32)
-    start, caps = place_streams(plan, kept, bound, first)
+    start, caps = place_streams(plan, kept, bound, first, reserve)
     tok_pos = jnp.broadcast_to(stats.positions.astype(jnp.int32)[None, None, :], (b, h, t))
     payload = Pools(k=stats.k, v=stats.v, pos=tok_pos, score=run1, score2=run2)
     pools = pack(pools, keep, start, payload, base=base, size=size, implementation=implementation)

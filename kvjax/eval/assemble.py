@@ -47,6 +47,17 @@ def check_fit(fit: str) -> None:
         raise ValueError(f"fit must be one of {FITS} (which text gets exactly n_tokens tokens), got {fit!r}")
 
 
+def start_sample(name: str, haystack: str, n_tokens: int, encoder: Encoder, seed: int, depth, fit: str):
+    """The checks and draws every haystack task begins with: (rng, span) for a sample of `n_tokens`."""
+    from kvjax.eval.sample import check_depth, check_positive, task_rng
+
+    check_positive("n_tokens", n_tokens)
+    check_depth(depth)
+    check_fit(fit)
+    rng = task_rng(name, seed)
+    return rng, draw_span(n_tokens, encoder, H.resolve(haystack), rng.random())
+
+
 def insert_items(hay: str, starts: Sequence[int], items: Sequence[tuple[float, str]]) -> tuple[str, list[float]]:
     """`hay` with each (depth, text) item inserted at the sentence start nearest depth * len(hay).
 

@@ -23,9 +23,9 @@ import uuid
 
 from kvjax.eval import haystack as H
 from kvjax.eval import words as W
-from kvjax.eval.assemble import check_fit, draw_span, fit_haystack
+from kvjax.eval.assemble import fit_haystack, start_sample
 from kvjax.eval.fitting import Encoder
-from kvjax.eval.sample import Sample, check_depth, check_positive, task_options, task_rng
+from kvjax.eval.sample import Sample, check_positive, task_options
 from kvjax.eval.scoring import contains
 
 KINDS = ("words", "numbers", "uuids")
@@ -119,12 +119,7 @@ class Niah:
     def sample(self, n_tokens: int, encoder: Encoder, seed: int = 0, *, depth: float | None = None,
                fit: str = "prompt") -> Sample:
         """One prompt with exactly `n_tokens` tokens (the prompt's, or the context's for fit="context")."""
-        check_positive("n_tokens", n_tokens)
-        check_depth(depth)
-        check_fit(fit)
-        rng = task_rng(self.name, seed)
-        corpus = H.resolve(self.haystack)
-        span = draw_span(n_tokens, encoder, corpus, rng.random())
+        rng, span = start_sample(self.name, self.haystack, n_tokens, encoder, seed, depth, fit)
         keys = distinct_items(self.key_kind, self.n_keys, rng, self.digits)
         values = distinct_items(self.value_kind, self.n_keys * self.n_values, rng, self.digits, span.text, keys)
         per_key = [values[i * self.n_values : (i + 1) * self.n_values] for i in range(self.n_keys)]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import random
 
+from kvjax.errors import bad_input
+
 from kvjax.eval.passkey import Encoder, n_repeats_for_tokens, passkey_prompt
 
 KINDS = ("passkey", "records", "story", "code", "ledger")
@@ -103,12 +105,18 @@ def _ledger(tokenizer, n_tokens, rng):
 _MAKERS = {"passkey": _passkey, "records": _records, "story": _story, "code": _code, "ledger": _ledger}
 
 
+#: the shortest prompt `sample_prompts` writes
+MIN_TOKENS = 64
+
+
 def sample_prompts(tokenizer: Encoder, n: int, n_tokens: int, seed: int = 0, kinds=KINDS) -> list[str]:
     """`n` prompts of about `n_tokens` tokens each (within a few percent), drawn with
     `random.Random(seed)`: kinds cycle in a seeded order, so any 5 consecutive prompts cover all
     five kinds. The same (tokenizer, n, n_tokens, seed) gives the same strings."""
-    if n <= 0 or n_tokens <= 0:
-        raise ValueError(f"n and n_tokens must be positive, got n={n}, n_tokens={n_tokens}")
+    if n <= 0:
+        raise bad_input("n", n, "a positive number of prompts")
+    if n_tokens < MIN_TOKENS:
+        raise bad_input("n_tokens", n_tokens, f"at least {MIN_TOKENS} tokens (a prompt holds several sentences and a question)")
     unknown = [k for k in kinds if k not in _MAKERS]
     if unknown or not kinds:
         raise ValueError(f"unknown prompt kinds {unknown}; known: {KINDS}")

@@ -19,9 +19,9 @@ import dataclasses
 import string
 
 from kvjax.eval import haystack as H
-from kvjax.eval.assemble import check_fit, draw_span, fit_haystack
+from kvjax.eval.assemble import fit_haystack, start_sample
 from kvjax.eval.fitting import Encoder
-from kvjax.eval.sample import Sample, check_depth, check_positive, task_options, task_rng
+from kvjax.eval.sample import Sample, check_positive, task_options
 from kvjax.eval.scoring import contains
 
 HEAD = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n"
@@ -53,12 +53,7 @@ class VariableTracking:
     def sample(self, n_tokens: int, encoder: Encoder, seed: int = 0, *, depth: float | None = None,
                fit: str = "prompt") -> Sample:
         """One prompt with exactly `n_tokens` tokens (the prompt's, or the context's for fit="context")."""
-        check_positive("n_tokens", n_tokens)
-        check_depth(depth)
-        check_fit(fit)
-        rng = task_rng(self.name, seed)
-        corpus = H.resolve(self.haystack)
-        span = draw_span(n_tokens, encoder, corpus, rng.random())
+        rng, span = start_sample(self.name, self.haystack, n_tokens, encoder, seed, depth, fit)
         names: list[str] = []
         while len(names) < self.n_chains * (self.n_hops + 1):
             v = "".join(rng.choice(string.ascii_uppercase) for _ in range(NAME_LETTERS))

@@ -14,6 +14,7 @@ import numpy as np
 
 from kvjax.models import LayerWeights, ModelConfig, Weights
 from kvjax.models.config import ConfigError
+from kvjax.errors import bad_input
 from kvjax.io.safetensors import CheckpointError, TensorStore
 from kvjax.io.tokenizer import Tokenizer, load_tokenizer
 
@@ -119,13 +120,36 @@ def is_kvjax_dir(directory) -> bool:
     return (pathlib.Path(directory) / KVJAX_MARKER).exists()
 
 
-def load_checkpoint(directory, dtype=jnp.bfloat16, mesh=None) -> Params:
-    """Load a HF checkpoint directory or a directory written by `save_params`."""
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_dtype(dtype):
+    """The weights' dtype as a numpy dtype, or None (InputError for anything but DTYPES)."""
+    if dtype is None:
+        return None
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise bad_input("dtype", dtype, f"one of {DTYPES} (or None: the checkpoint's own)")
+    return dt
+
+
+def load_checkpoint(directory, dtype=None, mesh=None) -> Params:
+    """Load a HF checkpoint directory or a directory written by `save_params`, in `dtype` (None:
+    bfloat16 for a HF checkpoint, the saved dtype for a saved one)."""
+    dtype = check_dtype(dtype)
     directory = pathlib.Path(directory).expanduser()
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
     if is_kvjax_dir(directory):
-        return restore_params(directory, mesh=mesh)
+        params = restore_params(directory, mesh=mesh)
+        if dtype is not None and params.dtype != dtype:
+            params = dataclasses.replace(params, weights=jax.tree_util.tree_map(lambda a: a.astype(dtype),
+                                                                                 params.weights))
+        return params
+    dtype = jnp.bfloat16 if dtype is None else dtype
     config = ModelConfig.from_file(directory)
     shardings = None
     if mesh is not None:

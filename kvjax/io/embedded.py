@@ -32,6 +32,7 @@ from typing import Iterator
 
 from kvjax.io.gguf import CONVERTER_VERSION, convert_gguf_to_hf
 from kvjax.io.safetensors import CheckpointError
+from kvjax.errors import InputError
 
 MARKER = "kvjax_converted.json"
 _COMPLETE_FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -229,7 +230,7 @@ def embedded_model(name: str) -> EmbeddedModel | SplitEmbeddedModel:
     try:
         return EMBEDDED_MODELS[name]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"unknown model {name!r}: not a directory, and not an embedded model "
             f"(known: {', '.join(sorted(EMBEDDED_MODELS))})"
         ) from None
@@ -239,7 +240,7 @@ def gguf_path(name: str) -> pathlib.Path:
     """The GGUF file of a single-file embedded model inside its installed package."""
     model = embedded_model(name)
     if not isinstance(model, EmbeddedModel):
-        raise ValueError(f"the embedded model {name!r} ships in {len(model.parts)} parts, not as one file: "
+        raise InputError(f"the embedded model {name!r} ships in {len(model.parts)} parts, not as one file: "
                          f"use `with embedded_model({name!r}).verified_gguf(directory) as path:`")
     return model.gguf_path()
 

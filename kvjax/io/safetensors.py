@@ -14,6 +14,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from kvjax.errors import KvjaxError
+
 _DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -28,7 +30,7 @@ _DTYPES = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(KvjaxError, ValueError):
     """A checkpoint's weight files are missing, truncated or inconsistent with its config."""
 
 
@@ -70,9 +72,20 @@ class SafetensorsFile:
         info = self._header[name]
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
-        lo, hi = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        try:
+            lo, hi = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{self.path}: tensor {name} has a malformed header entry {info!r}") from None
+        need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if hi - lo != need or lo < 0:
+            raise CheckpointError(
+                f"{self.path}: tensor {name} claims shape {list(shape)} {info['dtype']} ({need} bytes) but its "
+                f"byte range [{lo}, {hi}) holds {hi - lo}: the header is corrupt"
+            )
         raw = self._mmap[self._data_start + lo : self._data_start + hi]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return raw.view(dtype).reshape(shape)
 
 
 class TensorStore:

@@ -83,6 +83,10 @@ class AdaAllocator:
     def layer_budgets(self, budget, num_layers: int, lengths=None):
         return self.inner.layer_budgets(budget, num_layers, lengths)
 
+    def check_model(self, num_layers: int, num_kv_heads: int):
+        if num_kv_heads % self.head_groups:
+            raise PolicyError(f"head_groups={self.head_groups} must divide the model's {num_kv_heads} KV heads")
+
     def static_layer_bounds(self, bound: int, num_layers: int) -> np.ndarray:
         return self.inner.static_layer_bounds(bound, num_layers)
 

@@ -120,6 +120,14 @@ class PerLayer:
     def array(self) -> np.ndarray:
         return np.asarray(self.budgets, np.int64)
 
+    def check_model(self, num_layers: int, num_kv_heads: int):
+        """PolicyError unless the budgets are [L] or [L, H] of this model."""
+        arr = self.array
+        if arr.shape[0] != num_layers or (arr.ndim == 2 and arr.shape[1] != num_kv_heads):
+            want = f"[{num_layers}] or [{num_layers}, {num_kv_heads}]"
+            raise PolicyError(f"budgets of shape {list(arr.shape)} do not fit this model: per-layer budgets are {want} "
+                              f"({num_layers} layers, {num_kv_heads} KV heads)")
+
     def _check_layers(self, num_layers: int):
         if self.array.shape[0] != num_layers:
             raise PolicyError(f"budgets has {self.array.shape[0]} layers, the model has {num_layers}")

@@ -5,10 +5,13 @@ are leaves, so changing them does not recompile; structural options (window, poo
 are static fields, since they set array shapes.
 
 Conventions (shared by every policy):
-- A *budget* counts the tokens a stream keeps after prefill, window and sinks included. An int is
-  tokens per KV head; a float in (0, 1) is a ratio of each sequence's prompt length; an int array
-  of shape [L] or [L, H] gives per-layer / per-(layer, head) budgets. A budget at or above the
-  prompt length keeps every token (`generate` reports it in `.stats`).
+- A *budget* counts the tokens a stream may hold, window and sinks included. An int is tokens per
+  KV head; a float in (0, 1] is a ratio of each sequence's prompt length; an int array of shape [L]
+  or [L, H] (with the `PerLayer` allocator) gives per-layer / per-(layer, head) budgets. Prefill
+  keeps at most the budget of each stream's prompt tokens (all of them when the budget covers the
+  prompt). Policies that evict while decoding hold each stream at its budget, prompt and generated
+  tokens together: nothing is evicted until a stream is full. Prefill-only policies bound the
+  compressed prompt; generated tokens are appended (as in the papers and kvpress).
 - Scores are per KV head, `[B, H, T]` float32, higher = keep; query heads of a group are reduced
   by `group_reduce` (mean or max). Forced tokens (window, sinks) are kept regardless of score.
 """
@@ -23,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.errors import KvjaxError
 
-class PolicyError(ValueError):
+
+class PolicyError(KvjaxError, ValueError):
     """A policy was built with an invalid option; the message names the option."""
 
 
@@ -34,8 +39,30 @@ def static_field(default=dataclasses.MISSING, **kwargs):
 
 
 def policy_dataclass(cls):
-    """Frozen dataclass + pytree registration (static fields via `static_field`)."""
-    return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+    """Frozen dataclass + pytree registration (static fields via `static_field`).
+
+    Building one checks its options (`__post_init__`); JAX rebuilding it from leaves (tracers inside
+    jit, abstract values while lowering) does not, so the checks can be strict about what users pass.
+    """
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    fields = dataclasses.fields(cls)
+    data = tuple(f.name for f in fields if not f.metadata.get("static"))
+    meta = tuple(f.name for f in fields if f.metadata.get("static"))
+
+    def flatten(obj):
+        children = tuple((jax.tree_util.GetAttrKey(n), getattr(obj, n)) for n in data)
+        return children, tuple(getattr(obj, n) for n in meta)
+
+    def unflatten(aux, children):
+        obj = object.__new__(cls)
+        for name, value in zip(meta, aux):
+            object.__setattr__(obj, name, value)
+        for name, value in zip(data, children):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    jax.tree_util.register_pytree_with_keys(cls, flatten, unflatten)
+    return cls
 
 
 class PrefillMode(enum.Enum):
@@ -117,25 +144,36 @@ def check_positive_int(name: str, value, allow_zero: bool = False):
         raise PolicyError(f"{name} must be an int {bound}, got {value!r}")
 
 
+ALLOWED_BUDGETS = ("an int >= 1 (tokens per KV head), a float in (0, 1] (a ratio of each prompt), or a "
+                   "positive int array [L] or [L, H] with the PerLayer allocator")
+
+
 def check_budget(budget) -> None:
     """A budget is a positive int, a ratio in (0, 1], or a positive int array [L] / [L, H]."""
-    if isinstance(budget, bool):
-        raise PolicyError(f"budget must be a token count, a ratio or an array, got {budget!r}")
+    if isinstance(budget, jax.core.Tracer):
+        return  # a policy built inside a traced function: its value is checked where it is concrete
+    if isinstance(budget, (bool, np.bool_)) or not isinstance(
+            budget, (int, float, np.integer, np.floating, np.ndarray, list, tuple, jax.Array)):
+        raise PolicyError(f"budget={budget!r}: must be {ALLOWED_BUDGETS}")
     if isinstance(budget, (int, np.integer)):
         if budget <= 0:
-            raise PolicyError(f"budget must be positive, got {budget}")
+            raise PolicyError(f"budget={budget!r}: must be {ALLOWED_BUDGETS}")
         return
     if isinstance(budget, (float, np.floating)):
-        if not 0.0 < budget <= 1.0:
-            raise PolicyError(f"a ratio budget must be in (0, 1], got {budget}")
+        if not 0.0 < budget <= 1.0:  # also rejects nan
+            raise PolicyError(f"budget={budget!r}: a ratio budget must be in (0, 1]")
         return
-    if not isinstance(budget, (np.ndarray, list, tuple)):
-        return  # abstract values while JAX unflattens the pytree (tracers, lowering arguments)
-    arr = np.asarray(budget)
+    try:
+        arr = np.asarray(budget)
+    except (ValueError, TypeError):
+        raise PolicyError(f"budget={budget!r}: must be {ALLOWED_BUDGETS}") from None
+    if arr.ndim == 0:
+        return check_budget(arr.item())
     if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.integer):
-        raise PolicyError(f"an array budget must be integer with shape [L] or [L, H], got {arr.dtype}{arr.shape}")
+        raise PolicyError(f"budget: an array budget must be integer with shape [L] or [L, H], got "
+                          f"{arr.dtype}{list(arr.shape)}")
     if (arr <= 0).any():
-        raise PolicyError("every entry of an array budget must be positive")
+        raise PolicyError(f"budget: every entry of an array budget must be >= 1, got a minimum of {arr.min()}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,8 +66,26 @@ class Policy:
         self.parts()  # validates the scorer's and allocator's options
         self._validate()
 
+    def check_model(self, config) -> None:
+        """PolicyError unless this policy fits the model (budget arrays of its shape, a profile made
+        for it, head groups that divide its KV heads). Asked before anything compiles."""
+        alloc = self.allocator
+        for part in (alloc, getattr(alloc, "inner", None)):
+            check = getattr(part, "check_model", None)
+            if check is not None:
+                check(config.num_layers, config.num_kv_heads)
+
     def _validate(self):
         check_budget(self.budget)
+        if np.ndim(self.budget) > 0:
+            alloc = self.allocator
+            per_layer = alloc if isinstance(alloc, allocators.PerLayer) else getattr(alloc, "inner", None)
+            if not isinstance(per_layer, allocators.PerLayer) or not np.array_equal(np.asarray(self.budget),
+                                                                                    per_layer.array):
+                raise PolicyError(
+                    f"budget={np.asarray(self.budget).tolist()}: {type(self).__name__} takes one budget (tokens "
+                    "or a ratio); per-layer or per-(layer, head) budgets need the PerLayer allocator with the same "
+                    "array: Compose(scorer_, budget=b, allocator_=PerLayer(b)), or Profiled(profile)")
         w, b = self.protected_window + self.protected_sinks, self.budget
         if isinstance(b, (int, np.integer)) and not isinstance(b, bool) and w > b:
             raise PolicyError(

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from kvjax.xkv.budgets import BudgetProfile, ProfileError, load_profile
+from kvjax.xkv.budgets import BudgetProfile, ProfileError, check_fits, load_profile
 from kvjax.policies import allocators, scorers
 from kvjax.policies.base import PolicyError, check_positive_int, policy_dataclass, static_field
 from kvjax.policies.policy import Parts, Policy
@@ -67,6 +67,14 @@ class Profiled(Policy):
     def budget(self):
         """[L] int64: tokens per KV head of each layer, window included."""
         return np.asarray(self.profile.budgets, np.int64)
+
+    def check_model(self, config) -> None:
+        """PolicyError unless the profile was made for this model."""
+        try:
+            check_fits(self.profile, config)
+        except ProfileError as e:
+            raise PolicyError(str(e)) from None
+        super().check_model(config)
 
     def parts(self):
         scorer = scorers.WindowAttention(self.window, self.kernel, self.pooling, self.group_reduce)

@@ -8,18 +8,22 @@ hashable (it is a static field of the policy) and the same run writes the same b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import pathlib
 import re
 
+from kvjax.errors import KvjaxError
+
 #: bump when a field changes meaning; loading another version fails with a clear message
-FORMAT_VERSION = 1
+#: (2: the profiled model's identity, `architecture` and `config_hash`)
+FORMAT_VERSION = 2
 
 DEFAULT_DIR = pathlib.Path("configs") / "budgets"
 
 
-class ProfileError(ValueError):
+class ProfileError(KvjaxError, ValueError):
     """A budget profile file is missing a field, has the wrong version or inconsistent shapes."""
 
 
@@ -40,6 +44,8 @@ class BudgetProfile:
     prompt_lengths: [num_prompts] tokens of each prompt
     num_kv_heads:   KV heads per layer of the profiled model
     retention:      summed retention of the chosen budgets (the solver's objective)
+    architecture:   the profiled model's `model_type`
+    config_hash:    `config_hash(config)` of the profiled model (a profile fits that model only)
     """
 
     model: str
@@ -55,6 +61,8 @@ class BudgetProfile:
     prompt_lengths: tuple[int, ...]
     num_kv_heads: int
     retention: float
+    architecture: str
+    config_hash: str
     format_version: int = FORMAT_VERSION
 
     @property
@@ -82,7 +90,9 @@ class BudgetProfile:
             raise ProfileError(f"a budget profile is a JSON object, got {type(d).__name__}")
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ProfileError(f"format_version {version!r} is not supported (this kvjax reads {FORMAT_VERSION})")
+            hint = (": it was written before profiles named the model they were made for; profile again with "
+                    "`kvjax profile --model ... --total ...`") if version == 1 else ""
+            raise ProfileError(f"format_version {version!r} is not supported (this kvjax reads {FORMAT_VERSION}){hint}")
         names = [f.name for f in dataclasses.fields(cls)]
         missing = [n for n in names if n not in d]
         if missing:
@@ -97,7 +107,7 @@ class BudgetProfile:
                 num_prompts=_int(d["num_prompts"], "num_prompts"),
                 prompt_lengths=tuple(_int(n, "prompt_lengths") for n in d["prompt_lengths"]),
                 num_kv_heads=_int(d["num_kv_heads"], "num_kv_heads"), retention=_float(d["retention"]),
-                format_version=version,
+                architecture=str(d["architecture"]), config_hash=str(d["config_hash"]), format_version=version,
             )
         except TypeError as e:  # a number where a list belongs, or the reverse
             raise ProfileError(f"a field has the wrong type: {e}") from None
@@ -118,6 +128,25 @@ class BudgetProfile:
             raise ProfileError(f"{len(self.prompt_lengths)} prompt lengths for {self.num_prompts} prompts")
         if self.window < 0 or self.num_kv_heads <= 0:
             raise ProfileError(f"window must be >= 0 and num_kv_heads > 0, got {self.window}, {self.num_kv_heads}")
+
+
+def config_hash(config) -> str:
+    """A short hash of everything in a model config that changes the math (sha256 of its JSON)."""
+    text = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_fits(profile: BudgetProfile, config) -> None:
+    """ProfileError unless the profile was made for this model (architecture, layers, KV heads, config)."""
+    made = dict(architecture=profile.architecture, num_layers=profile.num_layers, num_kv_heads=profile.num_kv_heads,
+                config_hash=profile.config_hash)
+    this = dict(architecture=config.model_type, num_layers=config.num_layers, num_kv_heads=config.num_kv_heads,
+                config_hash=config_hash(config))
+    diff = {k: (made[k], this[k]) for k in made if made[k] != this[k]}
+    if diff:
+        parts = ", ".join(f"{k} {a!r} (this model: {b!r})" for k, (a, b) in diff.items())
+        raise ProfileError(f"the budget profile of {profile.model!r} was made for another model: {parts}; "
+                           "profile this model with `kvjax profile`")
 
 
 def _listify(v):

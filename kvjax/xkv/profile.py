@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.xkv.budgets import BudgetProfile, default_path, load_profile  # noqa: F401  (re-exported)
+from kvjax.xkv.budgets import BudgetProfile, config_hash, default_path, load_profile  # noqa: F401  (re-exported)
 from kvjax.xkv.solver import solve
 from kvjax.io.checkpoint import Params
+from kvjax.errors import InputError, bad_input
 from kvjax.eval.synthetic import sample_prompts
 from kvjax.models import decoder_layer, embed, scan_layers
 from kvjax.models.prompt_attention import window_attention
@@ -109,7 +110,7 @@ def _token_lists(params: Params, prompts, seed: int, n_tokens: int) -> list[list
     `sample_prompts` (seeded), or seeded random ids when the checkpoint has no tokenizer."""
     if isinstance(prompts, (int, np.integer)) and not isinstance(prompts, bool):
         if prompts <= 0:
-            raise ValueError(f"the number of prompts must be positive, got {prompts}")
+            raise InputError(f"the number of prompts must be positive, got {prompts}")
         if params.tokenizer is None:
             rng = np.random.default_rng(seed)
             return [rng.integers(0, params.config.vocab_size, n_tokens).tolist() for _ in range(int(prompts))]
@@ -120,16 +121,16 @@ def _token_lists(params: Params, prompts, seed: int, n_tokens: int) -> list[list
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if params.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer: pass token ids (or a number of prompts)")
+                raise InputError("this checkpoint has no tokenizer: pass token ids (or a number of prompts)")
             ids = params.tokenizer.encode(p)
         else:
             ids = [int(x) for x in np.asarray(p).reshape(-1)]
         bad = [x for x in ids if not 0 <= x < params.config.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary: {bad[:5]}")
+            raise InputError(f"prompt {i} has token ids outside the vocabulary: {bad[:5]}")
         seqs.append(ids)
     if not seqs:
-        raise ValueError("no prompts to profile")
+        raise InputError("no prompts to profile")
     return seqs
 
 
@@ -140,25 +141,25 @@ def model_name(params: Params) -> str:
 
 def _check_options(params: Params, seqs, total_budget, window, metric, kernel, pooling):
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise InputError(f"metric must be one of {METRICS}, got {metric!r}")
     if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2:
-        raise ValueError(f"window must be an int >= 2 (its halves rank and measure), got {window!r}")
+        raise InputError(f"window must be an int >= 2 (its halves rank and measure), got {window!r}")
     if isinstance(total_budget, bool) or not isinstance(total_budget, (int, np.integer)):
-        raise ValueError(f"total_budget must be an int (tokens per KV head summed over layers), got {total_budget!r}")
+        raise InputError(f"total_budget must be an int (tokens per KV head summed over layers), got {total_budget!r}")
     if kernel < 1 or pooling not in ("avg", "max"):
-        raise ValueError(f"kernel must be >= 1 and pooling 'avg' or 'max', got {kernel!r}, {pooling!r}")
+        raise InputError(f"kernel must be >= 1 and pooling 'avg' or 'max', got {kernel!r}, {pooling!r}")
     num_layers = params.config.num_layers
     if total_budget < num_layers * window:
-        raise ValueError(
+        raise InputError(
             f"total_budget ({total_budget}) is below {num_layers} layers x window ({window}) = "
             f"{num_layers * window}: every layer keeps its window"
         )
     short = [len(s) for s in seqs if len(s) < 2 * window]
     if short:
-        raise ValueError(f"prompts need at least 2 x window = {2 * window} tokens, got lengths {short}")
+        raise InputError(f"prompts need at least 2 x window = {2 * window} tokens, got lengths {short}")
     limit = params.config.max_position_embeddings
     if max(len(s) for s in seqs) > limit:
-        raise ValueError(f"a prompt of {max(len(s) for s in seqs)} tokens exceeds the model's {limit} positions")
+        raise InputError(f"a prompt of {max(len(s) for s in seqs)} tokens exceeds the model's {limit} positions")
 
 
 def measure_curves(params: Params, seqs: list[list[int]], window: int, sizes: tuple[int, ...], *,
@@ -189,6 +190,8 @@ def profile(params: Params, prompts, total_budget: int, *, window: int = 32, siz
     seed:    seeds the sampled prompts; with the same prompts the result is identical.
     method:  the solver ("auto": greedy when exact, else DP; see `kvjax.xkv.solver`).
     """
+    if isinstance(prompts, (int, np.integer)) and isinstance(window, int) and n_tokens < 2 * window:
+        raise bad_input("n_tokens", n_tokens, f"at least 2 x window = {2 * window} (the window's halves rank and measure)")
     seqs = _token_lists(params, prompts, seed, n_tokens)
     _check_options(params, seqs, total_budget, window, metric, kernel, pooling)
     num_layers = params.config.num_layers
@@ -204,6 +207,7 @@ def profile(params: Params, prompts, total_budget: int, *, window: int = 32, siz
         curves=tuple(tuple(float(x) for x in row) for row in curves), solver=sol.method, metric=metric,
         seed=int(seed), num_prompts=len(seqs), prompt_lengths=tuple(len(s) for s in seqs),
         num_kv_heads=params.config.num_kv_heads, retention=float(sol.value),
+        architecture=params.config.model_type, config_hash=config_hash(params.config),
     )
 
 

@@ -23,6 +23,7 @@ import math
 from functools import reduce
 
 import numpy as np
+from kvjax.errors import InputError
 
 #: slack on the concavity test: measured curves are float32 averages
 CONCAVITY_TOL = 1e-9
@@ -46,26 +47,26 @@ def _validate(curves, sizes, total):
     curves = np.asarray(curves, np.float64)
     sizes_arr = np.asarray(sizes)
     if curves.ndim != 2 or curves.shape[0] == 0 or curves.shape[1] == 0:
-        raise ValueError(f"curves must have shape [L, S] with L, S >= 1, got {curves.shape}")
+        raise InputError(f"curves must have shape [L, S] with L, S >= 1, got {curves.shape}")
     if not np.all(np.isfinite(curves)):
-        raise ValueError("curves must be finite (no NaN or inf)")
+        raise InputError("curves must be finite (no NaN or inf)")
     if sizes_arr.ndim != 1 or sizes_arr.shape[0] != curves.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"sizes must have shape [S] = [{curves.shape[1]}] (one per curve column), got {sizes_arr.shape}"
         )
     if not np.issubdtype(sizes_arr.dtype, np.integer):
-        raise ValueError(f"sizes must be integers, got {sizes_arr.dtype}")
+        raise InputError(f"sizes must be integers, got {sizes_arr.dtype}")
     sizes_arr = sizes_arr.astype(np.int64)
     if (sizes_arr < 0).any():
-        raise ValueError(f"sizes must be >= 0, got {sizes_arr.tolist()}")
+        raise InputError(f"sizes must be >= 0, got {sizes_arr.tolist()}")
     if (np.diff(sizes_arr) <= 0).any():
-        raise ValueError(f"sizes must be strictly ascending, got {sizes_arr.tolist()}")
+        raise InputError(f"sizes must be strictly ascending, got {sizes_arr.tolist()}")
     if isinstance(total, bool) or not isinstance(total, (int, np.integer)):
-        raise ValueError(f"total must be an int, got {total!r}")
+        raise InputError(f"total must be an int, got {total!r}")
     num_layers = curves.shape[0]
     floor = num_layers * int(sizes_arr[0])
     if total < floor:
-        raise ValueError(
+        raise InputError(
             f"total ({total}) is below {num_layers} layers x the smallest size ({sizes_arr[0]}) = {floor}: "
             "raise the total or add a smaller size to the grid"
         )
@@ -148,11 +149,11 @@ def solve(curves, sizes, total: int, *, method: str = "auto") -> Solution:
     "greedy" forces greedy (ValueError when it would not be exact); "dp" forces DP.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
     curves, sizes, total = _validate(curves, sizes, total)
     exact = greedy_is_exact(curves, sizes)
     if method == "greedy" and not exact:
-        raise ValueError("greedy is only exact for equal grid steps and concave curves: use method='dp' or 'auto'")
+        raise InputError("greedy is only exact for equal grid steps and concave curves: use method='dp' or 'auto'")
     used = "greedy" if method == "greedy" or (method == "auto" and exact) else "dp"
     choice = _greedy(curves, sizes, total) if used == "greedy" else _dp(curves, sizes, total)
     value = float(curves[np.arange(curves.shape[0]), choice].sum())
@@ -170,7 +171,7 @@ def brute_force_layer_budgets(curves, sizes, total: int) -> Solution:
     curves, sizes, total = _validate(curves, sizes, total)
     num_layers, num_sizes = curves.shape
     if num_sizes**num_layers > 2_000_000:
-        raise ValueError(f"{num_sizes}^{num_layers} combinations are too many for brute force")
+        raise InputError(f"{num_sizes}^{num_layers} combinations are too many for brute force")
     best, best_choice = -np.inf, None
     rows = np.arange(num_layers)
     for combo in itertools.product(range(num_sizes), repeat=num_layers):

@@ -1,0 +1,102 @@
+"""Checks at the public boundary, before anything compiles: each raises `kvjax.errors.InputError` (or
+`PolicyError`) naming the argument, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from kvjax.errors import bad_input
+from kvjax.models import ModelConfig
+from kvjax.policies.base import PolicyError
+from kvjax.policies.policy import Full, Policy
+
+IMPLEMENTATIONS = ("pallas", "xla")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def positive_int(name: str, value, *, most: int | None = None) -> int:
+    if not is_int(value) or value < 1 or (most is not None and value > most):
+        allowed = "a positive int" + (f" <= {most}" if most is not None else "")
+        raise bad_input(name, value, allowed)
+    return int(value)
+
+
+def policy(value, config: ModelConfig) -> Policy:
+    """The policy to use (None: the full cache), checked against the model."""
+    if value is None:
+        return Full()
+    if not isinstance(value, Policy):
+        raise bad_input("policy", value, "a kvjax.policies.Policy such as SnapKV(budget=128), or None for the full "
+                        "cache (policies.make('snapkv', budget=128) builds one from a name)")
+    value.check_model(config)
+    return value
+
+
+def window_fits(pol: Policy, lengths: Sequence[int]) -> None:
+    """A ratio budget must leave each prompt at least the tokens the policy always keeps (its window
+    and sinks, or the whole prompt when shorter): otherwise the window would be cut silently."""
+    budget = pol.budget
+    if pol.keeps_everything or not isinstance(budget, (float, np.floating)):
+        return
+    forced = pol.protected_window + pol.protected_sinks
+    for i, n in enumerate(lengths):
+        keep = max(int(round(budget * n)), 1)
+        need = min(int(n), forced)
+        if keep < need:
+            raise PolicyError(
+                f"budget={budget!r} keeps {keep} of prompt {i}'s {n} tokens, fewer than the {need} that "
+                f"{type(pol).__name__} always keeps (window {pol.protected_window} + sinks {pol.protected_sinks}): "
+                f"use a budget >= {math.ceil(need / n * 1000) / 1000} or a smaller window")
+
+
+def sampling(temperature, top_k, top_p, vocab_size: int) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise bad_input("temperature", temperature, "a finite number >= 0 (0 = greedy)")
+    if top_k is not None:
+        positive_int("top_k", top_k, most=vocab_size)
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
+                              or not (0.0 < top_p <= 1.0)):
+        raise bad_input("top_p", top_p, "a number in (0, 1], or None")
+
+
+def stop(value, vocab_size: int) -> tuple:
+    """Stop strings and token ids: a list of non-empty str and ints in the vocabulary."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, int, np.integer)):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise bad_input("stop", value, "a list of stop strings and/or token ids")
+    for s in value:
+        if isinstance(s, str):
+            if not s:
+                raise bad_input("stop", value, "non-empty strings and token ids (an empty stop string)")
+        elif not is_int(s) or not 0 <= s < vocab_size:
+            raise bad_input("stop", value, f"strings and token ids in [0, {vocab_size})")
+    return tuple(value)
+
+
+def implementation(value) -> str | None:
+    if value is not None and value not in IMPLEMENTATIONS:
+        raise bad_input("implementation", value, f"one of {IMPLEMENTATIONS}, or None for the backend's default")
+    return value
+
+
+def seed(value) -> int:
+    if not is_int(value) or value < 0:
+        raise bad_input("seed", value, "an int >= 0")
+    return int(value)
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise bad_input(name, value, "True or False")
+    return bool(value)

@@ -1,0 +1,80 @@
+"""The command line: user errors are one line on stderr with exit status 2 (`--debug` shows the
+traceback), shipped files are not overwritten without --force, and Ctrl-C stops a long generation
+within about a second."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _kvjax(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "kvjax", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120, **kw)
+
+
+def test_version_and_python_dash_m():
+    out = _kvjax("--version")
+    assert out.returncode == 0 and out.stdout.startswith("kvjax ")
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(smollm2_dir):
+    out = _kvjax("profile", "--total", "960", "--tokens", "20", "--output", "/tmp/kvjax_cli_test.json")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert lines == ["kvjax profile: error: n_tokens must be at least 2 x window = 64 (the window's halves rank "
+                     "and measure), got 20"], out.stderr
+    debug = _kvjax("--debug", "profile", "--total", "960", "--tokens", "20", "--output", "/tmp/kvjax_cli_test.json")
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_a_shipped_profile_is_not_overwritten_without_force():
+    target = ROOT / "configs" / "budgets" / "smollm2-135m-1920.json"
+    before = target.read_bytes()
+    out = _kvjax("profile", "--total", "1920")
+    assert out.returncode == 2 and "ships with kvjax" in out.stderr and "--force" in out.stderr
+    assert target.read_bytes() == before
+
+
+def test_bad_option_values_are_refused_by_the_parser():
+    out = _kvjax("profile", "--total", "-5")
+    assert out.returncode == 2 and "must be a positive int" in out.stderr
+
+
+def test_ctrl_c_interrupts_a_long_generation_within_about_a_second(tmp_path):
+    script = textwrap.dedent("""
+        import sys, time
+        sys.path.insert(0, %r)
+        import numpy as np, kvjax
+        from test_generate import _tiny_params
+        params = _tiny_params(max_position_embeddings=32768)
+        kvjax.generate(params, [np.arange(1, 20, dtype=np.int32)], max_new_tokens=40)  # compile
+        print("ready", flush=True)
+        try:
+            kvjax.generate(params, [np.arange(1, 20, dtype=np.int32)], max_new_tokens=30000)
+            print("finished", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted", time.perf_counter(), flush=True)
+    """ % str(ROOT / "tests"))
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(2.0)  # well into the 30,000-token generation
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        line = proc.stdout.readline().split()
+        assert line[0] == "interrupted", line
+        assert float(line[1]) - sent < 2.0  # the loop runs in chunks of about half a second
+    finally:
+        proc.kill()
+        proc.wait()
