@@ -21,7 +21,7 @@ from kvjax.models import unstack_layers
 from kvjax.policies.base import PrefillMode
 from kvjax.policies.policy import Policy
 from kvjax.compress import make_plan, prefill as prefill_prompt, prefill_policies
-from kvjax.sampling import Sampler
+from kvjax.sampling import Sampler, check_options
 
 def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | None = None) -> Params:
     """Load a Hugging Face checkpoint directory, a directory saved by `save`, or an embedded model
@@ -290,7 +290,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     if prompt is not None and question is not None:
         raise validate.bad_input("question", question, "None with prompt= (a question goes with context= or prefilled=)")
     max_new_tokens = validate.positive_int("max_new_tokens", max_new_tokens)
-    validate.sampling(temperature, top_k, top_p, params.config.vocab_size)
+    check_options(temperature, top_k, top_p, params.config.vocab_size)
     stop = validate.stop(stop, params.config.vocab_size)
     validate.seed(seed), validate.implementation(implementation)
     if prefilled is not None and policy is not None and policy != prefilled.policy:

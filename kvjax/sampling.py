@@ -7,8 +7,23 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvjax.errors import bad_input
+
+
+def check_options(temperature, top_k, top_p, vocab_size: int | None = None) -> None:
+    """InputError unless temperature is finite and >= 0, top_k a positive int (at most the
+    vocabulary) or None, and top_p in (0, 1] or None."""
+    number = (int, float, np.integer, np.floating)
+    if isinstance(temperature, bool) or not isinstance(temperature, number) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise bad_input("temperature", temperature, "a finite number >= 0 (0 = greedy)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
+                              or (vocab_size is not None and top_k > vocab_size)):
+        raise bad_input("top_k", top_k, "a positive int" + (f" <= {vocab_size}" if vocab_size else "") + ", or None")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, number) or not 0.0 < top_p <= 1.0):
+        raise bad_input("top_p", top_p, "a number in (0, 1], or None")  # (not 0 < nan <= 1 either)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,18 +34,12 @@ class Sampler:
     top_k: int | None = None
     top_p: float | None = None
 
-    def __post_init__(self):
-        if isinstance(self.temperature, bool) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad_input("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
-            raise bad_input("top_k", self.top_k, "an int >= 1, or None")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:  # also rejects nan
-            raise bad_input("top_p", self.top_p, "a number in (0, 1], or None")
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def __post_init__(self):
+        check_options(self.temperature, self.top_k, self.top_p)
 
     def __call__(self, logits, rng):
         """logits [B, V] float32 -> tokens [B] int32."""

@@ -56,17 +56,6 @@ def window_fits(pol: Policy, lengths: Sequence[int]) -> None:
                 f"use a budget >= {math.ceil(need / n * 1000) / 1000} or a smaller window")
 
 
-def sampling(temperature, top_k, top_p, vocab_size: int) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise bad_input("temperature", temperature, "a finite number >= 0 (0 = greedy)")
-    if top_k is not None:
-        positive_int("top_k", top_k, most=vocab_size)
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.floating))
-                              or not (0.0 < top_p <= 1.0)):
-        raise bad_input("top_p", top_p, "a number in (0, 1], or None")
-
-
 def stop(value, vocab_size: int) -> tuple:
     """Stop strings and token ids: a list of non-empty str and ints in the vocabulary."""
     if value is None:

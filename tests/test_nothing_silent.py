@@ -107,7 +107,7 @@ def test_forward_checks_dtype_and_vocabulary(params):
     (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
     (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
     (dict(temperature=-1.0), "temperature must be"),
-    (dict(temperature=1.0, top_k=257), r"top_k must be a positive int <= 256, got 257"),
+    (dict(temperature=1.0, top_k=257), r"top_k must be a positive int <= 256, or None, got 257"),
     (dict(temperature=1.0, top_p=float("nan")), "top_p must be a number in"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be a positive int"),
     (dict(stop=[""]), "non-empty"),
