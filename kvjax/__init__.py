@@ -6,6 +6,7 @@
 
 from kvjax import policies
 from kvjax.api import Generation, Prefilled, forward, generate, load, prefill, save
+from kvjax.mesh import shard_params as shard
 from kvjax.xkv.budgets import BudgetProfile, load_profile
 from kvjax.cache import Cache, kept_positions
 from kvjax.ppl import perplexity
@@ -34,4 +35,5 @@ __all__ = [
     "prefill",
     "profile",
     "save",
+    "shard",
 ]

@@ -21,7 +21,9 @@ from kvjax.models import unstack_layers
 from kvjax.policies.base import PrefillMode
 from kvjax.policies.policy import Policy
 from kvjax.compress import make_plan, prefill as prefill_prompt, prefill_policies
+from kvjax.mesh import Parallel, check_heads, mesh_stats, shard_params
 from kvjax.sampling import Sampler, check_options
+from kvjax.sharding import auto_mesh
 
 def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | None = None) -> Params:
     """Load a Hugging Face checkpoint directory, a directory saved by `save`, or an embedded model
@@ -44,7 +46,12 @@ def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | No
         from kvjax.io.embedded import embedded_checkpoint
 
         path = embedded_checkpoint(path)  # a name: raises, listing the known names, if unknown
-    params = load_checkpoint(path, dtype=dtype, mesh=mesh)
+    params = load_checkpoint(path, dtype=dtype, mesh=None if mesh is None else auto_mesh(mesh))
+    if mesh is not None:
+        par = Parallel.of(mesh)
+        if par.model > params.config.num_kv_heads:  # KV heads replicated (a round trip through the host)
+            params = shard_params(params, mesh)
+        check_heads(params.config, par.model)
     if per_layer is None:
         per_layer = jax.default_backend() == "gpu"
     if per_layer:
@@ -91,16 +98,16 @@ def forward(params: Params, tokens, lengths=None, *, chunk: int = 512):
 # jitted stages
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "implementation", "decode_implementation"))
+@functools.partial(jax.jit, static_argnames=("config", "plan", "implementation", "decode_implementation", "parallel"))
 def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, config, plan, implementation,
-             decode_implementation=None):
+             decode_implementation=None, parallel=None):
     """Prefill (compressing) the prompt, then feed the question tokens (if any) through the cache."""
     cache, logits = prefill_prompt(weights, tokens, lengths, policy, rng, config=config, plan=plan,
-                                   implementation=implementation)
+                                   implementation=implementation, parallel=parallel)
     if q_tokens.shape[1] == 0:
         return cache, logits
     return feed_tokens(weights, cache, logits, q_tokens, q_lengths, policy, config=config, plan=plan,
-                       implementation=decode_implementation or implementation)
+                       implementation=decode_implementation or implementation, parallel=parallel)
 
 
 def compile_counts() -> dict[str, int]:
@@ -130,6 +137,7 @@ class Prefilled:
     config: Any = None
     bucket: int = 0
     room: int = 0
+    rows: int = 0  # the given sequences (on a mesh the batch is padded to a multiple of `data`)
 
 
 @dataclasses.dataclass
@@ -176,6 +184,11 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
     pols = [validate.policy(p, params.config) for p in (policy if several else [policy])]
     if several and not pols:
         raise validate.bad_input("policy", policy, "a policy or a non-empty list of policies")
+    par = Parallel.of(params.mesh)
+    if par is not None:
+        if several:
+            raise validate.bad_input("policy", policy, "one policy on a mesh (prefill the others one at a time)")
+        pols = [par.local_policy(p) for p in pols]
     max_new_tokens = validate.positive_int("max_new_tokens", max_new_tokens)
     validate.flag("chat", chat), validate.seed(seed), validate.implementation(implementation)
     seqs = prompts.encode(params, prompt, chat)
@@ -188,13 +201,23 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
     bucket = prompts.length_bucket(longest, params.config.max_position_embeddings)
     q_bucket = 0 if not q_longest else prompts.new_tokens_bucket(q_longest)
     room = prompts.new_tokens_bucket(max_new_tokens)
-    plans = tuple(make_plan(pol, params.config, bucket, room + q_bucket) for pol in pols)
+    plans = tuple(_plan(pol, params, par, bucket, room + q_bucket) for pol in pols)
     pad_id = prompts.pad_id(params)
+    rows = len(seqs)
+    if par is not None:  # sequences split over `data`: the batch is padded with one-token rows
+        seqs = seqs + [[pad_id]] * (par.padded_batch(rows) - rows)
+        q_seqs = q_seqs + [[pad_id]] * (len(seqs) - rows) if q_seqs else q_seqs
     tokens, lengths = prompts.pad(seqs, bucket, pad_id)
     if q_seqs:
         q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, pad_id)
     else:
         q_tokens, q_lengths = np.zeros((len(seqs), 0), np.int32), np.zeros(len(seqs), np.int32)
+    if par is not None:
+        tokens, q_tokens = par.put(tokens, par.batch(2)), par.put(q_tokens, par.batch(2))
+        lengths, q_lengths = np.asarray(lengths), np.asarray(q_lengths)
+        lengths_d, q_lengths_d = par.put(lengths, par.batch(1)), par.put(q_lengths, par.batch(1))
+    else:
+        lengths_d, q_lengths_d = lengths, q_lengths
     impl = implementation or _default_implementation()
     rng = jax.random.key(seed)
     if several:
@@ -212,22 +235,39 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
             out.append(_prefilled(params, pol, plan, cache, lg, lengths, q_lengths, bucket, room))
         return out
     cache, logits = _prefill(
-        params.weights, tokens, lengths, q_tokens, q_lengths, pols[0], rng, config=params.config, plan=plans[0],
+        params.weights, tokens, lengths_d, q_tokens, q_lengths_d, pols[0], rng, config=params.config, plan=plans[0],
         implementation=impl, decode_implementation=implementation or _default_decode_implementation(pols[0]),
+        parallel=par,
     )
-    return _prefilled(params, pols[0], plans[0], cache, logits, lengths, q_lengths, bucket, room)
+    return _prefilled(params, pols[0], plans[0], cache, logits, lengths, q_lengths, bucket, room, rows)
 
 
-def _prefilled(params, policy, plan, cache, logits, lengths, q_lengths, bucket, room) -> Prefilled:
+def _plan(policy: Policy, params: Params, par, bucket: int, headroom: int) -> Plan:
+    """The pool layout for one device's program (on a mesh: its KV heads, its part of the pool)."""
+    if par is None:
+        return make_plan(policy, params.config, bucket, headroom)
+    plan = make_plan(policy, par.local_config(params.config), bucket, headroom)
+    return dataclasses.replace(plan, layout=par.local_layout(plan.layout))
+
+
+def _prefilled(params, policy, plan, cache, logits, lengths, q_lengths, bucket, room, rows=None) -> Prefilled:
     covers = [not policy.keeps_everything and _budget_covers(policy, n) for n in lengths]
-    return Prefilled(cache, logits, lengths + q_lengths, plan, policy, covers, params.config, bucket, room)
+    return Prefilled(cache, logits, lengths + q_lengths, plan, policy, covers, params.config, bucket, room,
+                     len(lengths) if rows is None else rows)
 
 
 _prefill_many = jax.jit(lambda w, t, n, pols, rng, *, config, plans, implementation: prefill_policies(
     w, t, n, pols, plans, rng, config=config, implementation=implementation),
     static_argnames=("config", "plans", "implementation"))
-_feed = jax.jit(feed_tokens, static_argnames=("config", "plan", "implementation"))
-_relayout = jax.jit(relayout, static_argnames=("plan", "width"))
+_feed = jax.jit(feed_tokens, static_argnames=("config", "plan", "implementation", "parallel"))
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "width", "parallel"))
+def _relayout(cache, plan, held, width, parallel=None):
+    move = lambda c, h: relayout(c, plan, h, width)  # noqa: E731
+    return move(cache, held) if parallel is None else parallel.relayout(move, cache, held, plan)
+
+
 _copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
@@ -238,32 +278,42 @@ def _from_prefilled(params: Params, pre: Prefilled, question, max_new_tokens: in
         raise validate.bad_input("prefilled", pre, "a kvjax.Prefilled from kvjax.prefill(...)")
     if pre.config != params.config:
         raise validate.bad_input("prefilled", "Prefilled", "a compressed prompt of this model (its config differs)")
-    b = pre.cache.batch_size
+    par = Parallel.of(params.mesh)
+    b, rows = pre.cache.batch_size, pre.rows
     qs = [] if question is None else ([question] if isinstance(question, str) else list(question))
-    n = len(qs) if b == 1 and len(qs) > 1 else b
-    q_seqs = prompts.encode_questions(params, question if n == b else qs, n) if qs else []
+    n = len(qs) if rows == 1 and len(qs) > 1 else rows
+    if par is not None and n != rows:
+        raise validate.bad_input("question", question, "one question per prefilled sequence on a mesh (several "
+                                 "questions of one context: prefill the context once per question)")
+    q_seqs = prompts.encode_questions(params, question if n == rows else qs, n) if qs else []
+    if q_seqs and b > rows:  # the mesh's padding rows get a one-token question
+        q_seqs = q_seqs + [[prompts.pad_id(params)]] * (b - rows)
+    tiled = n != rows  # several questions of a one-sequence context: the cache repeated per question
+    n, rows = (n, n) if tiled else (b, rows)
     q_longest = max((len(s) for s in q_seqs), default=0)
     prompts.check_positions(params, int(np.max(pre.lengths)) + q_longest, max_new_tokens)
     q_bucket = prompts.new_tokens_bucket(q_longest) if q_longest else 0
     need = prompts.new_tokens_bucket(max_new_tokens) + q_bucket
     cache, logits, plan, lengths = pre.cache, pre.logits, pre.plan, np.asarray(pre.lengths)
-    if n != b:
+    if tiled:
         cache, logits, lengths = tile(cache, n), jnp.repeat(logits, n, axis=0), np.repeat(lengths, n)
     if need > pre.room:
-        plan = make_plan(pre.policy, params.config, pre.bucket, need)
+        plan = _plan(pre.policy, params, par, pre.bucket, need)
         s = cache.streams
         held = s.length if pre.policy.decode_eviction is None else jnp.maximum(s.length, s.budget)
         width = max(pre.plan.stream_bound) + pre.plan.headroom
-        cache = _relayout(cache, plan, jnp.minimum(held, max(plan.stream_bound)), width)
+        cache = _relayout(cache, plan, jnp.minimum(held, max(plan.stream_bound)), width, parallel=par)
     elif cache is pre.cache:
         cache = _copy(cache)  # the decode loop consumes its cache; the Prefilled stays reusable
     if q_seqs:
         q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, prompts.pad_id(params))
         impl = implementation or _default_decode_implementation(pre.policy)
-        cache, logits = _feed(params.weights, cache, logits, q_tokens, q_lengths, pre.policy, config=params.config,
-                              plan=plan, implementation=impl)
+        q_t, q_n = (q_tokens, q_lengths) if par is None else (par.put(q_tokens, par.batch(2)),
+                                                              par.put(q_lengths, par.batch(1)))
+        cache, logits = _feed(params.weights, cache, logits, q_t, q_n, pre.policy, config=params.config,
+                              plan=plan, implementation=impl, parallel=par)
         lengths = lengths + q_lengths
-    return dataclasses.replace(pre, cache=cache, logits=logits, lengths=lengths, plan=plan,
+    return dataclasses.replace(pre, cache=cache, logits=logits, lengths=lengths, plan=plan, rows=rows,
                                budget_covers_prompt=pre.budget_covers_prompt * (n // b), room=need)
 
 
@@ -307,29 +357,35 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     stop_ids = jnp.asarray(prompts.stop_ids(params, stop), jnp.int32)
     capacity = prompts.new_tokens_bucket(max_new_tokens)
     state = loop.start(pre.logits, pre.cache, jax.random.key(seed + 1), stop_ids, capacity=capacity, sampler=sampler)
+    par, rows = Parallel.of(params.mesh), pre.rows
+    if rows < pre.cache.batch_size:  # the mesh's padding rows decode nothing
+        state = dataclasses.replace(state, done=state.done | (jnp.arange(pre.cache.batch_size) >= rows))
     strings = tuple(s for s in stop if isinstance(s, str))
     decode = params.tokenizer.decode if params.tokenizer is not None else None
     if strings and decode is None:
         raise validate.bad_input("stop", list(strings), "token ids: this checkpoint has no tokenizer to read strings")
     state = loop.drive(params.weights, state, pre.policy, max_new_tokens, stop_ids, config=params.config,
                        plan=pre.plan, sampler=sampler, implementation=implementation or
-                       _default_decode_implementation(pre.policy), stop_strings=strings, decode=decode)
-    out, n_gen = np.asarray(state.tokens), np.asarray(state.n_gen)
+                       _default_decode_implementation(pre.policy), stop_strings=strings, decode=decode,
+                       parallel=par)
+    out, n_gen = loop.host(state.tokens, par)[:rows], loop.host(state.n_gen, par)[:rows]
     t2 = time.perf_counter()
     cache = state.cache
     tokens = [out[i, : n_gen[i]].tolist() for i in range(out.shape[0])]
     text = [decode(t) if decode is not None else "" for t in tokens]
     stats = {
-        "prompt_lengths": np.asarray(pre.lengths).tolist(),
+        "prompt_lengths": np.asarray(pre.lengths)[:rows].tolist(),
         "generated_lengths": n_gen.tolist(),
         "cache_bytes": cache.nbytes,
         "kv_bytes": cache.kv_nbytes,
-        "live_tokens": np.asarray(occupancy(cache)).tolist(),
-        "pool_slots": cache.layout.pool_size,
-        "layer_budgets": np.asarray(cache.streams.budget).transpose(1, 0, 2).tolist(),  # [B][L][H] per stream
+        "live_tokens": loop.host(occupancy(cache), par)[:rows].tolist(),
+        "pool_slots": cache.layout.pool_size * cache.layout.shards,
+        "layer_budgets": loop.host(cache.streams.budget, par).transpose(1, 0, 2)[:rows].tolist(),  # [B][L][H]
         "budget_covers_prompt": pre.budget_covers_prompt,
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,
         "decode_tokens_per_s": float(n_gen.sum() / max(t2 - t1, 1e-9)),
     }
+    if par is not None:
+        stats["mesh"] = mesh_stats(par, params, cache)
     return Generation(text, tokens, cache, stats)

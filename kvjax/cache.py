@@ -40,11 +40,16 @@ def round_up(x: int, m: int = BUDGET_ROUNDING) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Static shape of a pool: each layer's region. Changing it recompiles; budgets inside don't."""
+    """Static shape of a pool: each layer's region. Changing it recompiles; budgets inside don't.
+
+    On a mesh (kvjax.mesh) the pool of a sequence is split into `shards` equal parts along its slots,
+    one per model shard, each holding the streams of its `num_kv_heads` KV heads at its own offsets:
+    the regions and the pool size here are one part's."""
 
     layer_base: tuple[int, ...]
     layer_span: tuple[int, ...]
     num_kv_heads: int
+    shards: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -222,9 +227,12 @@ def kept_positions(cache: Cache) -> list[list[list[np.ndarray]]]:
     """For every layer, sequence and KV head, the sorted original positions kept: [l][b][h] -> int array."""
     pos = np.asarray(cache.pools.pos)
     start, length = np.asarray(cache.streams.start), np.asarray(cache.streams.length)
+    # on a mesh, head h's stream lies in the pool part of its model shard, at its own offsets
+    part = lambda h: (h // cache.layout.num_kv_heads) * cache.layout.pool_size  # noqa: E731
     return [
         [
-            [np.sort(pos[b, start[l, b, h]: start[l, b, h] + length[l, b, h]]) for h in range(start.shape[2])]
+            [np.sort(pos[b, part(h) + start[l, b, h]: part(h) + start[l, b, h] + length[l, b, h]])
+             for h in range(start.shape[2])]
             for b in range(pos.shape[0])
         ]
         for l in range(start.shape[0])

@@ -56,17 +56,22 @@ def _stream_width(plan: Plan) -> int:
 
 
 def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=None, *, config: ModelConfig,
-                plan: Plan, implementation: str = "xla"):
+                plan: Plan, implementation: str = "xla", parallel=None):
     """Feed one token per sequence. tokens [B] int, active [B] bool (inactive rows are untouched).
 
     implementation "pallas": the decode kernel appends the new key/value and attends over each
     stream's used slots; policies that evict while decoding take the new query's probabilities
     from a second kernel (kvjax/pallas_kernels/stream_probs.py). "xla": dense over the layer region.
+    parallel: a `kvjax.mesh.Parallel`: each device runs this step on its sequences and KV heads.
     Returns (cache, logits [B, V] float32).
     """
     b = tokens.shape[0]
-    h = config.num_kv_heads
     active = jnp.ones((b,), bool) if active is None else active
+    if parallel is not None:
+        step = lambda w, c, t, pol, a, cfg: decode_step(w, c, t, pol, a, config=cfg, plan=plan,  # noqa: E731
+                                                        implementation=implementation)
+        return parallel.decode(step, weights, config, cache, tokens, policy, active)
+    h = config.num_kv_heads
     next_pos = cache.next_pos
     positions = next_pos[:, None]
     span = plan.max_span
@@ -125,7 +130,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         else:
             p = reduce_group(probs, scorer.group_reduce).sum(axis=1)  # [B, S]
         if scorer.layer_shared:
-            p = layer_mean_by_offset(p, rel, length, _stream_width(plan))
+            p = layer_mean_by_offset(p, rel, length, _stream_width(plan), config.model_axis)
         s_new, s2_new = scorer.decode_update(s_r, s2_r, p, pos_r, next_pos)
         # only this layer's streams: layers may share one region (kvjax/compress/cascade.py)
         mine = active[:, None] & stream_mask(rel, length, span).any(axis=1)
@@ -158,7 +163,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
 
 
 def feed_tokens(weights: Weights, cache: Cache, logits, tokens, n_valid, policy: Policy, *, config: ModelConfig,
-                plan: Plan, implementation: str = "xla"):
+                plan: Plan, implementation: str = "xla", parallel=None):
     """Feed tokens [B, Q] one decode step at a time (row b its first n_valid[b]; a question appended
     after a compressed context). logits [B, V]: each row's latest, replaced as it feeds.
     Returns (cache, logits [B, V])."""
@@ -167,7 +172,7 @@ def feed_tokens(weights: Weights, cache: Cache, logits, tokens, n_valid, policy:
         cache, logits = carry
         active = i < n_valid
         cache, new_logits = decode_step(weights, cache, tokens[:, i], policy, active, config=config, plan=plan,
-                                        implementation=implementation)
+                                        implementation=implementation, parallel=parallel)
         return (cache, jnp.where(active[:, None], new_logits, logits)), None
 
     (cache, logits), _ = jax.lax.scan(feed, (cache, logits), jnp.arange(tokens.shape[1]))

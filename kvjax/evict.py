@@ -79,16 +79,20 @@ def compact(regions, rel_start, owner, victims):
     return tuple(r.at[rows, dest].set(r, mode="drop") for r in regions)
 
 
-def layer_mean_by_offset(p, rel, length, width: int):
+def layer_mean_by_offset(p, rel, length, width: int, model_axis: str | None = None):
     """TOVA: average a slot's attention over the layer's heads at the same offset in their streams
     (all heads of a layer hold the same positions in the same order). p [B, S] -> [B, S]; width:
-    the most slots a stream holds."""
+    the most slots a stream holds; model_axis: inside a mesh program, the axis the heads are split
+    over (the mean is over every device's heads)."""
     b, s = p.shape
     idx = rel[:, :, None] + jnp.arange(width)[None, None, :]  # [B, H, W]
     inside = jnp.arange(width)[None, None, :] < length[:, :, None]
     idx_c = jnp.minimum(idx, s - 1)
     vals = jnp.where(inside, jnp.take_along_axis(p[:, None, :], idx_c, axis=2), 0.0)
-    mean = vals.sum(axis=1) / jnp.maximum(inside.sum(axis=1), 1)  # [B, W]
+    total, count = vals.sum(axis=1), inside.sum(axis=1)
+    if model_axis is not None:
+        total, count = jax.lax.psum(total, model_axis), jax.lax.psum(count, model_axis)
+    mean = total / jnp.maximum(count, 1)  # [B, W]
     out = jnp.zeros_like(p)
     rows = jnp.arange(b)[:, None, None]
     return out.at[rows, jnp.where(inside, idx_c, s)].set(

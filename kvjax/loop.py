@@ -46,14 +46,14 @@ def start(logits, cache: Cache, rng, stop_ids, *, capacity: int, sampler) -> Dec
     return DecodeState(cache, jnp.int32(1), tokens, jnp.isin(first, stop_ids), jnp.ones((b,), jnp.int32), rng)
 
 
-def _run(weights, state: DecodeState, policy, until, stop_ids, *, config, plan, sampler, implementation):
+def _run(weights, state: DecodeState, policy, until, stop_ids, *, config, plan, sampler, implementation, parallel=None):
     def cond(s: DecodeState):
         return (s.step < until) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
         active = ~s.done
         cache, logits = decode_step(weights, s.cache, s.tokens[:, s.step - 1], policy, active, config=config,
-                                    plan=plan, implementation=implementation)
+                                    plan=plan, implementation=implementation, parallel=parallel)
         rng, key = jax.random.split(s.rng)
         tok = sampler(logits, key)
         return DecodeState(
@@ -64,7 +64,7 @@ def _run(weights, state: DecodeState, policy, until, stop_ids, *, config, plan, 
     return jax.lax.while_loop(cond, body, state)
 
 
-_JIT = dict(static_argnames=("config", "plan", "sampler", "implementation"), donate_argnums=(1,))
+_JIT = dict(static_argnames=("config", "plan", "sampler", "implementation", "parallel"), donate_argnums=(1,))
 _run_default = jax.jit(_run, **_JIT)
 _run_with_options: dict = {}
 
@@ -85,9 +85,15 @@ def compiled_count() -> int:
     return _run_default._cache_size() + sum(f._cache_size() for f in _run_with_options.values())
 
 
-def _stop_at_strings(state: DecodeState, stops: tuple[str, ...], decode, checked: list[int]) -> DecodeState:
+def host(array, parallel=None) -> np.ndarray:
+    """A device array on the host (on a mesh spanning processes, gathered first)."""
+    return np.asarray(array if parallel is None else parallel.gathered(array))
+
+
+def _stop_at_strings(state: DecodeState, stops: tuple[str, ...], decode, checked: list[int],
+                     parallel=None) -> DecodeState:
     """Rows whose generated text now contains a stop string end at the token that completes it."""
-    tokens, n_gen, done = np.asarray(state.tokens), np.asarray(state.n_gen).copy(), np.asarray(state.done).copy()
+    tokens, n_gen, done = (host(a, parallel).copy() for a in (state.tokens, state.n_gen, state.done))
     changed = False
     for i in range(tokens.shape[0]):
         n = int(n_gen[i])
@@ -102,28 +108,31 @@ def _stop_at_strings(state: DecodeState, stops: tuple[str, ...], decode, checked
         checked[i] = int(n_gen[i])
     if not changed:
         return state
-    return dataclasses.replace(state, n_gen=jnp.asarray(n_gen), done=jnp.asarray(done))
+    put = jnp.asarray if parallel is None else (lambda a, like: parallel.put(a, like.sharding.spec))
+    if parallel is None:
+        return dataclasses.replace(state, n_gen=put(n_gen), done=put(done))
+    return dataclasses.replace(state, n_gen=put(n_gen, state.n_gen), done=put(done, state.done))
 
 
 def drive(weights, state: DecodeState, policy, max_new: int, stop_ids, *, config, plan, sampler, implementation,
-          stop_strings: tuple[str, ...] = (), decode=None, seconds_per_call: float = 0.5) -> DecodeState:
+          stop_strings: tuple[str, ...] = (), decode=None, seconds_per_call: float = 0.5, parallel=None) -> DecodeState:
     """Decode until every row is done or `max_new` tokens are sampled, a chunk of steps per call of
     the compiled loop, sized so a call takes about `seconds_per_call`: between calls the host sees
     Ctrl-C and checks stop strings (a row whose text contains one ends at the token completing it)."""
     run = runner(state.tokens.shape[0])
     checked = [0] * state.tokens.shape[0]
     if stop_strings:
-        state = _stop_at_strings(state, stop_strings, decode, checked)
+        state = _stop_at_strings(state, stop_strings, decode, checked, parallel)
     steps, chunk = 1, 8
     while steps < max_new and not bool(jnp.all(state.done)):
         until = min(steps + chunk, max_new)
         t0 = time.perf_counter()
         state = run(weights, state, policy, jnp.int32(until), stop_ids, config=config, plan=plan, sampler=sampler,
-                    implementation=implementation)
+                    implementation=implementation, parallel=parallel)
         jax.block_until_ready(state.step)
         took = max(time.perf_counter() - t0, 1e-4)
         chunk = int(min(max((until - steps) * seconds_per_call / took, 1), 4096))
         steps = until
         if stop_strings:
-            state = _stop_at_strings(state, stop_strings, decode, checked)
+            state = _stop_at_strings(state, stop_strings, decode, checked, parallel)
     return state

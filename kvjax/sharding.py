@@ -1,7 +1,11 @@
-"""Sharding rules: logical axes of the weights and cache -> mesh axes ("data", "model").
+"""Sharding rules: logical axes of the weights -> mesh axes ("data", "model").
 
-KV heads (and so query heads, MLP columns and vocabulary) shard over `model`; sequences over `data`.
-A dimension that the mesh axis does not divide stays replicated rather than failing.
+Query and KV heads (the columns of W_q, W_k, W_v and the rows of W_o), the MLP's hidden columns and
+the output vocabulary shard over `model`; sequences over `data`. A weight dimension that the model
+axis does not divide stays replicated (an MLP or vocabulary that does not split evenly costs
+memory, not correctness); the heads must split evenly (kvjax.mesh checks it, and replicates KV
+heads when the model axis is a multiple of their count). The cache's rules are in kvjax.mesh:
+pools [B, P, D] over (data, model), streams [L, B, H] over (None, data, model).
 """
 
 from __future__ import annotations

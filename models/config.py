@@ -61,6 +61,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    #: inside a program split over a mesh (kvjax.mesh): the axes the KV heads and the sequences are
+    #: split over; None outside
+    model_axis: str | None = None
+    data_axis: str | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

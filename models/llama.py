@@ -166,25 +166,42 @@ def layer_qkv(lw: LayerWeights, x, positions, config: ModelConfig, inv_freq):
     return q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def attn_output(lw: LayerWeights, attn):
-    """attn [B, KV, G, T, D] -> [B, T, E] through W_o."""
+def _summed(x, w, b, axis: str | None):
+    """x @ w + b, where w's input rows are split over the mesh axis `axis` (None: not split): each
+    device's partial products are summed over the axis, then b is added once."""
+    y = x @ w
+    if axis is not None:
+        y = jax.lax.psum(y, axis)
+    return y if b is None else y + b
+
+
+def attn_output(lw: LayerWeights, attn, config: ModelConfig | None = None):
+    """attn [B, KV, G, T, D] -> [B, T, E] through W_o. Inside a mesh program each device holds its
+    heads' rows of W_o, so the products are summed over the model axis."""
     b, kv, g, t, d = attn.shape
-    return _linear(attn.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g * d), lw.wo, lw.bo)
+    axis = None if config is None else config.model_axis
+    return _summed(attn.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g * d), lw.wo, lw.bo, axis)
 
 
 def mlp(lw: LayerWeights, x, config: ModelConfig):
-    """The gated MLP block with its pre-norm and residual. x [B, T, E] -> [B, T, E]."""
+    """The gated MLP block with its pre-norm and residual. x [B, T, E] -> [B, T, E] (inside a mesh
+    program, summed over the model axis when the MLP's columns are split over it)."""
     h = rms_norm(x, lw.mlp_norm, config.rms_norm_eps)
     gate = _linear(h, lw.w_gate, lw.b_gate)
     up = _linear(h, lw.w_up, lw.b_up)
-    return x + _linear(jax.nn.silu(gate) * up, lw.w_down, lw.b_down)
+    split = config.model_axis is not None and lw.w_down.shape[-2] != config.intermediate_size
+    return x + _summed(jax.nn.silu(gate) * up, lw.w_down, lw.b_down, config.model_axis if split else None)
 
 
 def final_logits(weights: Weights, x, config: ModelConfig):
-    """x [B, T, E] -> logits [B, T, V] in float32."""
+    """x [B, T, E] -> logits [B, T, V] in float32 (gathered over the model axis when the output
+    projection's vocabulary is split over it)."""
     h = rms_norm(x, weights.final_norm, config.rms_norm_eps)
     w_out = weights.embed.T if weights.lm_head is None else weights.lm_head
-    return jnp.matmul(h, w_out, preferred_element_type=jnp.float32)
+    logits = jnp.matmul(h, w_out, preferred_element_type=jnp.float32)
+    if config.model_axis is not None and w_out.shape[1] != config.vocab_size:
+        logits = jax.lax.all_gather(logits, config.model_axis, axis=logits.ndim - 1, tiled=True)
+    return logits
 
 
 def decoder_layer(lw: LayerWeights, x, positions, config: ModelConfig, attend):
@@ -199,7 +216,7 @@ def decoder_layer(lw: LayerWeights, x, positions, config: ModelConfig, attend):
     """
     q, k, v = layer_qkv(lw, x, positions, config, rope_inv_freq(config))
     out, aux = attend(q, k, v)
-    x = x + attn_output(lw, out.astype(x.dtype))
+    x = x + attn_output(lw, out.astype(x.dtype), config)
     return mlp(lw, x, config), aux
 
 

@@ -73,8 +73,13 @@ def prefill_policies(weights: Weights, tokens, lengths, policies, plans, rng, *,
 
 
 def prefill(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: ModelConfig, plan: Plan,
-            implementation: str = "xla"):
-    """Prefill (compressing) right-padded prompts tokens [B, T], lengths [B]: (cache, logits [B, V])."""
+            implementation: str = "xla", parallel=None):
+    """Prefill (compressing) right-padded prompts tokens [B, T], lengths [B]: (cache, logits [B, V]).
+    parallel: a `kvjax.mesh.Parallel`: each device prefills its sequences and KV heads."""
+    if parallel is not None:
+        run = lambda w, t, n, pol, r, cfg: prefill(w, t, n, pol, r, config=cfg, plan=plan,  # noqa: E731
+                                                   implementation=implementation)
+        return parallel.prefill(run, weights, config, plan, tokens, lengths, policy, rng)
     if policy.prefill_mode is PrefillMode.CHUNKED:
         return chunked.prefill(weights, tokens, lengths, policy, rng, config=config, plan=plan,
                                implementation=implementation)

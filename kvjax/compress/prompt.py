@@ -65,7 +65,7 @@ def prompt_pass(weights: Weights, tokens, lengths, config: ModelConfig, compress
         x, states = carry
         lw, layer, per = xs
         x, (q, k, v, cs, sq) = decoder_layer(lw, x, positions, config, attend)
-        stats = PrefillStats(q, k, v, lengths, None, None, cs, sq, layer, rng)
+        stats = PrefillStats(q, k, v, lengths, None, None, cs, sq, layer, rng, config.model_axis, config.data_axis)
         out = [c.step(s, stats, p) for c, s, p in zip(compressors, states, per)]
         return (x, tuple(s for s, _ in out)), tuple(tr for _, tr in out)
 

@@ -36,6 +36,10 @@ class Params:
     weights: Weights
     tokenizer: Tokenizer | None
     source: str = ""
+    #: the jax.sharding.Mesh ("data", "model") the weights are placed on, or None (kvjax.mesh)
+    mesh: Any = None
+    #: copies of each of the checkpoint's KV heads (a model axis larger than their count, kvjax.mesh)
+    kv_replicas: int = 1
 
     @property
     def dtype(self):
@@ -89,7 +93,10 @@ def load_hf_weights(directory, config: ModelConfig, dtype=jnp.bfloat16, sharding
     np_dtype = jnp.dtype(dtype)
 
     def put(x: np.ndarray, sharding):
-        return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+        if sharding is None:
+            return jnp.asarray(x)
+        # each device's part from the host value (every process reads the same files: multi-host safe)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
     layer_sh = shardings.layers if shardings is not None else None
     fields: dict[str, Any] = {}
@@ -111,7 +118,8 @@ def load_hf_weights(directory, config: ModelConfig, dtype=jnp.bfloat16, sharding
     return Weights(
         embed=put(embed, shardings.embed if shardings is not None else None),
         layers=LayerWeights(**fields),
-        final_norm=put(store.read("model.norm.weight", (e,)).astype(np_dtype), None),
+        final_norm=put(store.read("model.norm.weight", (e,)).astype(np_dtype),
+                       shardings.final_norm if shardings is not None else None),
         lm_head=lm_head,
     )
 
@@ -157,7 +165,7 @@ def load_checkpoint(directory, dtype=None, mesh=None) -> Params:
 
         shardings = weight_shardings(config, mesh)
     weights = load_hf_weights(directory, config, dtype, shardings)
-    return Params(config, weights, load_tokenizer(directory), source=str(directory))
+    return Params(config, weights, load_tokenizer(directory), source=str(directory), mesh=mesh)
 
 
 def save_params(params: Params, directory) -> pathlib.Path:
@@ -195,7 +203,7 @@ def restore_params(directory, mesh=None) -> Params:
     with ocp.StandardCheckpointer() as ckpt:
         weights = ckpt.restore(directory / "weights", abstract)
     tokenizer = load_tokenizer(directory) if (directory / "tokenizer.json").exists() else None
-    return Params(config, weights, tokenizer, source=str(directory))
+    return Params(config, weights, tokenizer, source=str(directory), mesh=mesh)
 
 
 def _abstract_weights(config: ModelConfig, dtype, mesh) -> Weights:

@@ -104,6 +104,8 @@ class PrefillStats:
     colsq: Any
     layer: Any
     rng: Any
+    model_axis: str | None = None  # inside a mesh program: the axis the heads are split over
+    data_axis: str | None = None  # ... and the one the sequences are split over
 
     @property
     def num_tokens(self) -> int:
@@ -117,6 +119,23 @@ class PrefillStats:
     def valid(self):
         """[B, T] bool: token exists in the prompt."""
         return self.positions[None, :] < self.lengths[:, None]
+
+    def head_sum(self, x, axis):
+        """Sum over `axis` (which includes the KV-head axis 1) across every device's heads."""
+        s = jnp.sum(x, axis=axis)
+        return s if self.model_axis is None else jax.lax.psum(s, self.model_axis)
+
+    def head_mean(self, x, axis):
+        """Mean over `axis` (which includes the KV-head axis 1) across every device's heads."""
+        m = jnp.mean(x, axis=axis)
+        if self.model_axis is None:
+            return m
+        return jax.lax.psum(m, self.model_axis) / jax.lax.psum(1, self.model_axis)
+
+    def global_index(self, size: int, axis: str | None):
+        """[size] indices of this device's rows (or heads) among all devices' (axis: the mesh axis)."""
+        i = jnp.arange(size)
+        return i if axis is None else i + jax.lax.axis_index(axis) * size
 
     def with_window(self, window: int, scale: float) -> "PrefillStats":
         """These stats with the attention of the last `window` queries filled in (needs q)."""

@@ -50,9 +50,9 @@ def _variance_over_window(a, n_rows):
 def layer_preference(stats: PrefillStats, window: int, tau1, tau2):
     """P_l of one layer for each sequence: [B] float32."""
     a, _ = _window_prefix_attention(stats, window)
-    entropy = -jnp.sum(a * jnp.log(a + 1e-10), axis=(1, 2, 3, 4))
+    entropy = -stats.head_sum(a * jnp.log(a + 1e-10), axis=(1, 2, 3, 4))
     var, _ = _variance_over_window(a, stats.window_valid.sum(axis=1))
-    return entropy ** (1.0 / tau1) * var.sum(axis=(1, 2, 3)) ** (1.0 / tau2)
+    return entropy ** (1.0 / tau1) * stats.head_sum(var, axis=(1, 2, 3)) ** (1.0 / tau2)
 
 
 def split_budgets(prefs, active, total, cap):

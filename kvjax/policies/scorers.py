@@ -72,7 +72,7 @@ class LastQueryAttention(Scorer):
 
     def prefill_scores(self, stats: PrefillStats):
         last = stats.window_attn[:, :, :, -1, :]  # [B, H, G, T]
-        layer_mean = jnp.mean(last, axis=(1, 2))  # [B, T]
+        layer_mean = stats.head_mean(last, axis=(1, 2))  # [B, T], over every head of the layer
         return jnp.broadcast_to(layer_mean[:, None, :], stats.k.shape[:3])
 
     def prefill_running(self, stats: PrefillStats):
@@ -126,8 +126,13 @@ class RandomScore(Scorer):
     """Uniform random scores (seeded): the floor every method should beat."""
 
     def prefill_scores(self, stats: PrefillStats):
-        key = jax.random.fold_in(stats.rng, stats.layer)
-        return jax.random.uniform(key, stats.k.shape[:3])
+        # one key per (layer, sequence, head), from their global indices: the same numbers however
+        # the batch and the heads are split over devices
+        b, h, t = stats.k.shape[:3]
+        layer_key = jax.random.fold_in(stats.rng, stats.layer)
+        rows, heads = stats.global_index(b, stats.data_axis), stats.global_index(h, stats.model_axis)
+        draw = lambda r, hh: jax.random.uniform(jax.random.fold_in(jax.random.fold_in(layer_key, r), hh), (t,))
+        return jax.vmap(lambda r: jax.vmap(lambda hh: draw(r, hh))(heads))(rows)
 
 
 @policy_dataclass

@@ -132,7 +132,9 @@ class BudgetProfile:
 
 def config_hash(config) -> str:
     """A short hash of everything in a model config that changes the math (sha256 of its JSON)."""
-    text = json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in ("model_axis", "data_axis")}  # how it runs, not the model
+    text = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
