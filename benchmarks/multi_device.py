@@ -23,6 +23,7 @@ import json
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 
@@ -64,26 +65,31 @@ def decode_program(params, plan, policy, n_steps, par):
 
 
 def batch_cache(pre, batch, par):
-    """The prefilled cache repeated to `batch` sequences, placed as the mesh splits a cache."""
-    from kvjax.cache import tile
+    """The prefilled cache's rows repeated to `batch` sequences, built where the mesh keeps them (each
+    device gathers its own rows: no full-batch copy on one device)."""
+    from kvjax.cache import Cache
 
-    rows = pre.cache.batch_size
-    cache = tile(pre.cache, -(-batch // rows))
-    cache = jax.tree_util.tree_map(lambda a: a, cache)
-    take = lambda c: jax.tree_util.tree_map(lambda a, ax: jax.lax.slice_in_dim(a, 0, batch, axis=ax), c,  # noqa: E731
-                                            _batch_axes(c))
-    cache = take(cache)
+    rows = jnp.arange(batch) % pre.cache.batch_size
+    take = lambda c: Cache(jax.tree_util.tree_map(lambda a: a[rows], c.pools),  # noqa: E731
+                           jax.tree_util.tree_map(lambda a: a[:, rows], c.streams), c.next_pos[rows], c.layout)
+    out = None
     if par is not None:
-        shardings = jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(par.mesh, s),
-                                           par.cache_specs(cache.layout))
-        cache = jax.device_put(cache, shardings)
-    return jax.block_until_ready(cache)
+        out = jax.tree_util.tree_map(lambda s: jax.sharding.NamedSharding(par.mesh, s), par.cache_specs(pre.cache.layout))
+    return jax.block_until_ready(jax.jit(take, out_shardings=out)(pre.cache))
 
 
-def _batch_axes(cache):
-    from kvjax.cache import Cache, Pools, Streams
+def trace_step(prog, weights, cache, tok, steps, trace_dir):
+    """One call of the decode program under the profiler: GPU time per kernel family and the top
+    kernels, per step (benchmarks/decode_tuning.py's summary; collectives show as nccl kernels)."""
+    import decode_tuning as T
 
-    return Cache(Pools(0, 0, 0, 0, 0), Streams(1, 1, 1, 1), 0, cache.layout)
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        cache, tok = jax.block_until_ready(prog(weights, cache, tok))
+    events, _ = T._trace_events(trace_dir)
+    summary = T.summarize_trace(events, steps) if events is not None else dict(error="no trace")
+    nccl = [k for k in summary.get("top_kernels", []) if "nccl" in k["name"].lower()]
+    summary["collectives_us_per_step"] = sum(k["us_per_step"] for k in nccl)
+    return dict(summary, cache=cache)
 
 
 def largest_batch(params, pre, par, reserve=3 << 30) -> int:
@@ -174,7 +180,10 @@ def main(argv=None) -> int:
                 pre = kvjax.prefill(params, prompts16[: max(8, data)], pol, max_new_tokens=args.steps)
                 mstats = mesh_stats(par, params, pre.cache) if par is not None else None
                 biggest = largest_batch(params, pre, par) if not tiny else 8 * data
-                batches = (1 if data == 1 else data, 32, biggest) if name == "SnapKV" else (32, biggest)
+                # batch 32 in all, and 32 per device when sequences are split over `data`
+                per_device = (32 * data,) if data > 1 else ()
+                batches = ((1 if data == 1 else data, 32) + per_device + (biggest,) if name == "SnapKV"
+                           else (32,) + per_device + (biggest,))
                 for batch in batches:
                     if left() < 45:
                         rows.append(dict(mesh=shape_text, what="decode", policy=name, batch=batch, skipped="time"))
@@ -195,10 +204,15 @@ def main(argv=None) -> int:
                         jax.block_until_ready(tok)
                         ts.append(time.perf_counter() - t0)
                     step = statistics.median(ts) / args.steps
+                    prof = None
+                    if batch <= data and name == "SnapKV" and not tiny:  # where the time of a small step goes
+                        prof = trace_step(prog, params.weights, cache, tok, args.steps,
+                                          pathlib.Path(tempfile.mkdtemp(prefix=f"trace_{shape_text}_")))
+                        cache = prof.pop("cache")
                     per_dev = sum(x.addressable_shards[0].data.nbytes for x in jax.tree_util.tree_leaves(cache))
                     rows.append(dict(mesh=shape_text, what="decode", policy=name, batch=batch, ms_per_step=step * 1e3,
                                      tokens_per_s=batch / step, cache_bytes_per_device=int(per_dev),
-                                     compile_and_first_s=round(first, 1), mesh_stats=mstats))
+                                     compile_and_first_s=round(first, 1), mesh_stats=mstats, profile=prof))
                     log(f"  decode {name} b{batch}: {step * 1e3:.2f} ms/step, {batch / step:.0f} tok/s, "
                         f"{per_dev / 2**30:.2f} GiB cache per device")
                     del cache
