@@ -95,7 +95,7 @@ def trace_step(prog, weights, cache, tok, steps, trace_dir):
     return dict(summary, cache=cache)
 
 
-def largest_batch(params, pre, par, reserve=3 << 30) -> int:
+def largest_batch(params, pre, par, reserve=6 << 30) -> int:
     """Sequences whose pools fit beside the weights on every device (a multiple of `data`)."""
     stats = jax.devices()[0].memory_stats() or {}
     limit = stats.get("bytes_limit", 16 << 30)
@@ -103,7 +103,7 @@ def largest_batch(params, pre, par, reserve=3 << 30) -> int:
     model = 1 if par is None else par.model
     per_seq = sum(x.nbytes for x in jax.tree_util.tree_leaves(pre.cache.pools)) / pre.cache.batch_size
     weights = _shapes.weight_bytes(params.weights) / model
-    per_device = int((limit - weights - reserve) // (per_seq / model * 1.08))
+    per_device = int((limit - weights - reserve) // (per_seq / model * 1.25))
     b = per_device * data
     return max(data, b - b % (8 * data) if b >= 16 * data else b - b % data)
 
