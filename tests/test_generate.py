@@ -177,14 +177,19 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
     pre = kvjax.prefill(params, prompts, policy, max_new_tokens=6)
     from kvjax.decode import decode_step
 
+    import functools
+
+    import jax
+
     caches = {impl: pre.cache for impl in ("xla", "pallas")}
+    steps = {impl: jax.jit(functools.partial(decode_step, config=params.config, plan=pre.plan, implementation=impl))
+             for impl in caches}  # compiled once each: the interpreted kernel runs far faster inside jit
     tokens = jnp.asarray([5, 9])
     for step in range(5):
         active = jnp.asarray([True, step < 2])  # row 1 stops after two steps
         out = {}
         for impl in caches:
-            caches[impl], out[impl] = decode_step(params.weights, caches[impl], tokens, pre.policy, active,
-                                                  config=params.config, plan=pre.plan, implementation=impl)
+            caches[impl], out[impl] = steps[impl](params.weights, caches[impl], tokens, pre.policy, active)
         np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), atol=2e-4)
         tokens = jnp.argmax(out["xla"], axis=-1).astype(jnp.int32)
     assert calls, "the Pallas kernel was not used"

@@ -43,12 +43,24 @@ def _forced(name: str, budget: int):
     return np.zeros(N, bool)
 
 
+KEPT_CASES = {(name, budget): POLICIES[name](budget) for name in sorted(POLICIES) for budget in (64, 256)}
+KEPT_CASES |= {("adakv", budget): P.AdaKV(P.SnapKV(budget=budget), convention="kvpress") for budget in (64, 256)}
+KEPT_CASES[("pyramidkv", 768)] = P.PyramidKV(budget=768)
+
+
+@pytest.fixture(scope="module")
+def kept_by_case(smollm2_f32):
+    """Each case's kept positions from one prompt pass that compresses for every policy at once
+    (`kvjax.prefill` with a list of policies; each cache as that policy's prefill builds it)."""
+    pres = kvjax.prefill(smollm2_f32, [IDS], list(KEPT_CASES.values()), max_new_tokens=1)
+    return {case: (kvjax.kept_positions(pre.cache), pre) for case, pre in zip(KEPT_CASES, pres)}
+
+
 @pytest.mark.parametrize("budget", [64, 256])
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_kept_positions_equal_kvpress(smollm2_f32, name, budget):
+def test_kept_positions_equal_kvpress(smollm2_f32, kept_by_case, name, budget):
     ref = np.load(FIXTURES / f"kept_{name}_{budget}.npz")
-    pre = kvjax.prefill(smollm2_f32, [IDS], POLICIES[name](budget), max_new_tokens=1)
-    kept = kvjax.kept_positions(pre.cache)
+    kept, _ = kept_by_case[(name, budget)]
     scores = ref["scores"]  # kvpress's own scores [L, H, T]
     cfg = smollm2_f32.config
     for layer in range(cfg.num_layers):
@@ -64,11 +76,9 @@ def test_kept_positions_equal_kvpress(smollm2_f32, name, budget):
 
 
 @pytest.mark.parametrize("budget", [64, 256])
-def test_adakv_kept_mask_equals_kvpress(smollm2_f32, budget):
+def test_adakv_kept_mask_equals_kvpress(smollm2_f32, kept_by_case, budget):
     ref = np.load(FIXTURES / f"kept_adakv_snapkv_{budget}.npz")
-    policy = P.AdaKV(P.SnapKV(budget=budget), convention="kvpress")
-    pre = kvjax.prefill(smollm2_f32, [IDS], policy, max_new_tokens=1)
-    kept = kvjax.kept_positions(pre.cache)
+    kept, _ = kept_by_case[("adakv", budget)]
     cfg = smollm2_f32.config
     for layer in range(cfg.num_layers):
         mask = ref["kept_mask"][layer]
@@ -126,11 +136,10 @@ def test_passkey_answers_agree_with_kvpress(passkey_outputs, name, ratio):
     assert abs(ours_correct - kvpress_correct) <= 1
 
 
-def test_pyramidkv_with_an_active_pyramid_equals_kvpress(smollm2_f32):
+def test_pyramidkv_with_an_active_pyramid_equals_kvpress(smollm2_f32, kept_by_case):
     """At 768 tokens per head the pyramid does not fall back: layer budgets 1435 - 46 l."""
     ref = np.load(FIXTURES / "kept_pyramidkv_768.npz")
-    pre = kvjax.prefill(smollm2_f32, [IDS], P.PyramidKV(budget=768), max_new_tokens=1)
-    kept = kvjax.kept_positions(pre.cache)
+    kept, pre = kept_by_case[("pyramidkv", 768)]
     cfg = smollm2_f32.config
     assert np.asarray(pre.cache.streams.length)[:, 0, 0].tolist() == ref["n_kept"].tolist()
     for layer in range(cfg.num_layers):
