@@ -308,3 +308,43 @@ def test_killed_after_its_first_batch_the_job_resumes_and_writes_every_record_on
     assert "0 written (0 errors), 13 already present" in capsys.readouterr().out
     assert out.read_text() == after
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_mesh_larger_than_the_machine_is_refused_naming_its_sizes():
+    import jax
+
+    cfg = _parse("model: m\npolicy: full\nmesh: {data: 64, model: 2}\n")
+    assert cfg.mesh == (64, 2)
+    with pytest.raises(InputError, match=rf"job.yaml: mesh must be at most {len(jax.devices())} devices in all"):
+        cfg.make_mesh()
+
+
+@pytest.mark.slow
+def test_lines_the_model_cannot_take_get_error_records_and_the_rest_still_run(smollm2_f32, tmp_path):
+    """Too long for the model, a repeated id: line errors. A ratio budget that leaves a short prompt
+    fewer tokens than SnapKV's window fails its batch: the batch is retried one prompt at a time and
+    only that prompt gets an error record (with the policy)."""
+    from kvjax.jobs import run_job
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(CONFIG.replace("  - {name: snapkv, budget: 16, window: 4}\n",
+                                  "  - {name: snapkv, budget: 0.1, window: 4}\n"))
+    short = "The cat sat on the mat and looked at the dog, who was asleep by the door."
+    long_enough = ("The cat sat on the mat and looked at the dog, who was asleep by the door. " * 3).strip()
+    lines = [{"id": "huge", "prompt": "word " * 9000}, {"id": "s", "prompt": short},
+             {"id": "l", "prompt": long_enough}, {"id": "s", "prompt": "a repeated id"}]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    n_short = len(smollm2_f32.tokenizer.encode(short))
+    assert round(0.1 * n_short) < 4 <= round(0.1 * len(smollm2_f32.tokenizer.encode(long_enough)))
+    summary = run_job(cfg, inp, tmp_path / "out.jsonl", quiet=True, params=smollm2_f32)
+    records = _records(tmp_path / "out.jsonl")
+    errors = {(r["id"], r["line"], (r.get("policy") or {}).get("name")): r["error"] for r in records if "error" in r}
+    assert set(errors) == {("s", 4, None), ("huge", 1, None), ("s", 2, "snapkv")}, errors
+    assert errors[("s", 4, None)] == "line 4: id 's' repeats line 2"
+    assert errors[("huge", 1, None)].startswith("line 1: too long for the model: prompt of 900")
+    assert "exceed its 8192 positions" in errors[("huge", 1, None)]
+    assert "fewer than the 4 that SnapKV always keeps" in errors[("s", 2, "snapkv")]
+    answers = {(r["id"], r["policy"]["name"]) for r in records if "error" not in r}
+    assert answers == {("s", "full"), ("l", "full"), ("l", "snapkv")}
+    assert summary.errors == 3 and summary.written == 6 and summary.input_lines == 4

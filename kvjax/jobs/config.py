@@ -10,7 +10,8 @@
     sampling: {temperature: 0.0, top_k: null, top_p: null, seed: 0, stop: ["\\n\\n"]}
     max_new_tokens: 64
     batch_size: 8
-    chat: false                   # apply the tokenizer's chat template to prompts and contexts
+    chat: false                   # the tokenizer's chat template around prompts and contexts (questions are
+                                  # appended after it as they are, as kvjax.prefill(..., question=) does)
 
 Every mistake raises `kvjax.errors.InputError` naming the file, the key, the value and what is
 allowed (an unknown policy or option: the known ones).

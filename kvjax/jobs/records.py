@@ -105,7 +105,7 @@ def read_input(path) -> list[Item | LineError]:
     """Every non-blank line of the input, parsed; a repeated id is an error on its later line."""
     out: list[Item | LineError] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for number, text in enumerate(f, 1):
             if not text.strip():
                 continue

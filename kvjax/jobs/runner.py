@@ -5,7 +5,8 @@
 Prompt lines are grouped by length bucket (kvjax.prompts.length_bucket of their token count) and
 run `batch_size` at a time, so a batch pads little and each (bucket, policy) compiles once. A
 context line is compressed once per policy (`kvjax.prefill`) and its questions answered from that
-(`generate(prefilled=..., question=[...])`, `batch_size` questions at a time). Batches run in order
+(`generate(prefilled=..., question=[...])`, `batch_size` questions at a time; one at a time on a
+mesh, which does not batch several questions of one context). Batches run in order
 and, within a batch, the policies in the config's order; each (batch, policy) is appended to the
 output and fsync'ed before the next starts. A rerun reads the output first and skips every (id,
 question, policy) already there, so a killed job loses at most the batch in flight.
@@ -154,8 +155,9 @@ class _Job:
             compiled = kvjax.api.compile_counts() != before
             records = []
             qs = [q for _, q in todo]
-            for i in range(0, len(qs), self.cfg.batch_size):
-                chunk = qs[i: i + self.cfg.batch_size]
+            step = 1 if self.params.mesh is not None else self.cfg.batch_size  # a mesh: one question per call
+            for i in range(0, len(qs), step):
+                chunk = qs[i: i + step]
                 out = kvjax.generate(self.params, prefilled=pre, question=[row.item.questions[q] for q in chunk],
                                      **self.options)
                 records += self._records(out, [(row, q) for q in chunk], spec, context_s, compiled)
