@@ -121,35 +121,47 @@ class _Job:
         todo = _pending(self.done, batch, spec)
         if not todo:
             return
-        records = self._generate(todo, spec, policy)
+        records, batches = self._generate(todo, spec, policy)
         self.writer.write(records)
-        self.summary.written += len(records)
-        self.summary.errors += sum("error" in r for r in records)
+        sm = self.summary
+        sm.written += len(records)
+        sm.errors += sum("error" in r for r in records)
+        sm.prompt_tokens += sum(r.get("prompt_tokens", 0) for r in records)
+        sm.generated_tokens += sum(r.get("generated_tokens", 0) for r in records)
+        sm.batches += len(batches)
+        sm.compiled_batches += sum(compiled for _, compiled in batches)
+        sm.peak_cache_bytes = max([sm.peak_cache_bytes] + [nbytes for nbytes, _ in batches])
         self.bar.update(len(records))
         elapsed = time.perf_counter() - self.started
         self.bar.set_postfix_str(f"{self.summary.generated_tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
 
-    def _generate(self, todo, spec, policy) -> list[dict]:
+    def _generate(self, todo, spec, policy) -> tuple[list[dict], list[tuple[int, bool]]]:
+        """(records, (cache bytes, compiled) of each batch run); on an input error, one at a time."""
         try:
             return self._answer(todo, spec, policy)
         except KvjaxError as e:
             if len(todo) > 1:  # find the culprit: one sequence at a time
-                return [rec for one in todo for rec in self._generate([one], spec, policy)]
+                records, batches = [], []
+                for one in todo:
+                    r, b = self._generate([one], spec, policy)
+                    records, batches = records + r, batches + b
+                return records, batches
             (row, q), = todo
             return [{"id": row.item.id, "line": row.item.line, "question": q, "policy": spec.record(),
-                     "error": str(e)}]
+                     "error": str(e)}], []
 
-    def _answer(self, todo, spec, policy) -> list[dict]:
+    def _answer(self, todo, spec, policy) -> tuple[list[dict], list[tuple[int, bool]]]:
+        import jax
+
         import kvjax
 
         t0 = time.perf_counter()
+        batches = []
         row = todo[0][0]
         if row.item.is_context:
             before = kvjax.api.compile_counts()
             pre = kvjax.prefill(self.params, [row.ids], policy, max_new_tokens=self.cfg.max_new_tokens,
                                 seed=self.cfg.sampling.seed)
-            import jax
-
             jax.block_until_ready(pre.logits)
             context_s = time.perf_counter() - t0
             compiled = kvjax.api.compile_counts() != before
@@ -161,24 +173,22 @@ class _Job:
                 out = kvjax.generate(self.params, prefilled=pre, question=[row.item.questions[q] for q in chunk],
                                      **self.options)
                 records += self._records(out, [(row, q) for q in chunk], spec, context_s, compiled)
+                batches.append((out.stats["cache_bytes"], compiled or out.stats["compiled"]))
                 context_s, compiled = 0.0, False  # counted once, with the context's first questions
         else:
             out = kvjax.generate(self.params, [r.ids for r, _ in todo], policy=policy, **self.options)
             records = self._records(out, todo, spec, 0.0, False)
+            batches.append((out.stats["cache_bytes"], out.stats["compiled"]))
         self.summary.generate_s += time.perf_counter() - t0
-        return records
+        return records, batches
 
-    def _records(self, out, todo, spec, extra_prefill_s: float, compiled: bool) -> list[dict]:
+    @staticmethod
+    def _records(out, todo, spec, extra_prefill_s: float, compiled: bool) -> list[dict]:
         s, n = out.stats, len(todo)
         per_row = s["cache_bytes"] // out.cache.batch_size
-        compiled = compiled or bool(s.get("compiled", False))
-        self.summary.batches += 1
-        self.summary.compiled_batches += compiled
-        self.summary.peak_cache_bytes = max(self.summary.peak_cache_bytes, s["cache_bytes"])
+        compiled = compiled or bool(s["compiled"])
         records = []
         for i, (row, q) in enumerate(todo):
-            self.summary.prompt_tokens += s["prompt_lengths"][i]
-            self.summary.generated_tokens += s["generated_lengths"][i]
             rec = {"id": row.item.id, "line": row.item.line, "question": q, "policy": spec.record(),
                    "text": out.text[i], "prompt_tokens": s["prompt_lengths"][i],
                    "generated_tokens": s["generated_lengths"][i], "cache_bytes": per_row,
