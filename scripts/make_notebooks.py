@@ -158,8 +158,9 @@ for s in samples:
 ## Every policy and budget from one prompt pass
 
 `kvjax.prefill(params, prompts, [policy, ...])` runs the prompt forward once and compresses it for
-each policy (budgets are traced: changing them does not recompile). Each `Prefilled` then decodes on
-its own. The full cache is the reference, drawn at the prompt's length."""),
+each policy, in one compiled program. Each `Prefilled` then decodes on its own (a budget sizes the
+cache's pool, so each one compiles its own decode loop: a few seconds on a CPU). The full cache is
+the reference, drawn at the prompt's length."""),
     ("code", """\
 BUDGETS = [16, 32, 64, 128, 256]
 MAKERS = {
