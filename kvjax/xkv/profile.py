@@ -38,6 +38,7 @@ from kvjax.xkv.budgets import BudgetProfile, config_hash, default_path, load_pro
 from kvjax.xkv.solver import solve
 from kvjax.io.checkpoint import Params
 from kvjax.errors import InputError, bad_input
+from kvjax.validate import flag as validate_flag
 from kvjax.eval.synthetic import sample_prompts
 from kvjax.models import decoder_layer, embed, scan_layers
 from kvjax.models.prompt_attention import window_attention
@@ -163,12 +164,16 @@ def _check_options(params: Params, seqs, total_budget, window, metric, kernel, p
 
 
 def measure_curves(params: Params, seqs: list[list[int]], window: int, sizes: tuple[int, ...], *,
-                   metric: str = "mass", kernel: int = 5, pooling: str = "avg") -> np.ndarray:
-    """Retention curves [L, S] float64: mean over prompts and KV heads (module docstring)."""
+                   metric: str = "mass", kernel: int = 5, pooling: str = "avg", progress: bool | None = None
+                   ) -> np.ndarray:
+    """Retention curves [L, S] float64: mean over prompts and KV heads (module docstring).
+    progress: a progress bar over the prompts on stderr (None: only when stderr is a terminal)."""
+    from tqdm import tqdm
+
     t = -(-max(len(s) for s in seqs) // _PAD_MULTIPLE) * _PAD_MULTIPLE
     t = min(t, params.config.max_position_embeddings)
     total = None
-    for ids in seqs:
+    for ids in tqdm(seqs, desc="profiling", unit="prompt", disable=None if progress is None else not progress):
         tokens = np.zeros((1, t), np.int32)
         tokens[0, : len(ids)] = ids
         c = _curves(params.weights, tokens, np.array([len(ids)], np.int32), config=params.config, window=window,
@@ -180,7 +185,7 @@ def measure_curves(params: Params, seqs: list[list[int]], window: int, sizes: tu
 
 def profile(params: Params, prompts, total_budget: int, *, window: int = 32, sizes=None, seed: int = 0,
             metric: str = "mass", n_tokens: int = 2048, kernel: int = 5, pooling: str = "avg",
-            method: str = "auto", name: str | None = None) -> BudgetProfile:
+            method: str = "auto", name: str | None = None, progress: bool | None = None) -> BudgetProfile:
     """Profile per-layer retention on `prompts` and choose per-layer budgets summing to at most
     `total_budget` (tokens per KV head over all layers, windows included).
 
@@ -189,6 +194,7 @@ def profile(params: Params, prompts, total_budget: int, *, window: int = 32, siz
     sizes:   candidate prefix sizes (tokens beyond the window), ascending; default `default_sizes`.
     seed:    seeds the sampled prompts; with the same prompts the result is identical.
     method:  the solver ("auto": greedy when exact, else DP; see `kvjax.xkv.solver`).
+    progress: a bar over the prompts on stderr: True, False, or None (only when stderr is a terminal).
     """
     if isinstance(prompts, (int, np.integer)) and isinstance(window, int) and n_tokens < 2 * window:
         raise bad_input("n_tokens", n_tokens, f"at least 2 x window = {2 * window} (the window's halves rank and measure)")
@@ -199,7 +205,10 @@ def profile(params: Params, prompts, total_budget: int, *, window: int = 32, siz
     if sizes is None:
         sizes = default_sizes(prefix_total, num_layers, max(len(s) for s in seqs) - window)
     sizes = tuple(int(s) for s in np.asarray(sizes).reshape(-1))
-    curves = measure_curves(params, seqs, window, sizes, metric=metric, kernel=kernel, pooling=pooling)
+    if progress is not None:
+        validate_flag("progress", progress)
+    curves = measure_curves(params, seqs, window, sizes, metric=metric, kernel=kernel, pooling=pooling,
+                            progress=progress)
     sol = solve(curves, np.asarray(sizes, np.int64), prefix_total, method=method)
     return BudgetProfile(
         model=name or model_name(params), total=int(total_budget), window=int(window),
