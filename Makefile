@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
 
-.PHONY: demo test test-fast clean qwen
+.PHONY: demo test notebooks clean qwen
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m kvjax.cli demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q
+
+# executes notebooks/ top to bottom on the embedded model (a few minutes; CI runs it after `make test`)
+notebooks: $(VENV)/.installed
+	KVJAX_NOTEBOOKS=1 $(VENV)/bin/python -m pytest -q tests/test_notebooks.py
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

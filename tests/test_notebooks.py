@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def test_the_committed_notebooks_are_the_generators_and_carry_no_outputs():
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_missing()), reason=f"the notebooks extra is not installed (pip install -e .[notebooks]: "
                     f"missing {', '.join(_missing())})")
+@pytest.mark.skipif(os.environ.get("KVJAX_NOTEBOOKS") != "1",
+                    reason="executing the notebooks takes minutes: `make notebooks` (CI runs it after the suite)")
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_the_notebook_runs_top_to_bottom_on_the_embedded_model(name, smollm2_dir, tmp_path):
     import nbformat
