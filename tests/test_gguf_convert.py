@@ -106,6 +106,7 @@ def test_tiny_qwen2_gguf_converts_with_qkv_biases_and_unpermuted_rows(tmp_path):
     assert layers.bq.shape == (2, 32) and layers.bo is None
 
 
+@pytest.mark.torch  # transformers' GGUF reader imports torch
 def test_tiny_qwen2_tokenizer_equals_transformers_gguf_tokenizer(tmp_path):
     import tokenizers
     import transformers
