@@ -1,245 +1,310 @@
-"""The quality benchmark's reports: summary tables, paired comparisons, markdown and plot."""
+"""The quality study's report: markdown (tables with Wilson intervals, paired tests, the targets'
+verdicts, the decision table, perplexity, cache figures, timings) and plots, from a result file."""
 
 from __future__ import annotations
 
-import math
 import pathlib
-import sys
+from collections import defaultdict
 
-import numpy as np
+from quality_analysis import ALPHA, Index, comparisons, decision, kept_share, per_task, targets
+from quality_grid import COMPARISONS, MODES
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-
-MODES = ("aware", "agnostic")
-
-# ------------------------------------------------------------------------------------------------
-# reports
+MODE_TITLE = {"aware": "query-aware (context + question compressed together)",
+              "agnostic": "query-agnostic (context compressed alone, then the question)"}
 
 
-def _mean(xs):
-    xs = [x for x in xs if x is not None]
-    return float(np.mean(xs)) if xs else None
+def _ci(p) -> str:
+    return "—" if p is None else f"{p.value:.2f} [{p.low:.2f}, {p.high:.2f}]"
 
 
-def summary(cells, mode, policies, budgets, metric="accuracy"):
-    """{policy: {budget: mean of `metric` over (task, length) cells}} and the Full row."""
-    table = {}
-    for name in policies:
-        table[name] = {}
-        for b in budgets:
-            vals = [c[metric] for c in cells if c["mode"] == mode and c["policy"] == name and c["budget"] == b]
-            table[name][b] = _mean(vals)
-    full = _mean([c[metric] for c in cells if c["mode"] == mode and c["policy"] == "Full"])
-    return table, full
+def _f(x, d=2) -> str:
+    return "—" if x is None else f"{x:.{d}f}"
 
 
-def paired(outputs, a, b, budgets, mode=None, metric="correct"):
-    """Prompts where a scores higher than b, and lower, over the given budgets (and mode)."""
-    res = {}
-    for o in outputs:
-        if o["policy"] not in (a, b) or o["budget"] not in budgets or (mode and o["mode"] != mode):
-            continue
-        key = (o["task"], o["length"], o["seed"], o["mode"], o["budget"])
-        res.setdefault(key, {})[o["policy"]] = float(o[metric])
-    both = [v for v in res.values() if len(v) == 2]
-    return sum(v[a] > v[b] for v in both), sum(v[b] > v[a] for v in both), len(both)
+def _present(data):
+    recs = data["records"]
+    meta = data["meta"]
+    order = {p: i for i, p in enumerate(meta.get("policies", []))}
+    policies = sorted({r["policy"] for r in recs if r["policy"] != "Full"}, key=lambda p: (order.get(p, 99), p))
+    ratios = sorted({r["ratio"] for r in recs if r["ratio"] is not None})
+    modes = [m for m in MODES if any(r["mode"] == m for r in recs)]
+    tasks = [t for t in meta.get("tasks", []) if any(r["task"] == t for r in recs)]
+    lengths = sorted({r["length"] for r in recs})
+    return policies, ratios, modes, tasks, lengths
 
 
-def sign_test_p(wins, losses):
-    """Two-sided exact sign test on the discordant pairs."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    k = min(wins, losses)
-    p = sum(math.comb(n, i) for i in range(0, k + 1)) / 2**n
-    return min(1.0, 2 * p)
-
-
-def analysis(result, policies, budgets):
-    cells, outputs = result["cells"], result["outputs"]
-    small = [b for b in budgets if b <= 128]
-    lines = ["## Analysis (generated from the numbers above)", ""]
-    n_per_cell = sorted({c["n"] for c in cells})
-    lines.append(f"Each number averages (task, length) cells of {', '.join(map(str, n_per_cell))} samples, so one "
-                 "sample moves a cell by 1/n. Paired counts compare two policies on the same prompts (task, length, "
-                 "seed, mode, budget): how often each scores higher; p is a two-sided exact sign test on those "
-                 "prompts. Budgets <= 128 only.")
-    lines.append("")
-    for a, b in (("AdaKV(SnapKV)", "SnapKV"), ("CAKE", "PyramidKV"), ("AdaKV(PyramidKV)", "PyramidKV")):
-        if a not in policies or b not in policies:
-            lines.append(f"- {a} vs {b}: not measured ({a if a not in policies else b} not in this run).")
-            continue
-        for metric, key, label in (("accuracy", "correct", "exact match"),
-                                   ("digit_score", "digit_score", "digit score")):
-            parts, means = [], []
-            for mode in MODES:
-                table, _ = summary(cells, mode, [a, b], small, metric)
-                ma, mb = _mean([table[a][x] for x in small]), _mean([table[b][x] for x in small])
-                if ma is None or mb is None:
-                    continue
-                means.append((ma, mb))
-                w, l, n = paired(outputs, a, b, small, mode, key)
-                parts.append(f"{mode} {ma:.3f} vs {mb:.3f} ({a} higher on {w}, {b} on {l} of {n} prompts, "
-                             f"p = {sign_test_p(w, l):.2f})")
-            if not means:
-                continue
-            ma, mb = np.mean([m[0] for m in means]), np.mean([m[1] for m in means])
-            w, l, n = paired(outputs, a, b, small, None, key)
-            p = sign_test_p(w, l)
-            verdict = ("yes" if ma >= mb else "no") + (f", p = {p:.2f}" + (" (not significant)" if p > 0.05 else ""))
-            lines.append(f"- {a} >= {b} on average at budgets <= 128, {label}? {verdict}: both modes {ma:.3f} vs "
-                         f"{mb:.3f}; " + "; ".join(parts) + ".")
-    lines.append("")
-    for metric, label in (("accuracy", "exact match"), ("digit_score", "digit score")):
-        for mode in MODES:
-            table, full = summary(cells, mode, policies, budgets, metric)
-            if full is None:
-                continue
-            best = []
-            for b in budgets:
-                vals = [(table[p][b], p) for p in policies if table[p][b] is not None]
-                if vals:
-                    top = max(v for v, _ in vals)
-                    tops = [p for v, p in vals if v == top]
-                    best.append(f"{b}: " + (", ".join(tops) if len(tops) <= 3 else f"{len(tops)} policies tie")
-                                + f" ({top:.2f})")
-            lines.append(f"- {label}, {mode}: full cache {full:.2f}; best per budget: " + "; ".join(best) + ".")
-    gaps = []
-    for name in policies:
-        ta, _ = summary(cells, "aware", [name], budgets, "digit_score")
-        tg, _ = summary(cells, "agnostic", [name], budgets, "digit_score")
-        a, g = _mean(list(ta[name].values())), _mean(list(tg[name].values()))
-        if a is not None and g is not None:
-            gaps.append((a - g, name, a, g))
-    if gaps:
-        gaps.sort(reverse=True)
-        lines.append("- Digit score, query-aware -> query-agnostic (mean over budgets): " +
-                     ", ".join(f"{n} {a:.2f} -> {g:.2f}" for _, n, a, g in gaps) + ".")
-    return lines
-
-
-def fmt(x):
-    return "—" if x is None else f"{x:.2f}"
-
-
-def write_markdown(path, result, meta, policies, budgets):
-    cells = result["cells"]
-    lines = [f"# Quality: retrieval accuracy under KV-cache budgets ({meta['model']}, {meta['device']})", ""]
-    lines.append(f"Tasks {', '.join(meta['tasks'])} (kvjax/eval/needles.py; {meta['digits']}-digit needle numbers, "
-                 f"{meta['haystack']} haystack, multikey with 4 keys; pass key 5 digits), lengths "
-                 f"{', '.join(map(str, meta['lengths']))} tokens (exact: each prompt is at most its length), samples "
-                 f"per task {meta['samples_per_task']}, greedy, {meta['max_new_tokens']} new tokens, exact match "
-                 f"of the first digit run (digit score: common leading digits / length). Budgets are tokens per KV "
-                 f"head (window included); SnapKV, PyramidKV, Ada-KV and CAKE windows and H2O's recent window = "
-                 f"min(32, budget // 2); StreamingLLM 4 sinks; RoCo its defaults (recent 10, sinks 4, chunked "
-                 f"encoding 32 tokens at a time); PyramidKV's split: {meta.get('pyramid_style', 'kvpress')} style; "
-                 f"Profiled: configs/budgets/smollm2-135m-<30 x budget>.json. Engine: {meta['engine']} (see "
-                 f"benchmarks/quality.py). Every number is the mean over (task, length) cells.")
-    lines.append("")
-    for metric, label in (("accuracy", "Accuracy (exact match)"),
-                          ("digit_score", "Digit score (partial credit for the leading digits)")):
-        for mode in meta["modes"]:
-            table, full = summary(cells, mode, policies, budgets, metric)
-            title = ("query-aware: context + question compressed together" if mode == "aware"
-                     else "query-agnostic: context compressed, then the question appended")
-            lines += [f"## {label}, {title}", "", "| policy | " + " | ".join(str(b) for b in budgets) + " | mean |",
-                      "|---|" + "---|" * (len(budgets) + 1)]
-            for name in policies:
-                row = [table[name][b] for b in budgets]
-                lines.append(f"| {name} | " + " | ".join(fmt(x) for x in row) + f" | {fmt(_mean(row))} |")
-            lines.append("| Full (all tokens) | " + " | ".join(fmt(full) for _ in budgets) + f" | {fmt(full)} |")
-            lines.append("")
-    # per task/length at full cache and the mean over compressed policies
-    lines += ["## Per task and length (exact match; digit score in parentheses)", "",
-              "| mode | task | length | Full | mean over compressed policies, budget " + " / ".join(map(str, budgets))
-              + " |", "|---|---|---|---|---|"]
-    for mode in meta["modes"]:
-        for task in meta["tasks"]:
-            for L in meta["lengths"]:
-                def both(sel):
-                    acc, dig = _mean([c["accuracy"] for c in sel]), _mean([c["digit_score"] for c in sel])
-                    return f"{fmt(acc)} ({fmt(dig)})"
-
-                here = [c for c in cells if (c["mode"], c["task"], c["length"]) == (mode, task, L)]
-                if not here:
-                    continue
-                full = both([c for c in here if c["policy"] == "Full"])
-                per_b = [both([c for c in here if c["budget"] == b]) for b in budgets]
-                lines.append(f"| {mode} | {task} | {L} | {full} | " + " / ".join(per_b) + " |")
-    lines.append("")
-    # cache bytes
-    lines += ["## Cache bytes per sequence (MiB, `out.stats['cache_bytes']` / batch; query-aware plan)", "",
-              "| policy | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
-    for name in policies:
-        row = []
-        for b in budgets:
-            cb = [c["cache_bytes"] for c in cells if c["policy"] == name and c["budget"] == b and c["mode"] == "aware"]
-            cb = cb or [c["cache_bytes"] for c in cells if c["policy"] == name and c["budget"] == b]
-            row.append(f"{max(cb) / 2**20:.2f}" if cb else "—")
-        lines.append(f"| {name} | " + " | ".join(row) + " |")
-    for L in meta["lengths"]:
-        cb = [c["cache_bytes"] for c in cells if c["policy"] == "Full" and c["length"] == L and c["mode"] == "aware"]
-        if cb:
-            lines.append(f"| Full at {L} | " + " | ".join(f"{max(cb) / 2**20:.2f}" for _ in budgets) + " |")
-    lines.append("")
-    lines.append("The query-agnostic plans hold the question's slots too (decode headroom of new tokens + question), "
-                 "so their pools are a little larger; `quality_cpu.json` has both.")
-    lines.append("")
-    if result["skipped"]:
-        lines.append("Not run: " + "; ".join(f"{s['policy']}@{s['budget']} ({s['reason']})" for s in result["skipped"]))
+def accuracy_tables(index, policies, ratios, modes, n_note):
+    lines = []
+    for mode in modes:
+        lines += [f"### Accuracy, {MODE_TITLE[mode]}", "", n_note, "",
+                  "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        full = index.accuracy(mode, "Full", None)
+        lines.append("| Full | " + " | ".join(_ci(full) for _ in ratios) + " |")
+        for p in policies:
+            lines.append(f"| {p} | " + " | ".join(_ci(index.accuracy(mode, p, r)) for r in ratios) + " |")
+        lines += ["", f"Share of the full cache's accuracy ({mode}):", "",
+                  "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+        for p in policies:
+            cells = []
+            for r in ratios:
+                ks = kept_share(index, mode, p, r)
+                cells.append("—" if ks is None else f"{ks[0]:.0%}")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
         lines.append("")
-    t = result["timings"]
-    lines += ["## Timings", "", f"Total {t['total_s'] / 60:.1f} min (verification {t['verify_s']:.0f} s; compiled "
-              f"executables dropped {t.get('releases', 0)} times to stay under the memory-map limit).", "",
-              "| length | batch | batches (both modes) | compile s | shared prefill s | decode s | generate s |",
-              "|---|---|---|---|---|---|---|"]
-    for L, tl in t["per_length"].items():
-        lines.append(f"| {L} | {tl['batch_size']} | {tl['batches']} | {tl['compile_s']} | {tl['shared_prefill_s']} | "
-                     f"{tl['decode_s']} | {tl['generate_s']} |")
-    lines.append("")
-    lines += analysis(result, policies, budgets)
-    path.write_text("\n".join(lines) + "\n")
     return lines
 
 
-def write_plot(path, result, meta, policies, budgets):
+def task_tables(index, policies, ratios, modes, tasks):
+    lines = ["## Per task (exact match; mean fraction of expected strings in parentheses)", ""]
+    for mode in modes:
+        for t in tasks:
+            full = index.accuracy(mode, "Full", None, t)
+            lines += [f"### {t}, {mode} (Full {_ci(full)}, fraction {_f(index.mean_fraction(mode, 'Full', None, t))})",
+                      "", "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+            for p in policies:
+                cells = []
+                for r in ratios:
+                    a = index.accuracy(mode, p, r, t)
+                    cells.append("—" if a is None else f"{a.value:.2f} ({index.mean_fraction(mode, p, r, t):.2f})")
+                lines.append(f"| {p} | " + " | ".join(cells) + " |")
+            lines.append("")
+    return lines
+
+
+def comparison_section(index, modes, ratios, tasks):
+    rows = comparisons(index, modes, ratios)
+    lines = ["## Seed methods against their baselines (paired, same prompts)", "",
+             "Exact McNemar test (two-sided binomial test on the discordant prompts: wins = the seed method right "
+             "and the baseline wrong, losses = the reverse); difference of accuracies with Newcombe's interval; "
+             "the sign test on the fraction of expected strings found. The pooled rows (all ratios) form the "
+             f"family of claims: their p-values are Holm-adjusted. Verdict at alpha = {ALPHA}.", "",
+             "| seed vs baseline | mode | ratio | n | wins / losses | accuracy seed - base [95% CI] | p (McNemar) | "
+             "p (Holm) | fraction sign-test p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        lines.append(f"| {c.seed} vs {c.baseline} | {c.mode} | {'all' if c.ratio is None else f'{c.ratio:g}'} | "
+                     f"{c.test.n} | {c.test.wins} / {c.test.losses} | {c.test.difference:+.3f} "
+                     f"[{c.interval.low:+.3f}, {c.interval.high:+.3f}] | {c.test.p_value:.3g} | "
+                     f"{'' if c.p_holm is None else f'{c.p_holm:.3g}'} | {c.fraction_test.p_value:.3g} | "
+                     f"{c.verdict if c.ratio is None else ''} |")
+    lines += ["", "### Verdicts, with the per-task breakdown where a seed method is not better", ""]
+    for c in [c for c in rows if c.ratio is None]:
+        head = (f"- **{c.seed} vs {c.baseline}, {c.mode}**: {c.verdict} (accuracy {c.acc_seed:.3f} vs "
+                f"{c.acc_base:.3f}, {c.test.difference:+.3f} [{c.interval.low:+.3f}, {c.interval.high:+.3f}], "
+                f"{c.test.wins} wins / {c.test.losses} losses of {c.test.n}, Holm p = {c.p_holm:.3g})")
+        if c.verdict == "better":
+            lines.append(head + ".")
+            continue
+        parts = [f"{t.task} {t.test.difference:+.3f} ({t.test.wins}/{t.test.losses}, p = {t.test.p_value:.2g})"
+                 for t in per_task(index, c.seed, c.baseline, c.mode, ratios, tasks)]
+        lines.append(head + "; by task: " + "; ".join(parts) + ".")
+    lines.append("")
+    return lines
+
+
+def target_section(records, model):
+    lines = ["## Targets (issue 14)", "", "| target | value | needed | verdict | detail |", "|---|---|---|---|---|"]
+    for desc, value, need, met, note in targets(records, model):
+        v = "not measured" if met is None else ("met" if met else "NOT met")
+        lines.append(f"| {desc} | {'—' if value is None else f'{value:.0%}'} | {need:.0%} | {v} | {note} |")
+    lines.append("")
+    return lines
+
+
+def decision_section(index, policies, ratios, modes, cells):
+    lines = ["## Decision table: which policy at which budget", "",
+             "Best accuracy at each (mode, ratio), pooled over tasks and lengths; 'as good' lists the policies "
+             f"whose exact McNemar test against the best gives p >= {ALPHA} (not distinguishable on these prompts). "
+             "KV MiB: per sequence at the longest length, query-aware plan.", "",
+             "| mode | ratio | best | accuracy | as good (p vs best) | KV MiB of the best |", "|---|---|---|---|---|---|"]
+    if not ratios:
+        return []
+    longest = max((c["length"] for c in cells), default=None)
+    kv = {(c["mode"], c["policy"], c["ratio"]): c["kv_bytes"] for c in cells if c["length"] == longest}
+    for mode in modes:
+        for r in ratios:
+            best, tied = decision(index, mode, r, policies)
+            if best is None:
+                continue
+            others = ", ".join(f"{p} ({pv:.2f})" for p, _, pv in tied[1:]) or "none"
+            mib = kv.get((mode, best, r))
+            lines.append(f"| {mode} | {r:g} | {best} | {_ci(tied[0][1])} | {others} | "
+                         f"{'—' if mib is None else f'{mib / 2**20:.1f}'} |")
+    lines.append("")
+    return lines
+
+
+def ppl_section(data):
+    rows = data.get("ppl", [])
+    if not rows:
+        return []
+    meta = data["meta"]
+    by = defaultdict(list)
+    reasons = {}
+    paths = {}
+    for r in rows:
+        if r.get("supported", True):
+            by[(r["policy"], r["ratio"])].append(r["mean_nll"])
+            paths[r["policy"]] = r.get("path")
+        else:
+            reasons[r["policy"]] = r["reason"]
+    ratios = sorted({r for _, r in by if r is not None})
+    pols = [p for p in meta.get("ppl_policies", []) if p not in reasons]
+    import math
+
+    full = by.get(("Full", None))
+    lines = ["## Decode-time quality: perplexity under a budget (essays)", "",
+             f"{meta.get('ppl_texts')} texts of {meta.get('ppl_length')} tokens; the first K = ratio x length tokens "
+             "prefilled, the rest read one token at a time through a cache held at K (benchmarks/quality_ppl.py). "
+             "Perplexity = exp(mean NLL over all texts' predictions).", "",
+             "| policy | path | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|---|" + "---|" * len(ratios)]
+    if full:
+        lines.append(f"| Full | {paths.get('Full')} | " + " | ".join(f"{math.exp(sum(full) / len(full)):.3f}"
+                                                                     for _ in ratios) + " |")
+    for p in pols:
+        cells = [by.get((p, r)) for r in ratios]
+        lines.append(f"| {p} | {paths.get(p, '—')} | " +
+                     " | ".join("—" if not c else f"{math.exp(sum(c) / len(c)):.3f}" for c in cells) + " |")
+    for p, why in reasons.items():
+        lines.append(f"| {p} | not measured: {why} |" + " |" * len(ratios))
+    v = data.get("extra", {}).get("ppl_verify")
+    if v:
+        lines += ["", f"Decode-step path checked against kvjax.perplexity(H2O, chunk=1) on {v['n_tokens']}-token texts "
+                  f"at budget {v['budget']}: max |dNLL| {v['max_abs_nll_diff']:.2e} ({'OK' if v['ok'] else 'MISMATCH'})."]
+    lines.append("")
+    return lines
+
+
+def cache_section(cells, policies, ratios):
+    if not cells:
+        return []
+    lines = ["## Cache per sequence (query-aware): KV MiB / tokens per head summed over layers", "",
+             "Profiled's total equals uniform SnapKV's at the same ratio (its profile is solved for that total).", ""]
+    for L in sorted({c["length"] for c in cells}):
+        here = {(c["policy"], c["ratio"]): c for c in cells if c["length"] == L and c["mode"] == "aware"}
+        if not here:
+            continue
+        lines += [f"### {L} tokens", "", "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |",
+                  "|---|" + "---|" * len(ratios)]
+        f = here.get(("Full", None))
+        if f:
+            lines.append("| Full | " + " | ".join(f"{f['kv_bytes'] / 2**20:.1f} / {f['budget_total']:.0f}"
+                                                  for _ in ratios) + " |")
+        for p in policies:
+            cs = [here.get((p, r)) for r in ratios]
+            lines.append(f"| {p} | " + " | ".join("—" if c is None else f"{c['kv_bytes'] / 2**20:.1f} / "
+                                                  f"{c['budget_total']:.0f}" for c in cs) + " |")
+        lines.append("")
+    return lines
+
+
+def timing_section(data):
+    t = data.get("timings", [])
+    if not t:
+        return []
+    by = defaultdict(lambda: [0, 0.0, 0.0])
+    for e in t:
+        if e["kind"] in ("shared", "alone"):
+            k = (e["kind"], e["length"], e["mode"])
+            by[k][0] += 1
+            by[k][1] += e["prefill_s"]
+            by[k][2] += e["decode_s"]
+    lines = ["## Timings", "", "| pass | length | mode | passes | prefill s | decode s |", "|---|---|---|---|---|---|"]
+    for (kind, L, mode), (n, pre, dec) in sorted(by.items()):
+        lines.append(f"| {kind} | {L} | {mode} | {n} | {pre:.0f} | {dec:.0f} |")
+    ppl = sum(e["seconds"] for e in t if e["kind"] == "ppl")
+    sess = sum(e["seconds"] for e in t if e["kind"] == "session")
+    lines += ["", f"Perplexity {ppl:.0f} s; sessions (wall, all parts) {sess / 60:.1f} min."]
+    est = data.get("extra", {}).get("estimate")
+    if est:
+        lines += ["", "Estimated full run (benchmarks/quality_estimate.py): " + est.get("summary", "")]
+    lines.append("")
+    return lines
+
+
+def write_report(data, stem) -> list[str]:
+    stem = pathlib.Path(stem)
+    meta, recs, cells = data["meta"], data["records"], data.get("cells", [])
+    policies, ratios, modes, tasks, lengths = _present(data)
+    index = Index(recs)
+    counts = sorted({len(v) for v in index.by.values()})
+    n_note = (f"Accuracy = prompts whose continuation holds every expected string, with its 95% Wilson interval, "
+              f"pooled over tasks {', '.join(tasks)} and lengths {', '.join(map(str, lengths))}: "
+              f"{'/'.join(map(str, counts))} prompts per cell.")
+    lines = [f"# Quality under KV budgets: {meta['model']} ({meta.get('device', '')})", "",
+             f"RULER-style tasks (kvjax.eval.ruler) at exactly the given token counts (the prompt query-aware, the "
+             f"context query-agnostic), haystack {meta.get('haystack')}, greedy decoding, new tokens per task "
+             f"{meta.get('max_new_tokens')}. Budgets: ratios of the compressed text, tokens per KV head averaged over "
+             f"layers, window {meta.get('window')} included (SnapKV, PyramidKV, Ada-KV, CAKE, Profiled windows; "
+             f"H2O's recent window); StreamingLLM 4 sinks; RoCo EasyKV's defaults (recent 10, sinks 4, chunk 32); "
+             f"Profiled: XKV profiles made by kvjax.profile for each (length, ratio) total "
+             f"({meta.get('profile_prompts')} synthetic prompts, seed {meta.get('profile_seed')}). "
+             f"{len(recs)} records.", ""]
+    lines += ["## Accuracy", ""] + accuracy_tables(index, policies, ratios, modes, n_note)
+    lines += target_section(recs, meta["model"])
+    lines += comparison_section(index, modes, ratios, tasks)
+    lines += decision_section(index, policies, ratios, modes, cells)
+    lines += ppl_section(data)
+    lines += task_tables(index, policies, ratios, modes, tasks)
+    lines += cache_section(cells, policies, ratios)
+    skipped = data.get("extra", {}).get("skipped")
+    if skipped:
+        lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()), ""]
+    lines += timing_section(data)
+    plots = write_plots(index, policies, ratios, modes, tasks, meta, stem)
+    lines += ["Plots: " + ", ".join(plots), ""]
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_plots(index, policies, ratios, modes, tasks, meta, stem) -> list[str]:
+    """Accuracy vs budget (kvjax.plot.accuracy_vs_budget): one panel per mode pooled over tasks, and one
+    per (task, mode)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception as e:  # optional: pip install -e .[plot]
-        return f"no plot ({type(e).__name__}: {e})"
-    modes = meta["modes"]
-    metrics = (("accuracy", "exact match"), ("digit_score", "digit score"))
-    fig, axes = plt.subplots(len(metrics), len(modes), figsize=(6.5 * len(modes), 4.4 * len(metrics)), sharey=True,
-                             sharex=True, squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    for row, (metric, label) in enumerate(metrics):
-        for ax, mode in zip(axes[row], modes):
-            table, full = summary(result["cells"], mode, policies, budgets, metric)
-            for i, name in enumerate(policies):
-                xs = [b for b in budgets if table[name][b] is not None]
-                if xs:
-                    style = ":" if name in ("Random", "StreamingLLM") else "-"
-                    ax.plot(xs, [table[name][b] for b in xs], style, marker="o", label=name, color=cmap(i % 20))
-            if full is not None:
-                ax.axhline(full, color="black", linestyle="--", label="Full")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(budgets)
-            ax.set_xticklabels([str(b) for b in budgets])
-            ax.set_title(f"query-{mode}, {label}")
-            ax.set_ylim(-0.02, 1.02)
-            ax.grid(alpha=0.3)
-        axes[row][0].set_ylabel(f"{label} (mean over tasks, lengths)")
-    for ax in axes[-1]:
-        ax.set_xlabel("budget (tokens per KV head)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{meta['model']} on {meta['device']}: {', '.join(meta['tasks'])}, "
-                 f"{'/'.join(str(x) for x in meta['lengths'])} tokens")
+
+        from kvjax.plot import accuracy_vs_budget
+    except ImportError as e:
+        return [f"none ({e})"]
+
+    def results(mode, task=None):
+        out = []
+        for p in ["Full"] + policies:
+            for r in ratios:
+                a = index.accuracy(mode, p, None if p == "Full" else r, task)
+                if a is not None:
+                    out.append(dict(policy=p, budget=r, accuracy=a.value, ci_low=a.low, ci_high=a.high))
+        return out
+
+    written = []
+    if not modes:
+        return ["none (no retrieval records)"]
+    fig, axes = plt.subplots(1, len(modes), figsize=(7.5 * len(modes), 5), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        accuracy_vs_budget(results(mode), ax=ax, title=f"{meta['model']}, {mode}: all tasks",
+                           xlabel="budget (ratio of the prompt)", xscale="log", band_alpha=0.08)
+        ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return str(path)
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    written.append(stem.with_suffix(".png").name)
+    if tasks:
+        fig, axes = plt.subplots(len(tasks), len(modes), figsize=(7 * len(modes), 4.2 * len(tasks)), squeeze=False)
+        for i, t in enumerate(tasks):
+            for ax, mode in zip(axes[i], modes):
+                accuracy_vs_budget(results(mode, t), ax=ax, title=f"{t}, {mode}", xlabel="budget (ratio)",
+                                   xscale="log", band_alpha=0.0)
+                ax.set_ylim(-0.02, 1.02)
+                if ax.get_legend() is not None and (i, mode) != (0, modes[-1]):
+                    ax.get_legend().remove()
+        fig.tight_layout()
+        path = stem.parent / (stem.name + "_tasks.png")
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+__all__ = ["write_report", "write_plots", "COMPARISONS"]

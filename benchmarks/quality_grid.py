@@ -1,0 +1,139 @@
+"""The quality study's grid: models' defaults, policies at ratio budgets, and the paired comparisons.
+
+Budgets are ratios of the compressed text (the prompt query-aware, the context query-agnostic), so a
+policy at ratio r keeps round(r * n) tokens per KV head on average over layers, window included
+(kvjax resolves a float budget per sequence; every sample here has exactly n tokens). Windowed
+policies (SnapKV, PyramidKV, Ada-KV, CAKE, Profiled, and H2O's recent window) share one window,
+32 by default, so Profiled's per-layer budgets and uniform SnapKV differ only in their split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from kvjax import policies as P
+from kvjax.compress import make_plan
+
+#: every policy of the study, in table order ("Full" is the reference, always run)
+POLICIES = ("StreamingLLM", "KNorm", "SnapKV", "PyramidKV(kvpress)", "PyramidKV(paper)", "H2O", "TOVA",
+            "AdaKV(SnapKV)", "AdaKV(PyramidKV)", "CAKE", "RoCo", "Profiled", "AdaKV(Profiled)")
+RATIOS = (0.05, 0.1, 0.25, 0.5)
+MODES = ("aware", "agnostic")
+
+#: (seed method, its baseline): the paired tests of issue 14. PyramidKV is the repository's split
+#: ("paper"); kvpress's split falls back to uniform budgets whenever its smallest layer would not
+#: cover the window, and is compared too.
+COMPARISONS = (
+    ("AdaKV(SnapKV)", "SnapKV"),
+    ("AdaKV(PyramidKV)", "PyramidKV(paper)"),
+    ("CAKE", "PyramidKV(paper)"),
+    ("CAKE", "PyramidKV(kvpress)"),
+    ("Profiled", "SnapKV"),
+    ("AdaKV(Profiled)", "Profiled"),
+    ("RoCo", "H2O"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDefaults:
+    lengths: tuple[int, ...]
+    samples: int          # per (task, length): 6 tasks x lengths x samples >= 50 prompts per comparison cell
+    batch_tokens: int     # prompt tokens per batch (decoding costs about the same per step up to ~8 rows)
+    ppl_length: int       # tokens of each perplexity text
+    ppl_texts: int
+
+
+MODELS = {
+    "smollm2-135m": ModelDefaults(lengths=(2048, 4096, 6144), samples=3, batch_tokens=24576, ppl_length=2048,
+                                  ppl_texts=4),
+    "qwen2.5-0.5b": ModelDefaults(lengths=(4096, 8192), samples=5, batch_tokens=32768, ppl_length=4096,
+                                  ppl_texts=4),
+}
+
+
+def ratio_tokens(ratio: float, n: int) -> int:
+    """Tokens per head a ratio budget gives a text of n tokens, as kvjax resolves it
+    (kvjax.compress.step.resolve_budget: round(float32(ratio) * n), at least 1)."""
+    return max(int(np.round(np.float32(ratio) * np.int32(n))), 1)
+
+
+def profile_total(ratio: float, n: int, num_layers: int) -> int:
+    """The total (tokens per KV head summed over layers) of a ratio budget: uniform SnapKV's sum."""
+    return num_layers * ratio_tokens(ratio, n)
+
+
+def window_for(ratio: float, shortest: int, window: int) -> int:
+    """The shared window, shrunk to half the smallest budget when a budget would not hold it."""
+    return max(2, min(window, ratio_tokens(ratio, shortest) // 2))
+
+
+def base_name(name: str) -> str:
+    return name[len("AdaKV("):-1] if name.startswith("AdaKV(") else name
+
+
+def make_policy(name: str, ratio: float, *, window: int, profile=None):
+    """The policy `name` at a ratio budget. `profile`: the BudgetProfile for Profiled (its total is
+    the ratio's total at this length). Returns (policy, None) or (None, why it cannot be built)."""
+    if name == "Full":
+        return P.Full(), None
+    base = base_name(name)
+    try:
+        if base == "StreamingLLM":
+            pol = P.StreamingLLM(budget=ratio, sinks=4)
+        elif base in ("KNorm", "TOVA"):
+            pol = getattr(P, base)(budget=ratio)
+        elif base == "RoCo":
+            pol = P.RoCo(budget=ratio)  # EasyKV's defaults: recent 10, sinks 4, chunk 32
+        elif base == "SnapKV":
+            pol = P.SnapKV(budget=ratio, window=window)
+        elif base.startswith("PyramidKV"):  # "PyramidKV(kvpress)", "PyramidKV(paper)"; Ada-KV's: the paper's
+            style = base[len("PyramidKV("):-1] if base.startswith("PyramidKV(") else "paper"
+            pol = P.PyramidKV(budget=ratio, window=window, style=style)
+        elif base == "H2O":
+            pol = P.H2O(budget=ratio, recent=window)
+        elif base == "CAKE":
+            pol = P.CAKE(budget=ratio, window=window)
+        elif base == "Profiled":
+            if profile is None:
+                return None, "no profile for this (length, ratio)"
+            pol = P.Profiled(profile, window=window)
+        else:
+            return None, f"unknown policy {name!r}; known: {POLICIES}"
+        if name.startswith("AdaKV("):
+            pol = P.AdaKV(pol)
+    except Exception as e:  # noqa: BLE001 - a policy the library refuses is reported, not fatal
+        return None, f"{type(e).__name__}: {e}"
+    return pol, None
+
+
+def needs_profile(name: str) -> bool:
+    return base_name(name) == "Profiled"
+
+
+def chunked(name: str) -> bool:
+    """Policies whose prefill streams the prompt through the compressed cache: no shared prompt pass."""
+    return base_name(name) == "RoCo"
+
+
+def pool_bytes(policy, config, bucket: int, headroom: int, batch: int, itemsize: int = 4) -> int:
+    """Bytes of one policy's pool for a batch, from kvjax's own plan (keys, values, positions and
+    two running statistics per slot)."""
+    plan = make_plan(policy, config, bucket, headroom)
+    return batch * plan.layout.pool_size * (2 * config.head_dim * itemsize + 12)
+
+
+def groups(cells, sizes, limit_bytes: int):
+    """Split cells into consecutive groups whose pools (`sizes`, bytes per cell) fit `limit_bytes`
+    together: one shared prompt pass each. A cell larger than the limit gets a group of its own."""
+    out, cur, total = [], [], 0
+    for cell, b in zip(cells, sizes):
+        if cur and total + b > limit_bytes:
+            out.append(cur)
+            cur, total = [], 0
+        cur.append(cell)
+        total += b
+    if cur:
+        out.append(cur)
+    return out
