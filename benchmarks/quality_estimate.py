@@ -20,7 +20,6 @@ shared between lengths and modes. Writes <out>/quality_<model>_estimate.json.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 import time

@@ -12,7 +12,6 @@ import sys
 import textwrap
 import time
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
