@@ -295,7 +295,7 @@ def main(argv=None):
         jax.config.update("jax_compilation_cache_dir", args.jax_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     stem = pathlib.Path(args.out) / f"quality_{args.model}{args.tag}"
-    path = stem.with_suffix(".json")
+    path = stem.parent / (stem.name + ".json")  # not with_suffix: "qwen2.5-0.5b"
     if path.exists() and not args.resume:
         raise SystemExit(f"{path} exists: --resume continues it, --tag / --out write elsewhere")
 

@@ -13,6 +13,11 @@ MODE_TITLE = {"aware": "query-aware (context + question compressed together)",
               "agnostic": "query-agnostic (context compressed alone, then the question)"}
 
 
+def _beside(stem: pathlib.Path, ext: str) -> pathlib.Path:
+    """stem + ext (not Path.with_suffix: "quality_qwen2.5-0.5b" has no suffix to replace)."""
+    return stem.parent / (stem.name + ext)
+
+
 def _ci(p) -> str:
     return "—" if p is None else f"{p.value:.2f} [{p.low:.2f}, {p.high:.2f}]"
 
@@ -252,7 +257,7 @@ def write_report(data, stem) -> list[str]:
     lines += timing_section(data)
     plots = write_plots(index, policies, ratios, modes, tasks, meta, stem)
     lines += ["Plots: " + ", ".join(plots), ""]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    _beside(stem, ".md").write_text("\n".join(lines) + "\n")
     return lines
 
 
@@ -287,9 +292,9 @@ def write_plots(index, policies, ratios, modes, tasks, meta, stem) -> list[str]:
                            xlabel="budget (ratio of the prompt)", xscale="log", band_alpha=0.08)
         ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    fig.savefig(_beside(stem, ".png"), dpi=110)
     plt.close(fig)
-    written.append(stem.with_suffix(".png").name)
+    written.append(_beside(stem, ".png").name)
     if tasks:
         fig, axes = plt.subplots(len(tasks), len(modes), figsize=(7 * len(modes), 4.2 * len(tasks)), squeeze=False)
         for i, t in enumerate(tasks):
