@@ -175,27 +175,35 @@ def _quality_module():
     return sys.modules["quality_bench"]
 
 
-def test_benchmark_builds_every_policy_at_every_budget():
+def test_benchmark_builds_every_policy_at_every_ratio():
     q = _quality_module()
-    for name in q.available_policies():
-        for budget in q.BUDGETS:
-            pol, why = q.make_policy(name, budget)
-            if name == "Profiled" and pol is None:
-                assert "profile" in why  # a budget without a profile file is skipped, not an error
+    import quality_grid as G
+
+    for name in G.POLICIES:
+        for ratio in G.RATIOS:
+            w = G.window_for(ratio, 2048, 32)
+            pol, why = G.make_policy(name, ratio, window=w)
+            if G.needs_profile(name):
+                assert pol is None and "profile" in why  # Profiled needs its (length, ratio) profile
                 continue
-            assert pol is not None, (name, budget, why)
-            w = q.policy_window(pol)
-            assert w is None or w <= budget // 2 or name == "Profiled"
+            assert pol is not None, (name, ratio, why)
+            assert 2 * w <= G.ratio_tokens(ratio, 2048)  # the shared window fits the smallest budget
+    assert q.TASKS and G.make_policy("Nope", 0.1, window=8)[0] is None
 
 
 def test_benchmark_cli_helpers():
     q = _quality_module()
+    import quality_grid as G
+
     assert q._split_top("AdaKV(SnapKV),H2O,AdaKV(PyramidKV)") == ["AdaKV(SnapKV)", "H2O", "AdaKV(PyramidKV)"]
-    assert q.window_for(32) == 16 and q.window_for(256) == 32
+    assert G.window_for(0.05, 256, 32) == 6 and G.window_for(0.5, 2048, 32) == 32
+    assert G.ratio_tokens(0.1, 4096) == 410 and G.profile_total(0.1, 4096, 24) == 24 * 410
+    assert G.groups(["a", "b", "c"], [3, 3, 3], 6) == [["a", "b"], ["c"]]
     chunks = q.batches(list("abcde"), 2)
     assert chunks == [(["a", "b"], 2), (["c", "d"], 2), (["e", "e"], 1)]
     args = q.parse_args(["--quick", "--policies", "SnapKV,AdaKV(SnapKV)"])
-    assert args.lengths == [2048] and args.samples == [1] and args.policies == ["SnapKV", "AdaKV(SnapKV)"]
+    assert args.lengths == [2048] and args.samples == 1 and args.policies == ["SnapKV", "AdaKV(SnapKV)"]
+    assert args.ratios == [0.1, 0.5]
 
 
 def _needs_essays():
