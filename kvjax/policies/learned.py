@@ -1,0 +1,91 @@
+"""Learned: keep the tokens a trained scorer (kvjax.learned) expects later queries to attend to.
+
+    scorer = kvjax.train_scorer(params, 40)                 # or a path written by scorer.save(...)
+    policy = Learned(scorer, budget=0.25)                  # query-agnostic: no observation window
+    policy = AdaKV(Learned("scorers/smollm2-135m", 128))     # head-adaptive budgets on the same scores
+
+Each prompt token is scored from its own pre-RoPE key, value and position, per (layer, KV head),
+before any question is seen, so a prefilled context can answer questions it was not compressed
+for. The last `window` prompt tokens and the first `sinks` are always kept. The scorer's weights
+are pytree leaves (another scorer of the same shape does not recompile); its metadata is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+from kvjax.learned.model import score, token_features
+from kvjax.learned.store import ScorerError, ScorerMeta, TrainedScorer, check_fits, load_scorer
+from kvjax.policies import allocators
+from kvjax.policies.base import PolicyError, PrefillStats, Scorer, check_positive_int, policy_dataclass
+from kvjax.policies.base import static_field
+from kvjax.policies.policy import Parts, Policy
+
+
+@policy_dataclass
+class LearnedScore(Scorer):
+    """The trained model's score of each prompt token (kvjax.learned.model.score)."""
+
+    weights: Any = dataclasses.field(default=None, repr=False)
+    features: tuple = static_field(())
+    inv_freq: tuple = static_field(())
+
+    def prefill_scores(self, stats: PrefillStats):
+        feats = token_features(stats.k, stats.v, stats.positions, self.inv_freq, self.features)
+        heads = stats.global_index(stats.k.shape[1], stats.model_axis)
+        return score(self.weights, feats, stats.layer, heads)
+
+
+def _load(source) -> TrainedScorer:
+    if isinstance(source, TrainedScorer):
+        return source
+    if not isinstance(source, (str, pathlib.Path)):
+        raise PolicyError(f"Learned needs a TrainedScorer (kvjax.train_scorer) or the path of a saved one, got "
+                          f"{type(source).__name__}")
+    try:
+        return load_scorer(source)
+    except ScorerError as e:
+        raise PolicyError(str(e)) from None
+
+
+@policy_dataclass
+class Learned(Policy):
+    """`Learned(path_or_scorer, budget=256, window=32, sinks=4)`: a trained scorer, uniform budgets
+    (wrap in AdaKV for head-adaptive ones, or use Compose with any allocator). The source is read
+    once, here: afterwards `source` is the scorer's ScorerMeta and `weights` its params."""
+
+    source: Any = static_field(None)
+    budget: Any = 256
+    window: int = static_field(32)
+    sinks: int = static_field(4)
+    weights: Any = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        if not (isinstance(self.source, ScorerMeta) and self.weights is not None):
+            trained = _load(self.source)
+            object.__setattr__(self, "source", trained.meta)
+            object.__setattr__(self, "weights", dict(trained.params))
+        check_positive_int("window", self.window, allow_zero=True)
+        check_positive_int("sinks", self.sinks, allow_zero=True)
+        self._validate()
+
+    @property
+    def scorer_(self) -> LearnedScore:
+        return LearnedScore(self.weights, self.source.features, self.source.inv_freq)
+
+    def check_model(self, config) -> None:
+        """PolicyError unless the scorer was trained for this model."""
+        try:
+            check_fits(self.source, config)
+        except ScorerError as e:
+            raise PolicyError(str(e)) from None
+        super().check_model(config)
+
+    def parts(self):
+        return Parts(self.scorer_, allocators.Uniform(), window=self.window, sinks=self.sinks)
+
+    def with_budget(self, budget) -> "Learned":
+        """The same scorer under another budget."""
+        return dataclasses.replace(self, budget=budget)
