@@ -47,7 +47,8 @@ def main(argv=None):
                                 loss=args.loss, horizon=args.horizon, reduce=args.reduce,
                                 group_reduce=args.group_reduce, min_future=args.min_future, steps=args.steps,
                                 batch=args.batch, lr=args.lr, held_out=args.held_out, eval_every=args.eval_every,
-                                max_seconds=args.max_seconds, seed=args.seed, out=out, model_name=args.model)
+                                max_seconds=args.max_seconds, seed=args.seed, out=out, model_name=args.model,
+                                progress=True)
     info = dict(scorer.meta.train, load_seconds=round(load_s, 1), out=out)
     print(json.dumps(info, indent=1))
 

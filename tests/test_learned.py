@@ -149,6 +149,15 @@ def test_learned_keeps_exactly_the_budget_and_composes_with_adakv(tiny, trained)
     assert len(out.tokens) == 2
 
 
+def test_learned_with_per_layer_budgets(tiny, trained):
+    b = np.array([12, 28])
+    pol = P.Learned(trained[0], budget=b, window=4, sinks=2, allocator_=P.PerLayer((12, 28)))
+    kept = kept_positions(kvjax.prefill(tiny, [_prompt(60, seed=5)], pol).cache)
+    assert [[len(h) for h in layer[0]] for layer in kept] == [[12, 12], [28, 28]]
+    with pytest.raises(P.PolicyError, match="PerLayer allocator"):
+        P.Learned(trained[0], budget=b)
+
+
 def test_learned_scores_follow_the_scorer(tiny, trained):
     """The kept set is the top of the scorer's own scores (window and sinks aside)."""
     scorer, _ = trained

@@ -52,14 +52,17 @@ def _load(source) -> TrainedScorer:
 
 @policy_dataclass
 class Learned(Policy):
-    """`Learned(path_or_scorer, budget=256, window=32, sinks=4)`: a trained scorer, uniform budgets
-    (wrap in AdaKV for head-adaptive ones, or use Compose with any allocator). The source is read
-    once, here: afterwards `source` is the scorer's ScorerMeta and `weights` its params."""
+    """`Learned(path_or_scorer, budget=256, window=32, sinks=4, allocator_=None)`: a trained scorer,
+    uniform budgets by default; `allocator_` takes any layer allocator (`Pyramid(...)`, or
+    `PerLayer(b)` with the same array as `budget`), and `AdaKV(Learned(...))` makes heads adaptive.
+    The source is read once, here: afterwards `source` is the scorer's ScorerMeta and `weights` its
+    params."""
 
     source: Any = static_field(None)
     budget: Any = 256
     window: int = static_field(32)
     sinks: int = static_field(4)
+    allocator_: Any = static_field(None)
     weights: Any = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
@@ -84,7 +87,8 @@ class Learned(Policy):
         super().check_model(config)
 
     def parts(self):
-        return Parts(self.scorer_, allocators.Uniform(), window=self.window, sinks=self.sinks)
+        alloc = allocators.Uniform() if self.allocator_ is None else self.allocator_
+        return Parts(self.scorer_, alloc, window=self.window, sinks=self.sinks)
 
     def with_budget(self, budget) -> "Learned":
         """The same scorer under another budget."""
