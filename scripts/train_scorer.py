@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument("--reduce", default="max", choices=("max", "mean"))
     ap.add_argument("--group-reduce", default="max", choices=("max", "mean"))
     ap.add_argument("--min-future", type=int, default=64)
+    ap.add_argument("--min-distance", type=int, default=1, help="only queries at least this far after the key")
+    ap.add_argument("--last", type=int, default=None, help="only the text's last N queries (default: all)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -45,7 +47,8 @@ def main(argv=None):
     load_s = time.perf_counter() - t0
     scorer = kvjax.train_scorer(params, args.texts, n_tokens=args.n_tokens, kind=args.kind, hidden=args.hidden,
                                 loss=args.loss, horizon=args.horizon, reduce=args.reduce,
-                                group_reduce=args.group_reduce, min_future=args.min_future, steps=args.steps,
+                                group_reduce=args.group_reduce, min_future=args.min_future,
+                                min_distance=args.min_distance, last=args.last, steps=args.steps,
                                 batch=args.batch, lr=args.lr, held_out=args.held_out, eval_every=args.eval_every,
                                 max_seconds=args.max_seconds, seed=args.seed, out=out, model_name=args.model,
                                 progress=True)

@@ -17,12 +17,12 @@ from kvjax.cache import kept_positions
 from kvjax.errors import KvjaxError
 from kvjax.learned.model import token_features, unrotate
 from kvjax.learned.store import ScorerError, load_scorer
-from kvjax.learned.targets import future_attention
+from kvjax.learned.targets import future_attention, future_count
 from kvjax.models.llama import apply_rope, rope_inv_freq
 from test_generate import _prompt, _tiny_params
 
 
-def _dense_reference(q, k, lengths, scale, horizon, reduce, group_reduce):
+def _dense_reference(q, k, lengths, scale, horizon, reduce, group_reduce, min_distance=1, last=None):
     """The definition, with the whole [T, T] attention in numpy."""
     q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
     b, h, g, t, d = q.shape
@@ -36,24 +36,32 @@ def _dense_reference(q, k, lengths, scale, horizon, reduce, group_reduce):
         probs = probs / probs.sum(-1, keepdims=True)
         a = probs.max(1) if group_reduce == "max" else probs.mean(1)  # [H, T, T]
         for jj in range(n):
-            rows = [ii for ii in range(jj + 1, n) if horizon is None or ii - jj <= horizon]
+            rows = [ii for ii in range(jj + min_distance, n) if (horizon is None or ii - jj <= horizon)
+                    and (last is None or ii >= n - last)]
             if rows:
                 vals = a[:, rows, jj]
                 out[bi, :, jj] = vals.max(-1) if reduce == "max" else vals.mean(-1)
     return out
 
 
-@pytest.mark.parametrize("horizon,reduce,group_reduce", [(None, "max", "max"), (5, "mean", "mean"), (3, "max", "mean")])
-def test_future_attention_equals_the_dense_definition(horizon, reduce, group_reduce):
+@pytest.mark.parametrize("horizon,reduce,group_reduce,min_distance,last", [
+    (None, "max", "max", 1, None), (5, "mean", "mean", 1, None), (3, "max", "mean", 1, None),
+    (None, "max", "max", 4, 10), (None, "mean", "mean", 6, 9)])
+def test_future_attention_equals_the_dense_definition(horizon, reduce, group_reduce, min_distance, last):
     rng = np.random.default_rng(0)
     b, h, g, t, d = 2, 2, 3, 37, 8
     q = rng.normal(size=(b, h, g, t, d)).astype(np.float32)
     k = rng.normal(size=(b, h, t, d)).astype(np.float32)
     lengths = np.array([37, 23], np.int32)
     got = future_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(lengths), scale=0.5, horizon=horizon,
-                           reduce=reduce, group_reduce=group_reduce, chunk=8)
-    ref = _dense_reference(q, k, lengths, 0.5, horizon, reduce, group_reduce)
+                           reduce=reduce, group_reduce=group_reduce, min_distance=min_distance, last=last, chunk=8)
+    ref = _dense_reference(q, k, lengths, 0.5, horizon, reduce, group_reduce, min_distance, last)
     np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+    count = np.asarray(future_count(jnp.asarray(lengths), t, horizon, min_distance, last))
+    for bi, n in enumerate(lengths):
+        want = [len([i for i in range(j + min_distance, n) if (horizon is None or i - j <= horizon)
+                     and (last is None or i >= n - last)]) if j < n else 0 for j in range(t)]
+        assert count[bi].tolist() == want
 
 
 def test_unrotate_inverts_rope():

@@ -3,9 +3,11 @@
 For layer l, KV head h and key j, with a_g[i, j] the softmax attention of query head g (of h's GQA
 group) at query i on key j, group-reduced to a[i, j] (`group_reduce`: max or mean over g):
 
-    target[j] = reduce_{i in F(j)} a[i, j],   F(j) = { i : j + 1 <= i <= j + horizon, i < length }
+    target[j] = reduce_{i in F(j)} a[i, j],
+    F(j) = { i : j + min_distance <= i <= j + horizon, length - last <= i < length }
 
-(`reduce`: "max" or "mean"; horizon None: every later query). Computed over query chunks with a
+(`reduce`: "max" or "mean"; horizon None: every later query; last None: every query, last = w: only
+the text's last w queries, as an observation window at its end would see it). Computed over query chunks with a
 running max / sum, so memory is O(chunk x T), never [T, T]. Keys without later queries get 0;
 `future_count` says how many later queries each key had (the loss ignores keys with too few).
 
@@ -30,7 +32,8 @@ REDUCES = ("max", "mean")
 
 
 def future_attention(q, k, lengths, *, scale: float, horizon: int | None = None, reduce: str = "max",
-                     group_reduce: str = "max", chunk: int = 256, sliding_window: int | None = None):
+                     group_reduce: str = "max", min_distance: int = 1, last: int | None = None, chunk: int = 256,
+                     sliding_window: int | None = None):
     """q [B, H, G, T, D] (after RoPE), k [B, H, T, D], lengths [B] -> [B, H, T] float32 (module docstring)."""
     b, h, g, t, d = q.shape
     chunk = min(chunk, t)
@@ -52,26 +55,34 @@ def future_attention(q, k, lengths, *, scale: float, horizon: int | None = None,
         probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, NEG_INF), axis=-1)
         a = jnp.max(probs, axis=2) if group_reduce == "max" else jnp.mean(probs, axis=2)  # [B, H, C, T]
         dist = q_pos[:, None] - k_pos[None, :]  # [C, T]
-        later = (dist >= 1) & (dist <= reach) & (q_pos[:, None] < t)
-        later = later[None] & (q_pos[None, :, None] < lengths[:, None, None])  # [B, C, T]
+        later = (dist >= min_distance) & (dist <= reach)
+        first = lengths - (t if last is None else last)  # [B]: the first query that counts
+        in_range = (q_pos[None, :] < lengths[:, None]) & (q_pos[None, :] >= first[:, None])  # [B, C]
+        later = later[None] & in_range[:, :, None]  # [B, C, T]
         a = jnp.where(later[:, None], a, 0.0)
         return (jnp.maximum(acc, a.max(axis=2)) if reduce == "max" else acc + a.sum(axis=2)), None
 
     acc, _ = jax.lax.scan(one_chunk, jnp.zeros((b, h, t), jnp.float32), (q_chunks, jnp.arange(n_chunks)))
     if reduce == "mean":
-        acc = acc / jnp.maximum(future_count(lengths, t, horizon), 1)[:, None, :]
+        acc = acc / jnp.maximum(future_count(lengths, t, horizon, min_distance, last), 1)[:, None, :]
     return acc
 
 
-def future_count(lengths, t: int, horizon: int | None = None):
-    """[B, T] int32: how many later valid queries each key has (0 for padding)."""
+def future_count(lengths, t: int, horizon: int | None = None, min_distance: int = 1, last: int | None = None):
+    """[B, T] int32: how many queries each key's target reduces over (|F(j)|; 0 for padding)."""
     j = jnp.arange(t)[None, :]
-    n = jnp.maximum(lengths[:, None] - 1 - j, 0)
-    return (n if horizon is None else jnp.minimum(n, horizon)).astype(jnp.int32)
+    n = lengths[:, None]
+    lo = j + min_distance
+    if last is not None:
+        lo = jnp.maximum(lo, n - last)
+    hi = n - 1 if horizon is None else jnp.minimum(n - 1, j + horizon)
+    return jnp.maximum(hi - lo + 1, 0).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "features", "horizon", "reduce", "group_reduce"))
-def text_features_and_targets(weights, tokens, lengths, *, config, features, horizon, reduce, group_reduce):
+@functools.partial(jax.jit, static_argnames=("config", "features", "horizon", "reduce", "group_reduce",
+                                             "min_distance", "last"))
+def text_features_and_targets(weights, tokens, lengths, *, config, features, horizon, reduce, group_reduce,
+                              min_distance=1, last=None):
     """Run the model with the full cache over tokens [B, T] (right-padded, lengths [B]) and return, per
     layer, the scorer's features [L, B, H, T, F] and the future-attention targets [L, B, H, T]."""
     b, t = tokens.shape
@@ -83,7 +94,8 @@ def text_features_and_targets(weights, tokens, lengths, *, config, features, hor
         (lw,) = xs
         x, (q, k, v, _, _) = decoder_layer(lw, x, positions, config, attend)
         target = future_attention(q, k, lengths, scale=config.attention_scale, horizon=horizon, reduce=reduce,
-                                  group_reduce=group_reduce, sliding_window=config.sliding_window)
+                                  group_reduce=group_reduce, min_distance=min_distance, last=last,
+                                  sliding_window=config.sliding_window)
         return x, (token_features(k, v, jnp.arange(t), inv_freq, features), target)
 
     _, (feats, targets) = scan_layers(layer_step, embed(weights, tokens), (weights.layers,))

@@ -10,7 +10,10 @@
    Adam on mini-batches of whole texts (seeded order). Loss "mse": squared error against
    log(target + 1e-6); "listwise": per (text, layer, head), cross-entropy between softmax(scores)
    and the targets normalised to sum to 1 (the top of the ranking is what eviction keeps).
-   Keys with fewer than `min_future` later queries are left out of the loss (their target is cut short).
+   Keys with fewer than `min_future` counted queries are left out of the loss (their target is cut
+   short). `min_distance` and `last` choose which later queries count (kvjax.learned.targets): with
+   last=64, min_distance=64 the target is the attention a token draws from the text's last 64
+   queries when it lies before them: a query-agnostic student of SnapKV's observation window.
 3. The held-out loss is measured every `eval_every` steps; the best params by held-out loss are kept.
    The loss curve is returned in the scorer (`history`) and saved beside it as loss.json.
    Ctrl-C stops training and keeps the best params so far.
@@ -111,7 +114,8 @@ def _loss(params, feats, logt, mask, loss: str):
 def train_scorer(params: Params, texts=40, *, n_tokens: int = 2048, kind: str = "mlp", hidden: int = 16,
                  features=M.FEATURES, horizon: int | None = None, reduce: str = "max", group_reduce: str = "max",
                  loss: str = "listwise", steps: int = 300, batch: int = 2, lr: float = 3e-3, held_out: float = 0.2,
-                 min_future: int = 64, eval_every: int = 25, max_seconds: float | None = None, seed: int = 0,
+                 min_future: int = 64, min_distance: int = 1, last: int | None = None, eval_every: int = 25,
+                 max_seconds: float | None = None, seed: int = 0,
                  out=None, progress: bool | None = None, model_name: str | None = None) -> TrainedScorer:
     """Train a learned eviction scorer for `params`' model (module docstring). `texts`: a list of str
     or token-id arrays, or a number of texts drawn by `default_texts` (seeded); each is cut to
@@ -122,6 +126,9 @@ def train_scorer(params: Params, texts=40, *, n_tokens: int = 2048, kind: str = 
 
     features = tuple(features) if isinstance(features, (list, tuple)) else features
     _check(kind, features, hidden, horizon, reduce, group_reduce, loss, steps, batch, held_out, lr, min_future)
+    for name, v in (("min_distance", min_distance), ("last", last)):
+        if (v is not None or name == "min_distance") and (not is_int(v) or v < 1):
+            raise bad_input(name, v, "an int >= 1" + (" or None" if name == "last" else ""))
     if not isinstance(params, Params):
         raise bad_input("params", params, "kvjax Params (kvjax.load(...))")
     t0 = time.perf_counter()
@@ -135,10 +142,12 @@ def train_scorer(params: Params, texts=40, *, n_tokens: int = 2048, kind: str = 
         tok[0, : len(ids)] = ids
         n = jnp.asarray([len(ids)], jnp.int32)
         f, tgt = text_features_and_targets(params.weights, jnp.asarray(tok), n, config=config, features=features,
-                                           horizon=horizon, reduce=reduce, group_reduce=group_reduce)
+                                           horizon=horizon, reduce=reduce, group_reduce=group_reduce,
+                                           min_distance=min_distance, last=last)
         feats.append(np.asarray(f[:, 0], np.float16))
         logts.append(np.log(np.asarray(tgt[:, 0], np.float32) + _EPS))
-        masks.append(np.asarray(future_count(n, t_pad, horizon)[0] >= min(min_future, len(ids) - 1)))
+        count = future_count(n, t_pad, horizon, min_distance, last)[0]
+        masks.append(np.asarray(count >= max(1, min(min_future, len(ids) - min_distance))))
     target_s = time.perf_counter() - t0
     order = np.random.default_rng(seed).permutation(len(seqs))
     n_hold = min(max(1, round(held_out * len(seqs))), len(seqs) - 1)
@@ -205,7 +214,8 @@ def train_scorer(params: Params, texts=40, *, n_tokens: int = 2048, kind: str = 
                       train_seconds=round(time.perf_counter() - t1, 1),
                       total_seconds=round(time.perf_counter() - t0, 1), best_held_out=best_loss,
                       initial_held_out=history[0]["held_out"])
-    target = dict(horizon=horizon, reduce=reduce, group_reduce=group_reduce, loss=loss, min_future=min_future)
+    target = dict(horizon=horizon, reduce=reduce, group_reduce=group_reduce, loss=loss, min_future=min_future,
+                  min_distance=min_distance, last=last)
     meta = meta_for(config, model_name or str(params.source or "unnamed"), features, kind, hidden, target=target,
                     train=train_info)
     scorer = TrainedScorer({k: jnp.asarray(v) for k, v in best.items()}, meta, tuple(history))
