@@ -211,3 +211,16 @@ def test_learned_rejects_bad_sources(tmp_path, trained):
     assert isinstance(P.make("learned", source=trained[0], budget=40), P.Learned)
     with pytest.raises(ScorerError):
         load_scorer(tmp_path)
+
+
+def test_the_committed_scorer_fits_the_embedded_model(smollm2_dir):
+    import pathlib
+
+    from kvjax.learned.store import check_fits
+    from kvjax.models import ModelConfig
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "scorers" / "smollm2-135m"
+    scorer = load_scorer(path)
+    check_fits(scorer.meta, ModelConfig.from_file(smollm2_dir))
+    assert scorer.meta.model == "smollm2-135m" and scorer.meta.train["total_seconds"] <= 15 * 60
+    assert scorer.history[-1]["held_out"] < scorer.history[0]["held_out"]
