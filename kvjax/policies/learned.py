@@ -16,6 +16,9 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from kvjax.learned.model import score, token_features
 from kvjax.learned.store import ScorerError, ScorerMeta, TrainedScorer, check_fits, load_scorer
 from kvjax.policies import allocators
@@ -26,16 +29,27 @@ from kvjax.policies.policy import Parts, Policy
 
 @policy_dataclass
 class LearnedScore(Scorer):
-    """The trained model's score of each prompt token (kvjax.learned.model.score)."""
+    """The trained model's score of each prompt token (kvjax.learned.model.score).
+
+    `share`: the model was trained with the listwise loss, so a head's scores are log-shares of its
+    attention up to a constant of that head; they are normalised to log-shares (log-softmax over the
+    valid tokens of each head) so that heads compare (Ada-KV trades budget on the scores of every
+    head of a layer). Within one head the order, hence the kept set, does not change.
+    """
 
     weights: Any = dataclasses.field(default=None, repr=False)
     features: tuple = static_field(())
     inv_freq: tuple = static_field(())
+    share: bool = static_field(False)
 
     def prefill_scores(self, stats: PrefillStats):
         feats = token_features(stats.k, stats.v, stats.positions, self.inv_freq, self.features)
         heads = stats.global_index(stats.k.shape[1], stats.model_axis)
-        return score(self.weights, feats, stats.layer, heads)
+        s = score(self.weights, feats, stats.layer, heads)
+        if not self.share:
+            return s
+        valid = stats.valid[:, None, :]
+        return jnp.where(valid, jax.nn.log_softmax(jnp.where(valid, s, -1e30), axis=-1), -1e30)
 
 
 def _load(source) -> TrainedScorer:
@@ -76,7 +90,8 @@ class Learned(Policy):
 
     @property
     def scorer_(self) -> LearnedScore:
-        return LearnedScore(self.weights, self.source.features, self.source.inv_freq)
+        share = self.source.target.get("loss") == "listwise"
+        return LearnedScore(self.weights, self.source.features, self.source.inv_freq, share)
 
     def check_model(self, config) -> None:
         """PolicyError unless the scorer was trained for this model."""
