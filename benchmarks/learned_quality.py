@@ -95,7 +95,20 @@ def summarise(done: dict) -> dict:
     return res
 
 
-def markdown(meta: dict, res: dict) -> str:
+def by_depth(done: dict, mode: str, edges=(0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:
+    """Accuracy of each policy by the needle's depth in the context (quarters): {name: [(right, n), ...]}."""
+    out: dict = {}
+    for key in (k for k in done if k.startswith(mode + "|")):
+        for name, rows in done[key].items():
+            cells = out.setdefault(name, [[0, 0] for _ in edges[1:]])
+            for r in rows:
+                q = min(sum(r["depth"] >= e for e in edges[1:-1]), len(edges) - 2)
+                cells[q][0] += bool(r["correct"])
+                cells[q][1] += 1
+    return out
+
+
+def markdown(meta: dict, res: dict, done: dict | None = None) -> str:
     lines = [f"# Learned scorer vs baselines ({meta['model']}, {meta['task']} at {meta['length']} tokens, "
              f"budget {meta['ratio']:.0%} of the context)", "",
              f"Scorer: `{meta['scorer']}` ({meta['scorer_meta']['kind']}, features {meta['scorer_meta']['features']}, "
@@ -112,6 +125,12 @@ def markdown(meta: dict, res: dict) -> str:
             lines.append(f"| {n} ({t['alternative']}) | {t['wins']} | {t['losses']} | {t['difference']:+.2f} | "
                          f"{t['p_value']:.3g} |")
         lines.append("")
+        depth = by_depth(done or {}, mode)
+        if depth:
+            lines += ["Right / prompts by the needle's depth in the context:", "",
+                      "| policy | 0-25% | 25-50% | 50-75% | 75-100% |", "|---|---|---|---|---|"]
+            lines += [f"| {n} | " + " | ".join(f"{a}/{b}" for a, b in cells) + " |" for n, cells in depth.items()]
+            lines.append("")
     lines += ["## Targets (issue 16)", ""]
     if "agnostic" in res:
         acc = {n: a["value"] for n, a in res["agnostic"]["accuracy"].items()}
@@ -179,8 +198,8 @@ def main(argv=None):
             save, log)
     save()
     res = summarise(done)
-    out.with_suffix(".md").write_text(markdown(meta, res))
-    print(markdown(meta, res))
+    out.with_suffix(".md").write_text(markdown(meta, res, done))
+    print(markdown(meta, res, done))
 
 
 if __name__ == "__main__":
