@@ -127,10 +127,6 @@ def test_a_scorer_for_another_model_is_an_error(trained):
         kvjax.generate(deeper, [_prompt(40)], P.Learned(str(path), budget=40), max_new_tokens=2)
 
 
-def _kept(cache, rows):
-    return [[[len(h) for h in seq] for seq in layer] for layer in kept_positions(cache)][:rows]
-
-
 def test_learned_keeps_exactly_the_budget_and_composes_with_adakv(tiny, trained):
     scorer, _ = trained
     prompts = [_prompt(70, seed=1), _prompt(45, seed=2)]
