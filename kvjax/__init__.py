@@ -12,6 +12,9 @@ from kvjax.cache import Cache, kept_positions
 from kvjax.ppl import perplexity
 from kvjax.io.checkpoint import Params
 from kvjax.xkv.profile import profile
+from kvjax.learned.train import train_scorer
+from kvjax.learned.store import TrainedScorer, load_scorer
+from kvjax.policies.learned import Learned
 from kvjax.models.config import ConfigError
 from kvjax.io.safetensors import CheckpointError
 
@@ -23,12 +26,15 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Generation",
+    "Learned",
     "Params",
     "Prefilled",
+    "TrainedScorer",
     "forward",
     "generate",
     "kept_positions",
     "load",
+    "load_scorer",
     "load_profile",
     "perplexity",
     "policies",
@@ -36,4 +42,5 @@ __all__ = [
     "profile",
     "save",
     "shard",
+    "train_scorer",
 ]

@@ -2,6 +2,7 @@
 
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.cake import CAKE
+from kvjax.policies.learned import Learned
 from kvjax.policies.profiled import Profiled
 from kvjax.policies.roco import RoCo
 from kvjax.policies.allocators import PerLayer, Pyramid, Uniform
@@ -17,6 +18,7 @@ __all__ = [
     "Full",
     "H2O",
     "KNorm",
+    "Learned",
     "PerLayer",
     "Policy",
     "NAMES",

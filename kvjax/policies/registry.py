@@ -10,6 +10,7 @@ import dataclasses
 from kvjax.policies.adakv import AdaKV
 from kvjax.policies.base import PolicyError
 from kvjax.policies.cake import CAKE
+from kvjax.policies.learned import Learned
 from kvjax.policies.policy import H2O, TOVA, Full, KNorm, Policy, PyramidKV, Random, SnapKV, StreamingLLM
 from kvjax.policies.profiled import Profiled
 from kvjax.policies.roco import RoCo
@@ -27,6 +28,7 @@ NAMES: dict[str, type[Policy]] = {
     "cake": CAKE,
     "profiled": Profiled,
     "roco": RoCo,
+    "learned": Learned,
 }
 
 
