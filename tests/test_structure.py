@@ -78,3 +78,18 @@ def test_no_module_over_400_lines_and_no_kernel_over_600():
             if n > limit:
                 over.append(f"{path.relative_to(ROOT)}: {n} lines (limit {limit})")
     assert not over, over
+
+
+def test_every_package_folder_is_declared_in_pyproject():
+    """A subpackage missing from pyproject's `packages` works in an editable install and is absent
+    from a wheel."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    declared = set(tool["packages"])
+    for pkg, folder in PACKAGES.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            name = ".".join([pkg, *parts])
+            assert name in declared, f"{name} ({init.parent}) is not in pyproject's packages"
+            assert (ROOT / tool["package-dir"][name]).resolve() == init.parent.resolve(), name
