@@ -233,6 +233,16 @@ def _curves(results) -> dict[Any, list[tuple[float, ...]]]:
     return {policy: sorted(points) for policy, points in curves.items()}
 
 
+def _colors(n: int) -> list:
+    """n distinct colours: the default cycle up to 10 curves, tab20 above."""
+    import matplotlib
+
+    if n <= 10:
+        return [f"C{i}" for i in range(n)]
+    cmap = matplotlib.colormaps["tab20"]
+    return [cmap(i % 20) for i in range(n)]
+
+
 def accuracy_vs_budget(results, *, ax=None, title: str | None = "Accuracy against KV budget",
                        xlabel: str = "budget (tokens per KV head)", ylabel: str = "accuracy",
                        xscale: str | None = None, band_alpha: float = 0.2):
@@ -245,9 +255,11 @@ def accuracy_vs_budget(results, *, ax=None, title: str | None = "Accuracy agains
     """
     curves = _curves(results)
     ax = _axes(ax, (6.5, 4.2))
-    for policy, points in curves.items():
+    # more curves than the default colour cycle holds (10) would repeat colours: take tab20's
+    colors = _colors(len(curves))
+    for i, (policy, points) in enumerate(curves.items()):
         data = np.asarray(points)
-        (line,) = ax.plot(data[:, 0], data[:, 1], marker="o", label=str(policy))
+        (line,) = ax.plot(data[:, 0], data[:, 1], marker="o", label=str(policy), color=colors[i])
         if data.shape[1] == 4:
             ax.fill_between(data[:, 0], data[:, 2], data[:, 3], color=line.get_color(), alpha=band_alpha,
                             linewidth=0)
