@@ -56,6 +56,18 @@ def fused_causal_attention(q, k, v, *, scale: float, sliding_window: int | None 
     return out.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
 
 
+def query_chunks(q, chunk: int):
+    """q [B, KV, G, T, D] -> ([N, B, KV, G, C, D] zero-padded to N * C >= T queries, C): the chunks a
+    blockwise pass scans over, C = min(chunk, T)."""
+    b, kv, g, t, d = q.shape
+    chunk = min(chunk, t)
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    if pad:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    return q.reshape(b, kv, g, n_chunks, chunk, d).transpose(3, 0, 1, 2, 4, 5), chunk
+
+
 def causal_attention(
     q,
     k,
@@ -85,12 +97,8 @@ def causal_attention(
     b, kv, g, t, d = q.shape
     if not (column_sums or column_squares) and (fused if fused is not None else fused_available(q)):
         return fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
-    chunk = min(chunk, t)
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    if pad:
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-    q_chunks = q.reshape(b, kv, g, n_chunks, chunk, d).transpose(3, 0, 1, 2, 4, 5)
+    q_chunks, chunk = query_chunks(q, chunk)
+    n_chunks = q_chunks.shape[0]
     k_t = jnp.swapaxes(k, -1, -2)  # [B, KV, D, T]
     k_pos = jnp.arange(t)
 

@@ -26,7 +26,7 @@ from kvjax.compress.prompt import prompt_attend
 from kvjax.learned.model import token_features
 from kvjax.models import decoder_layer, embed, scan_layers
 from kvjax.models.llama import rope_inv_freq
-from kvjax.models.prompt_attention import NEG_INF, attention_mask
+from kvjax.models.prompt_attention import NEG_INF, attention_mask, query_chunks
 
 REDUCES = ("max", "mean")
 
@@ -36,12 +36,8 @@ def future_attention(q, k, lengths, *, scale: float, horizon: int | None = None,
                      sliding_window: int | None = None):
     """q [B, H, G, T, D] (after RoPE), k [B, H, T, D], lengths [B] -> [B, H, T] float32 (module docstring)."""
     b, h, g, t, d = q.shape
-    chunk = min(chunk, t)
-    n_chunks = -(-t // chunk)
-    pad = n_chunks * chunk - t
-    if pad:
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
-    q_chunks = q.reshape(b, h, g, n_chunks, chunk, d).transpose(3, 0, 1, 2, 4, 5)
+    q_chunks, chunk = query_chunks(q, chunk)
+    n_chunks = q_chunks.shape[0]
     k_t = jnp.swapaxes(k, -1, -2)
     k_pos = jnp.arange(t)
     reach = t if horizon is None else horizon
