@@ -82,17 +82,21 @@ def fill_state(bench, job, batch: int, plan, seed: int = 0):
     num_layers, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
     base = np.asarray(plan.layout.layer_base, np.int64)
     budget = job.spec.budget
-    if job.alloc == "full":
+    alloc = job.alloc[:-5] if job.alloc.endswith("_keep") else job.alloc
+    alloc = "uniform" if alloc in ("h2o", "tova", "roco") else alloc
+    if alloc == "full":
         lengths = np.full((batch, num_layers, h), job.ctx, np.int64)
-    elif job.alloc == "uniform":
+    elif alloc == "uniform":
         lengths = np.full((batch, num_layers, h), budget, np.int64)
-    elif job.alloc == "adakv":
+    elif alloc == "adakv":
         lengths = adakv_head_budgets(budget, batch, num_layers, h, bench.min_ctx)
-    elif job.alloc in ("cake", "cake_cascade"):
+    elif alloc in ("cake", "cake_cascade"):
         bl = np.asarray(cake_layer_budgets(budget, num_layers, bench.min_ctx), np.int64)
         lengths = np.broadcast_to(bl[None, :, None], (batch, num_layers, h)).copy()
     else:
         raise ValueError(job.alloc)
+    if job.spec.layout.endswith("_keep"):  # no eviction: start n steps short, end at the evicting rows' length
+        lengths = np.maximum(lengths - bench.n_steps, 1)
     from kvjax.cache import layout_streams
 
     lengths = np.ascontiguousarray(lengths.transpose(1, 0, 2))  # [L, B, H], as the cache keeps it

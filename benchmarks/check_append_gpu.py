@@ -1,7 +1,7 @@
 """On the GPU: the fused-append decode kernel (Triton) against the XLA path, bf16 and f32 (Triton runs
 f32 dots as TF32: ~1e-3), one and
-several splits, with and without a sliding window; then the probabilities kernel (stream_probs)
-against its dense reference. Prints the largest differences.
+several splits, with and without a sliding window; then the probabilities decode-time eviction takes
+from the kernel's per-stream logits against the XLA path. Prints the largest differences.
 
     python benchmarks/check_append_gpu.py
 """
@@ -44,20 +44,20 @@ for dtype in (jnp.bfloat16, jnp.float32):
             assert same_pools and diff < 3e-2  # bf16 values, or f32 through TF32 dots
 print("append ok, worst", worst)
 
-# the probabilities kernel (policies that evict while decoding) against the dense reference
-from kvjax.pallas_kernels import stream_probs as sp  # noqa: E402
+# decode-time eviction: the per-stream logits the kernel stores, as probabilities, against the XLA path
+from kvjax.decode_attention import stream_probs  # noqa: E402
 
 for dtype in (jnp.bfloat16, jnp.float32):
     for splits in (1, 4):
         for reduce in ("mean", "max"):
-            q, k, v, start, length, _, _, _, p = case(6, 8, 4, 128, 700, dtype, 10 + splits)
-            lse = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.088, implementation="pallas",
-                                              num_splits=splits, return_lse=True)[1]
-            ref = sp.stream_probs(q, k, start, length, lse, sm_scale=0.088, reduce=reduce)
-            got = sp.stream_probs(q, k, start, length, lse, sm_scale=0.088, reduce=reduce, implementation="pallas",
-                                  num_splits=splits)
-            diff = float(jnp.max(jnp.abs(got - ref)))
-            sums = np.asarray(got).sum(1)  # mean over a group's heads of probabilities: each stream sums to 1
+            q, k, v, start, length, kn, vn, slot, p = case(6, 8, 4, 128, 700, dtype, 10 + splits)
+            kw = dict(sm_scale=0.088, append=(kn, vn, slot), return_lse=True, stream_logits=720)
+            ref = rda.ragged_decode_attention(q, k, v, start, length, **kw)
+            got = rda.ragged_decode_attention(q, k, v, start, length, implementation="pallas", num_splits=splits, **kw)
+            n = length + (slot >= 0)
+            pr, pg = stream_probs(ref[3], ref[4], n, reduce), stream_probs(got[3], got[4], n, reduce)
+            diff = float(jnp.max(jnp.abs(pg - pr)))
+            sums = np.asarray(pg).sum(-1)  # mean over a group's heads of probabilities: each stream sums to 1
             print(f"probs {jnp.dtype(dtype).name} splits={splits} {reduce}: max |diff| {diff:.2e}, row sums "
                   f"{sums.min():.3f}..{sums.max():.3f}")
             assert diff < 2e-3

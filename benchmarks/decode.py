@@ -20,7 +20,10 @@ for a `kvjax.policies` policy, streams by `kvjax.cache.layout_streams`), keys/va
   bounds), `Compose(WindowAttention, allocator_=PerLayer(budgets))`;
 - full:    `Full()`: every context token kept;
 - cake_cascade (extra): the real `CAKE` policy's cascade layout (all layers share the pool) with
-  its decode-time eviction (every step), CAKE-like layer budgets.
+  its decode-time eviction (every step), CAKE-like layer budgets;
+- h2o, tova, roco: those policies' uniform layouts with their decode-time eviction; `<name>_keep`:
+  the same plan and scorer without eviction (streams start `--steps` tokens short, so both end at
+  the budget): what eviction costs per step.
 
 Compressed layouts do not depend on the context length (the pool holds B tokens per stream), so
 one compiled program serves 8K, 32K and 128K; only positions change.
@@ -146,15 +149,21 @@ class Bench:
         from kvjax.compress import make_plan
 
         cfg, n, w = self.config, self.n_steps, states.window()
-        if layout == "cake":
+        base, keep = (layout[:-5], True) if layout.endswith("_keep") else (layout, False)
+        if base == "cake":
             bl = states.cake_layer_budgets(budget, cfg.num_layers, self.min_ctx)
             pol = P.Compose(scorers.WindowAttention(w), budget=min(budget, max(bl)), allocator_=P.PerLayer(bl),
                             window=w)
         else:
             pol = {"uni": lambda: P.SnapKV(budget=budget, window=w), "full": P.Full,
                    "ada": lambda: P.AdaKV(P.SnapKV(budget=budget, window=w)),
-                   "cake_cascade": lambda: P.CAKE(budget=budget, window=min(32, w))}[layout]()
-        return pol, make_plan(pol, cfg, ctx, n)
+                   "h2o": lambda: P.H2O(budget=budget, recent=min(32, w)), "tova": lambda: P.TOVA(budget=budget),
+                   "roco": lambda: P.RoCo(budget=budget),
+                   "cake_cascade": lambda: P.CAKE(budget=budget, window=min(32, w))}[base]()
+        plan = make_plan(pol, cfg, ctx, n)
+        if keep:  # the same plan and scorer without decode-time eviction (streams start n tokens short)
+            pol = P.Compose(pol.scorer, budget=budget)
+        return pol, plan
 
     def plan_ctx(self, spec: Spec) -> int:
         return spec.budget if spec.layout == "full" else self.min_ctx
@@ -359,10 +368,13 @@ def build_tiers(args, contexts, budgets, batches):
         if bud != bmid:
             t5 += comp(bud, small, ("pallas",), pv) + comp(bud, small, ("xla",), ("library",))
     tiers.append(("full cache at the other contexts; small batches at the other budgets", t5))
-    # 6: the real CAKE policy (cascade layout, decode-time eviction every step: the XLA path)
-    t6 = [Job(Spec("cake_cascade", bmid, 8 if 8 in batches else batches[0], impl, "library"), "cake_cascade", c32)
-          for impl in ("pallas", "xla")]
-    tiers.append(("real CAKE (cascade layout, decode eviction)", t6))
+    # 6: decode-time eviction (H2O, TOVA, RoCo, the real CAKE policy's cascade layout) against the same
+    # layout and scorer without it ("_keep"), batch 8 and 32, the GPU default (Pallas)
+    t6 = []
+    for b in [b for b in (8, 32) if b in batches] or [batches[0]]:
+        for layout in ("h2o", "tova", "roco", "cake_cascade"):
+            t6 += [Job(Spec(lay, bmid, b, "pallas", "library"), lay, c32) for lay in (layout, layout + "_keep")]
+    tiers.append(("decode-time eviction vs the same layout without it", t6))
     if args.only:
         rx = re.compile(args.only)
         tiers = [(t, [j for j in jobs if rx.search(j.name)]) for t, jobs in tiers]

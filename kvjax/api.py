@@ -150,18 +150,9 @@ class Generation:
 
 def _default_implementation() -> str:
     # the Pallas decode kernel reads only each stream's used slots: 1.2-5.8x faster than the XLA
-    # region path on an H100 (docs/PERFORMANCE.md); XLA elsewhere (no kernel on CPU)
+    # region path on an H100 (docs/PERFORMANCE.md), for every policy (those that evict while
+    # decoding take the per-stream logits it stores); XLA elsewhere (no kernel on CPU)
     return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
-def _default_decode_implementation(policy: Policy) -> str:
-    # Policies that evict while decoding also need the new query's attention probabilities. By
-    # default they decode through the XLA path, as before: the probabilities kernel
-    # (kvjax/pallas_kernels/stream_probs.py) equals its reference in interpret mode and lowers to
-    # Triton, but has not run on a GPU yet. implementation="pallas" opts in.
-    if policy.decode_eviction is not None:
-        return "xla"
-    return _default_implementation()
 
 
 def _budget_covers(policy: Policy, n: int) -> bool:
@@ -231,12 +222,12 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
             lg = logits
             if q_seqs:
                 cache, lg = _feed(params.weights, cache, logits, q_tokens, q_lengths, pol, config=params.config,
-                                  plan=plan, implementation=implementation or _default_decode_implementation(pol))
+                                  plan=plan, implementation=implementation or _default_implementation())
             out.append(_prefilled(params, pol, plan, cache, lg, lengths, q_lengths, bucket, room))
         return out
     cache, logits = _prefill(
         params.weights, tokens, lengths_d, q_tokens, q_lengths_d, pols[0], rng, config=params.config, plan=plans[0],
-        implementation=impl, decode_implementation=implementation or _default_decode_implementation(pols[0]),
+        implementation=impl, decode_implementation=implementation or _default_implementation(),
         parallel=par,
     )
     return _prefilled(params, pols[0], plans[0], cache, logits, lengths, q_lengths, bucket, room, rows)
@@ -312,7 +303,7 @@ def _from_prefilled(params: Params, pre: Prefilled, question, max_new_tokens: in
         cache = _copy(cache)  # the decode loop consumes its cache; the Prefilled stays reusable
     if q_seqs:
         q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, prompts.pad_id(params))
-        impl = implementation or _default_decode_implementation(pre.policy)
+        impl = implementation or _default_implementation()
         q_t, q_n = (q_tokens, q_lengths) if par is None else (par.put(q_tokens, par.batch(2)),
                                                               par.put(q_lengths, par.batch(1)))
         cache, logits = _feed(params.weights, cache, logits, q_t, q_n, pre.policy, config=params.config,
@@ -335,8 +326,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
     a batch. `policy=None` keeps the full cache.
     `stop`: strings and token ids; a sequence ends at the token that completes one (included in
     `tokens` and `text`, as transformers' stop_strings). `implementation`: "pallas" (the default on
-    GPU, except that policies which evict while decoding decode through XLA unless "pallas" is
-    asked for) or "xla" (the default elsewhere). `stats["compiled"]`: this call compiled a program (a
+    GPU, for every policy) or "xla" (the default elsewhere). `stats["compiled"]`: this call compiled a program (a
     first call for a bucket, policy or options); its prefill_s / decode_s then include compilation.
     """
     given = [name for name, v in (("prompt", prompt), ("context", context), ("prefilled", prefilled)) if v is not None]
@@ -373,7 +363,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
         raise validate.bad_input("stop", list(strings), "token ids: this checkpoint has no tokenizer to read strings")
     state = loop.drive(params.weights, state, pre.policy, max_new_tokens, stop_ids, config=params.config,
                        plan=pre.plan, sampler=sampler, implementation=implementation or
-                       _default_decode_implementation(pre.policy), stop_strings=strings, decode=decode,
+                       _default_implementation(), stop_strings=strings, decode=decode,
                        parallel=par)
     out, n_gen = loop.host(state.tokens, par)[:rows], loop.host(state.n_gen, par)[:rows]
     t2 = time.perf_counter()

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache import Cache, Plan, Pools
-from kvjax.decode_attention import append_and_attend, decode_attention, new_token_probs
-from kvjax.evict import compact, evict_one, layer_mean_by_offset, smallest, stream_key, stream_mask
+from kvjax.decode_attention import append_and_attend, decode_attention, region_to_streams, stream_probs
+from kvjax.evict import (compact, evict_lowest, gather_streams, layer_mean, move_in_view, move_slot, scatter_streams,
+                         smallest, stream_key, stream_mask, stream_view, view_key, view_update)
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.pallas_kernels.ragged_decode_attention import write_rows
@@ -60,8 +61,10 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     """Feed one token per sequence. tokens [B] int, active [B] bool (inactive rows are untouched).
 
     implementation "pallas": the decode kernel appends the new key/value and attends over each
-    stream's used slots; policies that evict while decoding take the new query's probabilities
-    from a second kernel (kvjax/pallas_kernels/stream_probs.py). "xla": dense over the layer region.
+    stream's used slots; for policies that evict while decoding it also returns the new query's
+    logits per stream, which with its log-sum-exp give the probabilities the attention used.
+    "xla": dense over the layer region. Either way the eviction itself works on each stream's
+    first W slots (W = the widest stream), never on the region or the pool.
     parallel: a `kvjax.mesh.Parallel`: each device runs this step on its sequences and KV heads.
     Returns (cache, logits [B, V] float32).
     """
@@ -81,6 +84,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     scale = config.attention_scale
     min_pos = None if config.sliding_window is None else next_pos - config.sliding_window + 1
     take = lambda a, base: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
+    width = _stream_width(plan)
 
     def layer_step(carry, xs):
         x, pools = carry
@@ -93,61 +97,65 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         def attend(q, kn, vn):  # q [B, H, G, 1, D], kn/vn [B, H, 1, D]
             p = dataclasses.replace(pools, pos=_append(pools.pos, slot, jnp.broadcast_to(next_pos[:, None], (b, h)),
                                                        active))
-            lse = probs = None
+            probs = None
             if fused:
                 # the kernel writes the new key/value itself and reads only each stream's used slots,
-                # wherever they lie in the pool
-                out, k_pool, v_pool, *lse = append_and_attend(
+                # wherever they lie in the pool; with eviction it also hands back the logits per stream
+                out, k_pool, v_pool, *rest = append_and_attend(
                     q[:, :, :, 0], p.k, p.v, st.start, st.length, p.pos, min_pos, kn[:, :, 0], vn[:, :, 0],
                     jnp.where(active[:, None], slot, -1), scale=scale, region_slots=span,
-                    skewed=plan.adaptive_heads, return_lse=ev is not None)
+                    skewed=plan.adaptive_heads, stream_logits=width if ev is not None else None)
             else:
                 k_pool = _append(p.k, slot, kn[:, :, 0].astype(p.k.dtype), active)
                 v_pool = _append(p.v, slot, vn[:, :, 0].astype(p.v.dtype), active)
-            score, score2 = p.score, p.score2
-            if ev is not None:  # only decode-time eviction reads the running statistics
-                score = _append(score, slot, jnp.zeros((b, h), score.dtype), active)
-                score2 = _append(score2, slot, jnp.zeros((b, h), score2.dtype), active)
-            p = Pools(k_pool, v_pool, p.pos, score, score2)
+            p = Pools(k_pool, v_pool, p.pos, p.score, p.score2)
             length = st.length + active[:, None].astype(st.length.dtype)
-            if not fused:
-                out, probs = decode_attention(
+            if fused:
+                if ev is not None:
+                    probs = stream_probs(*rest, length, scorer.group_reduce)
+            else:
+                out, region_probs = decode_attention(
                     q[:, :, :, 0], take(p.k, base), take(p.v, base), rel, length, take(p.pos, base), min_pos,
                     scale=scale, implementation=implementation, need_probs=ev is not None)
-            return out[:, :, :, None], (p, length, q, probs, lse)
+                if ev is not None:
+                    probs = region_to_streams(region_probs, rel, width, scorer.group_reduce)
+            return out[:, :, :, None], (p, length, probs)
 
-        x, (pools, length, q, probs, lse) = decoder_layer(lw, x, positions, config, attend)
+        x, (pools, length, probs) = decoder_layer(lw, x, positions, config, attend)
         if ev is not None:
-            pools, length = _decode_evict(pools, length, q, probs, lse, base, rel, st, step_due)
+            pools, length = _decode_evict(pools, length, probs, st, step_due)
         return (x, pools), length
 
-    def _decode_evict(pools, length, q, probs, lse, base, rel, st, step_due):
-        pos_r, s_r, s2_r = take(pools.pos, base), take(pools.score, base), take(pools.score2, base)
-        if fused:  # a second kernel reads the streams' keys again for the probabilities
-            p = take(new_token_probs(q[:, :, :, 0], pools.k, st.start, length, lse[0], pools.pos, min_pos,
-                                     scale=scale, reduce=scorer.group_reduce, region_slots=span,
-                                     skewed=plan.adaptive_heads), base)  # [B, S]
-        else:
-            p = reduce_group(probs, scorer.group_reduce).sum(axis=1)  # [B, S]
+    def _decode_evict(pools, length, probs, st, step_due):
+        """Update the statistics and evict, on each stream's first `width` slots. probs [B, H, W]."""
+        idx = stream_view(st.start, width, pools.pos.shape[1])
+        inside = jnp.arange(width) < length[..., None]  # [B, H, W], the new token included
+        pos_w = jnp.where(inside, gather_streams(pools.pos, idx), -1)
+        s_w, s2_w = gather_streams(pools.score, idx), gather_streams(pools.score2, idx)
+        probs = jnp.where(inside, probs, 0.0)
         if scorer.layer_shared:
-            p = layer_mean_by_offset(p, rel, length, _stream_width(plan), config.model_axis)
-        s_new, s2_new = scorer.decode_update(s_r, s2_r, p, pos_r, next_pos)
-        # only this layer's streams: layers may share one region (kvjax/compress/cascade.py)
-        mine = active[:, None] & stream_mask(rel, length, span).any(axis=1)
-        s_r = jnp.where(mine, s_new, s_r)
-        s2_r = jnp.where(mine, s2_new, s2_r)
-        new_pos = next_pos[:, None]
+            probs = layer_mean(probs, inside, config.model_axis)
+        # the new token's running statistics start at zero
+        blank = ~inside | ((jnp.arange(width) == st.length[..., None]) & active[:, None, None])
+        s_w, s2_w = jnp.where(blank, 0.0, s_w), jnp.where(blank, 0.0, s2_w)
+        new_stats = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
+        s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(new_stats, (s_w, s2_w)))
+        written = inside
+        new_pos = next_pos[:, None, None]
         target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
-        k_pool, v_pool = pools.k, pools.v
+        k_pool, v_pool, pos_pool = pools.k, pools.v, pools.pos
         for _ in range(ev.every):
-            protected = (pos_r > new_pos - ev.recent) | (pos_r < ev.sinks)
-            cand = stream_mask(rel, length, span) & ~protected[:, None, :]
-            key = stream_key(scorer, s_r, s2_r, pos_r, next_pos + 1, cand, st.budget, length - st.budget)
-            moves = ((k_pool, base), (v_pool, base), (pos_r, 0), (s_r, 0), (s2_r, 0))
-            (k_pool, v_pool, pos_r, s_r, s2_r), length = evict_one(moves, rel, length, target, key,
-                                                                   cand.any(axis=-1))
-        put = lambda pool, r: jax.lax.dynamic_update_slice_in_dim(pool, r, base, axis=1)
-        return Pools(k_pool, v_pool, put(pools.pos, pos_r), put(pools.score, s_r), put(pools.score2, s2_r)), length
+            inside = jnp.arange(width) < length[..., None]
+            protected = (pos_w > new_pos - ev.recent) | (pos_w < ev.sinks)
+            cand = inside & ~protected
+            key = view_key(scorer, s_w, s2_w, pos_w, next_pos + 1, cand, st.budget, length - st.budget)
+            victim, last, over = evict_lowest(key, length, target, cand.any(axis=-1))
+            k_pool, v_pool, pos_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool, pos_pool))
+            pos_w, s_w, s2_w = (move_in_view(a, last, victim, over) for a in (pos_w, s_w, s2_w))
+            length = length - over.astype(length.dtype)
+        score = scatter_streams(pools.score, idx, written, s_w)
+        score2 = scatter_streams(pools.score2, idx, written, s2_w)
+        return Pools(k_pool, v_pool, pos_pool, score, score2), length
 
     # each sequence evicts on its own schedule (its own position), so a batch behaves like its rows alone
     step_due = jnp.ones((b,), bool)

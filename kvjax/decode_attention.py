@@ -61,40 +61,46 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
 
 
 def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_new, slot, *, scale: float,
-                      region_slots: int, skewed: bool = False, return_lse: bool = False):
-    """The Pallas path of a decode step that does not evict: write each stream's new key/value at
-    `slot` [B, H] (-1: none) and attend over the stream with it. On GPU the kernel writes the pools
-    in place itself, so no scatter runs before it.
+                      region_slots: int, skewed: bool = False, stream_logits: int | None = None):
+    """The Pallas path of a decode step: write each stream's new key/value at `slot` [B, H] (-1: none)
+    and attend over the stream with it. On GPU the kernel writes the pools in place itself, so no
+    scatter runs before it.
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] (absolute slots, length before the
     new token); pos [B, P], min_pos [B] or None; k_new, v_new [B, H, D]; skewed as `decode_attention`.
-    Returns (out [B, H, G, D] float32, k_pool, v_pool), and with `return_lse` each query head's
-    log-sum-exp over its stream, lse [B, H, G] (for `new_token_probs`).
+    Returns (out [B, H, G, D] float32, k_pool, v_pool), and with `stream_logits=W` also each query
+    head's log-sum-exp over its stream, lse [B, H, G], and its logits on the stream's first W
+    offsets, [B, H, G, W] (for `stream_probs`; on GPU the kernel stores them as it goes).
     """
     from kvjax.pallas_kernels.ragged_decode_attention import ragged_decode_attention
 
     block_kv, num_splits = _kernel_blocks(*start.shape, region_slots, skewed)
-    out, k_pool, v_pool, *lse = ragged_decode_attention(
+    out, k_pool, v_pool, *rest = ragged_decode_attention(
         q, k_pool, v_pool, start, length, sm_scale=scale, pos=pos if min_pos is not None else None,
         min_pos=min_pos, implementation="pallas", block_kv=block_kv, num_splits=num_splits,
-        append=(k_new, v_new, slot), return_lse=return_lse,
+        append=(k_new, v_new, slot), return_lse=stream_logits is not None, stream_logits=stream_logits,
     )
-    return (out.astype(jnp.float32), k_pool, v_pool, *lse)
+    return (out.astype(jnp.float32), k_pool, v_pool, *rest)
 
 
-def new_token_probs(q, k_pool, start, length, lse, pos, min_pos, *, scale: float, reduce: str, region_slots: int,
-                    skewed: bool = False):
-    """The new query's attention probabilities, reduced over each group's query heads ("mean" or
-    "max"), at the slots of each stream: [B, P] float32, 0 outside the streams. With `lse` from
-    `append_and_attend`, these are the probabilities the attention used. On GPU a Pallas kernel
-    reads only the streams' keys (kvjax/pallas_kernels/stream_probs.py); elsewhere dense XLA.
+def _reduce(p, how: str, axis: int):
+    return jnp.max(p, axis=axis) if how == "max" else jnp.mean(p, axis=axis)
 
-    q [B, H, G, D]; k_pool [B, P, D]; start, length [B, H] (absolute slots, new token included).
+
+def stream_probs(lse, logits, length, reduce: str):
+    """The new query's attention probabilities on each stream's first W offsets, reduced over each
+    group's query heads ("mean" or "max"): [B, H, W] float32, 0 past the stream's end.
+
+    lse [B, H, G] and logits [B, H, G, W] from `append_and_attend`; length [B, H] (new token included).
     """
-    from kvjax.pallas_kernels import stream_probs as sp
+    inside = jnp.arange(logits.shape[-1]) < length[..., None]
+    p = jnp.where(inside[:, :, None], jnp.exp(logits - lse[..., None]), 0.0)  # unspecified offsets -> 0
+    return _reduce(p, reduce, axis=2)
 
-    block_kv, num_splits = _kernel_blocks(*start.shape, region_slots, skewed)
-    return sp.stream_probs(
-        q, k_pool, start, length, lse, sm_scale=scale, reduce=reduce, pos=pos if min_pos is not None else None,
-        min_pos=min_pos, implementation="pallas", block_kv=block_kv, num_splits=num_splits,
-    )
+
+def region_to_streams(probs, rel_start, width: int, reduce: str):
+    """The XLA path's probabilities over the layer region, probs [B, H, G, S], on each stream's first
+    `width` offsets, group-reduced: [B, H, W] (the caller masks offsets past the stream's end)."""
+    s = probs.shape[-1]
+    idx = jnp.minimum(rel_start[..., None] + jnp.arange(width), s - 1)
+    return jnp.take_along_axis(_reduce(probs, reduce, axis=2), idx, axis=2)

@@ -1,11 +1,14 @@
 """Eviction inside a layer region of the pool (decode-time and chunked prefill), in place.
 
-    key = stream_key(scorer, pools, seen, candidates, budget, excess)      # [B, H, S], lower = evicted first
-    regions, length = evict_one(moves, rel_start, length, target, key, has_candidate)   # decode: one slot
+    key = stream_key(scorer, score, score2, pos, seen, candidates, budget, excess)   # lower = evicted first
+    victim, last, over = evict_lowest(key, length, target, has_candidate)   # decode: one slot per stream
     victims = smallest(key, count, k_max); regions = compact(regions, rel_start, owner, victims)  # chunk
 
-Every stream stays packed at the front of its segment: `evict_one` moves the stream's last slot into
-the victim's, `compact` drops the victims and shifts the kept slots forward in order.
+Decode works on per-stream views ([B, H, W]: each stream's first W slots, `stream_view`), so its
+cost follows the streams, not the layer region or (CAKE's cascade) the whole pool; chunked prefill
+works on the layer region. Every stream stays packed at the front of its segment: decode moves the
+stream's last slot into the victim's (`move_slot`, `move_in_view`), `compact` drops the victims and
+shifts the kept slots forward in order.
 """
 
 from __future__ import annotations
@@ -34,27 +37,72 @@ def stream_key(scorer, score, score2, slot_pos, seen, candidates, budget, excess
     return jnp.where(candidates, scorer.eviction_key(score, score2, slot_pos, seen)[:, None, :], jnp.inf)
 
 
-def evict_one(moves, rel_start, length, budget, key, has_candidate):
-    """Swap-remove the lowest-key slot of each stream whose length exceeds its budget.
+def _rows(a):
+    """[B, H, W] -> [B*H, W]: each stream a row, the [B, S] shape scorers take."""
+    return a.reshape((-1,) + a.shape[2:])
 
-    moves: tuple of ([B, S', ...] array, offset) moved together: a layer region (offset 0) or the
-    whole pool (offset = the region's base), so keys and values move in place in the pool;
-    rel_start/length/budget [B, H] relative to the region; key [B, H, S] (lower = evict first,
-    +inf outside the stream's candidates, see `stream_key`); has_candidate [B, H] (a stream with
-    no candidate keeps its length). Returns (moved arrays, new length).
-    """
-    b = key.shape[0]
-    victim = jnp.argmin(key, axis=-1)  # [B, H]
-    over = (length > budget) & has_candidate
-    last = rel_start + length - 1
-    rows = jnp.arange(b)[:, None]
-    out = []
-    for r, offset in moves:
-        moved = r[rows, last + offset]
-        cur = r[rows, victim + offset]
-        cond = over.reshape(over.shape + (1,) * (r.ndim - 2))
-        out.append(r.at[rows, victim + offset].set(jnp.where(cond, moved, cur)))
-    return tuple(out), length - over.astype(length.dtype)
+
+def view_update(scorer, score, score2, probs, slot_pos, next_pos):
+    """`scorer.decode_update` on per-stream views [B, H, W] (next_pos [B]) -> (score, score2) [B, H, W].
+    Each stream is a row of its own, so pooling scorers (CAKE) pool inside the stream, zero-padded."""
+    h = score.shape[1]
+    new = scorer.decode_update(_rows(score), _rows(score2), _rows(probs), _rows(slot_pos), jnp.repeat(next_pos, h))
+    return tuple(x.reshape(score.shape) for x in new)
+
+
+def view_key(scorer, score, score2, slot_pos, seen, candidates, budget, excess):
+    """`stream_key` on per-stream views: score, score2, slot_pos, candidates [B, H, W]; seen [B];
+    budget, excess [B, H] -> key [B, H, W]."""
+    b, h, w = score.shape
+    key = stream_key(scorer, _rows(score), _rows(score2), _rows(slot_pos), jnp.repeat(seen, h),
+                     candidates.reshape(b * h, 1, w), budget.reshape(b * h, 1), excess.reshape(b * h, 1))
+    return key.reshape(b, h, w)
+
+
+def stream_view(start, width: int, pool_size: int):
+    """Each stream's first `width` slots: idx [B, H, W] absolute pool slots (clipped into the pool;
+    offsets past a stream's length are masked by the caller)."""
+    return jnp.minimum(start[..., None] + jnp.arange(width), pool_size - 1)
+
+
+def gather_streams(a, idx):
+    """a [B, P, ...] at each stream's slots idx [B, H, W] -> [B, H, W, ...]."""
+    return a[jnp.arange(a.shape[0])[:, None, None], idx]
+
+
+def scatter_streams(a, idx, valid, values):
+    """a [B, P] with values [B, H, W] written at the stream slots idx [B, H, W] where valid (in place)."""
+    b, p = a.shape
+    dest = jnp.where(valid, idx, p)  # p: dropped
+    return a.at[jnp.arange(b)[:, None, None], dest].set(values.astype(a.dtype), mode="drop")
+
+
+def move_slot(a, start, src, dst, do):
+    """a [B, P, ...]: copy slot start+src into slot start+dst of every stream where do [B, H]
+    (src, dst [B, H] offsets into the stream): one gather and one scatter of B*H rows."""
+    rows = jnp.arange(a.shape[0])[:, None]
+    src_slot, dst_slot = start + jnp.maximum(src, 0), start + dst
+    cond = do.reshape(do.shape + (1,) * (a.ndim - 2))
+    return a.at[rows, dst_slot].set(jnp.where(cond, a[rows, src_slot], a[rows, dst_slot]))
+
+
+def evict_lowest(key, length, target, has_candidate):
+    """The swap-remove of one slot per stream: the lowest-key offset [B, H] of each stream longer than
+    its target (with a candidate) is the victim, and the stream's last slot moves into it.
+    key [B, H, W] (lower = evict first, +inf = never); length, target [B, H]; has_candidate [B, H].
+    Returns (victim [B, H], last [B, H], over [B, H] bool: whether the stream evicts)."""
+    victim = jnp.argmin(key, axis=-1).astype(length.dtype)
+    over = (length > target) & has_candidate
+    return victim, length - 1, over
+
+
+def move_in_view(a, src, dst, do):
+    """a [B, H, W, ...] (a per-stream view): copy offset src into offset dst where do [B, H]."""
+    b, h = do.shape
+    bi, hi = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
+    src = jnp.maximum(src, 0)
+    cond = do.reshape(do.shape + (1,) * (a.ndim - 3))
+    return a.at[bi, hi, dst].set(jnp.where(cond, a[bi, hi, src], a[bi, hi, dst]))
 
 
 def smallest(key, count, k_max: int):
@@ -79,22 +127,14 @@ def compact(regions, rel_start, owner, victims):
     return tuple(r.at[rows, dest].set(r, mode="drop") for r in regions)
 
 
-def layer_mean_by_offset(p, rel, length, width: int, model_axis: str | None = None):
-    """TOVA: average a slot's attention over the layer's heads at the same offset in their streams
-    (all heads of a layer hold the same positions in the same order). p [B, S] -> [B, S]; width:
-    the most slots a stream holds; model_axis: inside a mesh program, the axis the heads are split
-    over (the mean is over every device's heads)."""
-    b, s = p.shape
-    idx = rel[:, :, None] + jnp.arange(width)[None, None, :]  # [B, H, W]
-    inside = jnp.arange(width)[None, None, :] < length[:, :, None]
-    idx_c = jnp.minimum(idx, s - 1)
-    vals = jnp.where(inside, jnp.take_along_axis(p[:, None, :], idx_c, axis=2), 0.0)
-    total, count = vals.sum(axis=1), inside.sum(axis=1)
+def layer_mean(p, inside, model_axis: str | None = None):
+    """TOVA: average each offset's attention over the layer's heads (all heads of a layer hold the
+    same positions in the same order). p, inside [B, H, W] per-stream views -> [B, H, W];
+    model_axis: inside a mesh program, the axis the heads are split over (the mean is over every
+    device's heads)."""
+    total = jnp.where(inside, p, 0.0).sum(axis=1)
+    count = inside.sum(axis=1)
     if model_axis is not None:
         total, count = jax.lax.psum(total, model_axis), jax.lax.psum(count, model_axis)
     mean = total / jnp.maximum(count, 1)  # [B, W]
-    out = jnp.zeros_like(p)
-    rows = jnp.arange(b)[:, None, None]
-    return out.at[rows, jnp.where(inside, idx_c, s)].set(
-        jnp.broadcast_to(mean[:, None, :], idx.shape), mode="drop"
-    )
+    return jnp.where(inside, mean[:, None, :], 0.0)

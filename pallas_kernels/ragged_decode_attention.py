@@ -26,6 +26,12 @@ Two kernels share that plan:
   DMA windows start on whole tiles: blocks start at multiples of 16 slots (of 128 with `pos`, whose
   windows are lane slices), so P must be a multiple of 16 (128 with `pos`); otherwise the wrapper
   pads the pools, which copies them: allocate pools with aligned P.
+Policies that evict while decoding also need the new query's attention probabilities over each
+stream. `stream_logits=W` returns every query head's logits per stream offset, logits [B, H, G, W]
+(offset j = slot start + j; the new token at offset `length` with `append`): the GPU kernel stores
+the logits it computes anyway (a few bytes per slot, no second read of the keys); elsewhere an XLA
+gather of the streams' keys computes them (`stream_logits_reference`). With the log-sum-exp
+(`return_lse`) they give the probabilities the attention used.
 `backend=None` picks the GPU kernel when `jax.default_backend() == "gpu"` and the TPU kernel
 otherwise (so `jax.export(..., platforms=["tpu"])` on a CPU host checks the TPU lowering).
 Both kernels run on CPU in interpret mode.
@@ -40,6 +46,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 from . import _common
 
@@ -78,6 +85,22 @@ def stream_log_sum_exp(q, k_pool, start, length, *, sm_scale: float, pos=None, m
     logits, mask = dense_stream_logits(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos)
     lse = jax.nn.logsumexp(jnp.where(mask[:, :, None], logits, -jnp.inf), axis=-1)
     return jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+
+
+def stream_logits_reference(q, k_pool, start, length, *, sm_scale: float, width: int, pos=None, min_pos=None):
+    """logits [B, H, G, W] float32 of each query head on offset j of its stream (slot start + j) for
+    j < length; `_NEG` where hidden by pos < min_pos and past the stream's end. The XLA path of
+    `stream_logits=W`: gathers each stream's first W keys."""
+    b, p, _ = k_pool.shape
+    offs = jnp.arange(width)
+    idx = jnp.minimum(start[..., None] + offs, p - 1)  # [B, H, W]
+    rows = jnp.arange(b)[:, None, None]
+    visible = offs < length[..., None]
+    if min_pos is not None:
+        visible &= pos[rows, idx] >= min_pos[:, None, None]
+    logits = jnp.einsum("bhgd,bhwd->bhgw", q.astype(jnp.float32), k_pool[rows, idx].astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST) * sm_scale
+    return jnp.where(visible[:, :, None], logits, _NEG)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,16 +148,28 @@ def _softmax_init(q_shape):
     return jnp.full((g, 1), _NEG, jnp.float32), jnp.zeros((g, 1), jnp.float32), jnp.zeros(q_shape, jnp.float32)
 
 
-def _online_softmax_step(carry, q, k, v, row_valid, col_valid, *, sm_scale: float):
-    """One block of the online softmax. q [G, D]; k, v [blk, D]; row_valid [1, blk]; col_valid [blk, 1]."""
+def _dot_precision(dtype):
+    """f32 dots in f32 (IEEE on Triton, not TF32): "float32" means float32 results."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def _block_logits(q, k, *, sm_scale: float):
+    """q [G, D], k [blk, D] -> [G, blk] float32."""
+    return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
+                               precision=_dot_precision(q.dtype)) * sm_scale
+
+
+def _online_softmax_step(carry, s, v, row_valid, col_valid):
+    """One block of the online softmax. s [G, blk] the block's logits; v [blk, D]; row_valid [1, blk];
+    col_valid [blk, 1]."""
     m, l, acc = carry
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale
     s = jnp.where(row_valid, s, _NEG)  # [G, blk]
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
     p = jnp.where(row_valid, jnp.exp(s - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
     v = jnp.where(col_valid, v, jnp.zeros_like(v))  # slots of other streams may hold anything
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32,
+                             precision=_dot_precision(v.dtype))
     return m_new, l * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + pv
 
 
@@ -165,30 +200,48 @@ def _compute_dtype(*dtypes):
 # GPU (Triton) kernel
 
 
+def _logits_pad(block_kv: int) -> int:
+    """Columns before offset 0 of a stream in the GPU kernel's logits output: a block may start up
+    to max(block_kv, alignment) slots before the stream (alignment, or shifted back at the pool's end)."""
+    return max(block_kv, _ALIGN)
+
+
 def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *rest, sm_scale, block_kv,
-                num_splits, pool_size, use_pos, cdtype, normalize, append):
-    if append:
-        kn_ref, vn_ref, slot_ref, o_ref, m_ref, l_ref, ko_ref, vo_ref = rest
-    else:
-        o_ref, m_ref, l_ref = rest
+                num_splits, pool_size, use_pos, cdtype, normalize, append, g, logits):
+    rest = list(rest)
+    kn_ref, vn_ref, slot_ref = rest[:3] if append else (None, None, None)
+    del rest[:3 if append else 0]
+    o_ref, m_ref, l_ref = rest[:3]
+    ko_ref, vo_ref = rest[3:5] if append else (None, None)
+    lg_ref = rest[-1] if logits else None
     split = pl.program_id(2)
     start = start_ref[0, 0]
     length = len_ref[0, 0]
     base, lo, hi, n_blocks = _split_plan(start, length, split, num_splits=num_splits, block_kv=block_kv)
     q = q_ref[0, 0].astype(cdtype)  # [G', D]
+    real_head = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], 1), 0) < g
+    pad = _logits_pad(block_kv)
 
     def body(i, carry):
         off_c, row_valid, col_valid = _block_masks(base, i, lo, hi, block_kv=block_kv, pool_size=pool_size)
+        in_stream = row_valid
         k = k_ref[0, pl.ds(off_c, block_kv), :].astype(cdtype)
         v = v_ref[0, pl.ds(off_c, block_kv), :].astype(cdtype)
         if use_pos:
             row_valid &= pos_ref[0, pl.ds(off_c, block_kv)][None, :] >= minpos_ref[0, 0]
-        return _online_softmax_step(carry, q, k, v, row_valid, col_valid, sm_scale=sm_scale)
+        s = _block_logits(q, k, sm_scale=sm_scale)
+        if logits:  # the stream's offsets off_c - start + [0, blk), shifted by `pad` columns
+            pltriton.store(lg_ref.at[:, pl.ds(off_c - start + pad, block_kv)], jnp.where(row_valid, s, _NEG),
+                           mask=in_stream & real_head)
+        return _online_softmax_step(carry, s, v, row_valid, col_valid)
 
     init = _softmax_init(q.shape)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     if append:
-        m, l, acc = _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, split, sm_scale)
+        m, l, acc, s_new, include = _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, split,
+                                                      sm_scale)
+        if logits:  # the new token sits at offset `length` of its stream
+            pltriton.store(lg_ref.at[:, pl.ds(length + pad, 1)], s_new, mask=include & real_head)
     if normalize:  # one split: the final output, in q's dtype (a quarter of the f32 partial's bytes)
         o_ref[0, 0, 0] = jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
     else:
@@ -201,7 +254,7 @@ def _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, sp
     """Split 0 of a stream writes the new key/value at its slot (the pools are aliased in and out)
     and adds the new token to its softmax from registers. No program reads that slot from the pool
     (streams are passed without it), so the write races with nothing that matters: a block that
-    over-reads it masks it by index."""
+    over-reads it masks it by index. Returns (m, l, acc, the new token's logits [G', 1], included)."""
     slot = slot_ref[0, 0]
     include = (split == 0) & (slot >= 0)
     kn = kn_ref[0]  # [1, D]
@@ -216,19 +269,21 @@ def _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, sp
     m_new = jnp.where(include, jnp.maximum(m, s_new), m)
     p = jnp.where(include, jnp.exp(s_new - m_new), 0.0)
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + p, acc * alpha + p * vn.astype(jnp.float32)
+    return m_new, l * alpha + p, acc * alpha + p * vn.astype(jnp.float32), s_new, include
 
 
 def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_scale, block_kv, num_splits,
-              use_pos, interpret, num_warps, num_stages):
+              use_pos, interpret, num_warps, num_stages, g, logits_width=None):
     b, h, gp, d = qp.shape
     p = k_pool.shape[1]
     block_kv = min(block_kv, 1 << (p.bit_length() - 1))  # a power of two no larger than the pool
     cdtype = _compute_dtype(qp.dtype, k_pool.dtype, v_pool.dtype)
     normalize = num_splits == 1
     append = new is not None
+    logits = logits_width is not None
     kernel = functools.partial(_gpu_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
-                               pool_size=p, use_pos=use_pos, cdtype=cdtype, normalize=normalize, append=append)
+                               pool_size=p, use_pos=use_pos, cdtype=cdtype, normalize=normalize, append=append,
+                               g=g, logits=logits)
     scalar = pl.BlockSpec((1, 1), lambda i, j, s: (i, j))
     per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j, s: (i,) + (0,) * len(shape))
     part = lambda last: pl.BlockSpec((1, 1, 1, gp, last), lambda i, j, s: (i, j, s, 0, 0))
@@ -249,7 +304,11 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
         out_shape += [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
         extra = (k_new, v_new, slot)
         aliases = {4: 3, 5: 4}  # k_pool, v_pool are updated in place
-    return pl.pallas_call(
+    if logits:  # per stream: `pad` columns, the W offsets, one block of slack; never initialised
+        cols = _logits_pad(block_kv) + logits_width + block_kv
+        out_specs.append(pl.BlockSpec((None, None, gp, cols), lambda i, j, s: (i, j, 0, 0)))  # [G', cols] per program
+        out_shape.append(jax.ShapeDtypeStruct((b, h, gp, cols), jnp.float32))
+    res = pl.pallas_call(
         kernel,
         grid=(b, h, num_splits),
         in_specs=in_specs,
@@ -260,6 +319,10 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
         name="ragged_decode_attention_gpu",
         **_common.triton_kwargs(interpret, num_warps, num_stages),
     )(start, length, min_pos.reshape(b, 1), qp, k_pool, v_pool, pos, *extra)
+    if logits:
+        pad = _logits_pad(block_kv)
+        res = list(res[:-1]) + [res[-1][:, :, :g, pad:pad + logits_width]]
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +374,7 @@ def _tpu_kernel(start_s, len_s, minpos_s, q_ref, k_hbm, v_hbm, *rest, sm_scale, 
             row_valid &= pos_buf[slot] >= min_pos  # [1, blk]
         k = k_buf[slot].astype(cdtype)
         v = v_buf[slot].astype(cdtype)
-        return _online_softmax_step(carry, q, k, v, row_valid, col_valid, sm_scale=sm_scale)
+        return _online_softmax_step(carry, _block_logits(q, k, sm_scale=sm_scale), v, row_valid, col_valid)
 
     init = _softmax_init(q.shape)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
@@ -405,11 +468,12 @@ def append_tokens(k_pool, v_pool, length, append):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
-                                             "num_warps", "num_stages", "return_lse"))
+                                             "num_warps", "num_stages", "return_lse", "stream_logits"))
 def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None, *,
                                    sm_scale: float, block_kv: int | None = None, num_splits: int | None = None,
                                    interpret=False, backend: str | None = None, num_warps: int | None = None,
-                                   num_stages: int | None = None, return_lse: bool = False):
+                                   num_stages: int | None = None, return_lse: bool = False,
+                                   stream_logits: int | None = None):
     """The Pallas kernel (see module docstring); arguments as `ragged_decode_attention`."""
     b, h, g, d = q.shape
     p = k_pool.shape[1]
@@ -425,31 +489,40 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
     minpos = min_pos.astype(jnp.int32) if use_pos else jnp.zeros((b,), jnp.int32)
     args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
     kw = dict(sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits, use_pos=use_pos, interpret=interpret)
+    logits = ()
     if backend == "gpu":
         new = None
         if append is not None:
             k_new, v_new, slot = append
             new = (k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype), slot.astype(jnp.int32))
-        res = _gpu_call(*args, new, **kw, num_warps=num_warps, num_stages=num_stages)
+        res = _gpu_call(*args, new, **kw, num_warps=num_warps, num_stages=num_stages, g=g,
+                        logits_width=stream_logits)
         out, m, l = res[:3]
         # the kernel normalised a single split itself
         out = out[:, :, 0, :g] if num_splits == 1 else _merge_splits(out, m, l, g, q.dtype)
         pools = () if append is None else (res[3], res[4])
+        if stream_logits is not None:
+            logits = (res[-1],)
     else:
+        n_after = length
         if append is not None:
-            k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
-            args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
+            k_pool, v_pool, n_after = append_tokens(k_pool, v_pool, length, append)
+            args = (qp, k_pool, v_pool, start.astype(jnp.int32), n_after.astype(jnp.int32), pos_arr, minpos)
         out, m, l = _tpu_call(*args, **kw)
         out = _merge_splits(out, m, l, g, q.dtype)
         pools = () if append is None else (k_pool, v_pool)
-    extra = pools + ((_log_sum_exp(m, l, g),) if return_lse else ())
+        if stream_logits is not None:  # the Mosaic kernel does not store them: gather the streams' keys
+            logits = (stream_logits_reference(q, k_pool, start, n_after, sm_scale=sm_scale, width=stream_logits,
+                                              pos=pos, min_pos=min_pos),)
+    extra = pools + ((_log_sum_exp(m, l, g),) if return_lse else ()) + logits
     return (out,) + extra if extra else out
 
 
 def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float, min_pos=None, pos=None,
                             implementation: Literal["pallas", "xla"] = "xla", interpret=False,
                             block_kv: int | None = None, num_splits: int | None = None,
-                            backend: Literal["gpu", "tpu"] | None = None, append=None, return_lse: bool = False):
+                            backend: Literal["gpu", "tpu"] | None = None, append=None, return_lse: bool = False,
+                            stream_logits: int | None = None):
     """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
@@ -465,7 +538,10 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     position, as in a decode step). The GPU kernel does the write itself, in place (no separate scatter), and
     takes the new token from registers; elsewhere an XLA scatter runs first.
     `return_lse`: also return each query head's log-sum-exp over its stream, lse [B, H, G] float32
-    (+inf for an empty stream), last in the returned tuple."""
+    (+inf for an empty stream). `stream_logits=W`: also return logits [B, H, G, W] float32, each
+    query head's scaled q.k at offset j of its stream (with `append`, the new token at offset
+    `length`); only offsets inside the stream (after the append) are defined, hidden ones hold a
+    large negative value, the rest is unspecified. The last returned, after lse."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
     b, h, g, d = q.shape
@@ -492,7 +568,8 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     if implementation == "pallas":
         return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append,
                                               sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
-                                              interpret=interpret, backend=backend, return_lse=return_lse)
+                                              interpret=interpret, backend=backend, return_lse=return_lse,
+                                              stream_logits=stream_logits)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     if append is not None:
@@ -501,5 +578,8 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
                                             min_pos=min_pos)
     extra = (() if append is None else (k_pool, v_pool)) + (
         (stream_log_sum_exp(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos),) if return_lse else ())
+    if stream_logits is not None:
+        extra += (stream_logits_reference(q, k_pool, start, length, sm_scale=sm_scale, width=stream_logits, pos=pos,
+                                          min_pos=min_pos),)
     return (out,) + extra if extra else out
 

@@ -147,30 +147,25 @@ _PALLAS_CASES = {  # (model type, config extra, policy); the sliding window once
     "llama-h2o": ("llama", {}, P.H2O(budget=12, recent=4)),
     "mistral-window-tova": ("mistral", _WINDOW, P.TOVA(budget=12)),
     "llama-cake": ("llama", {}, P.CAKE(budget=12, window=4)),
+    "llama-roco": ("llama", {}, P.RoCo(budget=12, recent=2, sinks=2, chunk=4, stride=2)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(_PALLAS_CASES))
 def test_pallas_decode_equals_xla_decode(monkeypatch, case):
     # the GPU path (the kernel writes the new key/value into the pool itself; policies that evict
-    # while decoding take the probabilities from a second kernel), run in interpret mode: the same
+    # while decoding take the per-stream logits it stores), run in interpret mode: the same
     # logits, kept positions and pools as the XLA path, for a ragged batch with a finished row
     import kvjax.pallas_kernels.ragged_decode_attention as rda
-    import kvjax.pallas_kernels.stream_probs as sp
 
-    original, original_probs = rda.ragged_decode_attention_pallas, sp.stream_probs
+    original = rda.ragged_decode_attention_pallas
     calls = []
 
     def interpreted(*a, **k):
-        calls.append(k.get("num_splits"))
+        calls.append("logits" if k.get("stream_logits") else k.get("num_splits"))
         return original(*a, **{**k, "interpret": True, "backend": "gpu"})
 
-    def probs_interpreted(*a, **k):
-        calls.append("probs")
-        return original_probs(*a, **{**k, "interpret": True, "backend": "gpu"})
-
     monkeypatch.setattr(rda, "ragged_decode_attention_pallas", interpreted)
-    monkeypatch.setattr(sp, "stream_probs", probs_interpreted)
     model_type, extra, policy = _PALLAS_CASES[case]
     params = _tiny_params(model_type, **extra)
     prompts = [_prompt(n, seed=n) for n in (30, 17)]
@@ -193,7 +188,7 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
         np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), atol=2e-4)
         tokens = jnp.argmax(out["xla"], axis=-1).astype(jnp.int32)
     assert calls, "the Pallas kernel was not used"
-    assert ("probs" in calls) == (pre.policy.decode_eviction is not None)
+    assert ("logits" in calls) == (pre.policy.decode_eviction is not None)
     a, b = caches["xla"], caches["pallas"]
     np.testing.assert_array_equal(np.asarray(a.streams.length), np.asarray(b.streams.length))
     np.testing.assert_array_equal(np.asarray(a.pools.pos), np.asarray(b.pools.pos))
