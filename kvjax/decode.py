@@ -204,7 +204,7 @@ def _chunk_attention(q, k_s, v_s, visible, scale: float):
 
 
 def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy, *, config: ModelConfig,
-                plan: Plan, evict: bool = True):
+                plan: Plan, evict: bool = True, last_only: bool = False):
     """Feed a chunk of up to C tokens per sequence at once (chunked prefill, streaming perplexity).
 
     tokens [B, C] int; n_valid [B] int (row b feeds its first n_valid[b] tokens; 0 leaves it as is).
@@ -213,7 +213,8 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
     C decode steps would; then, if `evict` and the policy evicts, every stream above its budget
     loses its whole excess at once: the lowest keys of `stream_key` (RoCo: the rule of
     kvjax/policies/roco.py with m = the excess). Streams need cap >= budget + C (the plan's headroom).
-    Returns (cache, logits [B, C, V] float32, peak [L, B, H] stream lengths before eviction).
+    Returns (cache, logits [B, C, V] float32, peak [L, B, H] stream lengths before eviction);
+    `last_only`: logits [B, 1, V] of each row's last fed token only (a prefill needs no others).
     """
     b, c = tokens.shape
     h = config.num_kv_heads
@@ -259,7 +260,12 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
             return out, (reg, probs)
 
         x, (reg, probs) = decoder_layer(lw, x, positions, config, attend)
-        if ev is not None:
+        increments = getattr(scorer, "increments", None)
+        if ev is not None and increments is not None:  # sums over queries: the chunk's at once
+            d1, d2 = increments(jnp.where(q_valid[:, None, :, None], reduce_group(probs, scorer.group_reduce), 0.0))
+            add = lambda a, d: a.at[rows3, idx].add(d.sum(axis=2), mode="drop")  # only this layer's streams
+            reg = dataclasses.replace(reg, score=add(reg.score, d1), score2=add(reg.score2, d2))
+        elif ev is not None:  # query by query, in order
             p_s = reduce_group(probs, scorer.group_reduce)  # [B, H, C, W]
             p = jnp.zeros((b, c, span), jnp.float32).at[  # back to region slots: [B, C, S]
                 rows3[..., None], q_idx[None, :, None, None], idx[:, None]
@@ -288,6 +294,8 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
 
     xs = (weights.layers, jnp.asarray(cache.layout.layer_base, jnp.int32), cache.streams)
     (x, pools), (length, peak) = scan_layers(layer_step, (embed(weights, tokens), cache.pools), xs)
+    if last_only:
+        x = jnp.take_along_axis(x, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)
     logits = final_logits(weights, x, config)
     new = Cache(pools, dataclasses.replace(cache.streams, length=length), seen.astype(jnp.int32), cache.layout)
     return new, logits, peak

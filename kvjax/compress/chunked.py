@@ -150,9 +150,11 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
         n_valid = jnp.clip(lengths - start, 0, chunk).astype(jnp.int32)
         idx = start[:, None] + jnp.arange(chunk)[None, :]  # [B, C] positions fed
         chunk_tokens = jnp.take_along_axis(tokens, jnp.minimum(idx, t - 1), axis=1)
-        cache, logits, pk = extend_step(weights, cache, chunk_tokens, n_valid, policy, config=config, plan=plan)
+        cache, logits, pk = extend_step(weights, cache, chunk_tokens, n_valid, policy, config=config, plan=plan,
+                                        last_only=nll is None)
         ends = (n_valid > 0) & (start + n_valid == lengths)
-        row_last = jnp.take_along_axis(logits, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        row_last = logits[:, 0] if nll is None else jnp.take_along_axis(
+            logits, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         last = jnp.where(ends[:, None], row_last, last)
         if nll is not None:
             fed = jnp.arange(chunk)[None, :] < n_valid[:, None]

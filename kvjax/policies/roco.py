@@ -93,8 +93,13 @@ class RobustAttention(Scorer):
                              "(causal_attention(..., column_squares=True) when scorer.needs_colsq)")
         return reduce_group(stats.colsum, self.group_reduce), stats.colsq
 
+    def increments(self, probs):
+        """What one query's probabilities add to (score, score2): sums of attention and of its square."""
+        return probs, probs * probs
+
     def decode_update(self, score, score2, probs, slot_pos, next_pos):
-        return score + probs, score2 + probs * probs
+        d1, d2 = self.increments(probs)
+        return score + d1, score2 + d2
 
     def eviction_key(self, score, score2, slot_pos, seen):
         return running_moments(score, score2, slot_pos, seen)[0]

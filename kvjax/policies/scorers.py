@@ -101,8 +101,13 @@ class AccumulatedAttention(Scorer):
         s = self.prefill_scores(stats)
         return s, jnp.zeros_like(s)
 
+    def increments(self, probs):
+        """What one query's probabilities add to (score, score2): the running statistics are sums."""
+        return probs, jnp.zeros_like(probs)
+
     def decode_update(self, score, score2, probs, slot_pos, next_pos):
-        return score + probs, score2
+        d1, _ = self.increments(probs)
+        return score + d1, score2
 
 
 @policy_dataclass
