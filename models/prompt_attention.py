@@ -91,12 +91,22 @@ def causal_attention(
     each key received, summed over the valid queries, after reducing the G query heads of its KV head
     (`group_reduce`: "mean" or "max"). The group is reduced before squaring because RoCo (EasyKV)
     tracks the variance of the KV head's attention, not of each query head's.
-    `fused`: without column statistics, use `fused_causal_attention` (True), the chunked XLA pass
-    (False), or the fused one where `fused_available` says it is fast (None).
+    `fused`: use `fused_causal_attention` (True), the chunked XLA pass (False), or the fused one where
+    `fused_available` says it is fast (None). Column statistics on a GPU come with the fused path from
+    the column-sums kernels (kvjax/pallas_kernels/prompt_column_sums.py: two more passes over the
+    logits, nothing [T, T] in memory); elsewhere from the chunked pass.
     """
     b, kv, g, t, d = q.shape
-    if not (column_sums or column_squares) and (fused if fused is not None else fused_available(q)):
-        return fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
+    stats = column_sums or column_squares
+    if (fused if fused is not None else fused_available(q)) and (not stats or jax.default_backend() == "gpu"):
+        out = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
+        if not stats:
+            return out
+        from kvjax.pallas_kernels.prompt_column_sums import prompt_column_sums
+
+        res = prompt_column_sums(q, k, lengths, scale=scale, sliding_window=sliding_window,
+                                 column_squares=column_squares, group_reduce=group_reduce, implementation="pallas")
+        return (out, *res) if column_squares else (out, res)
     q_chunks, chunk = query_chunks(q, chunk)
     n_chunks = q_chunks.shape[0]
     k_t = jnp.swapaxes(k, -1, -2)  # [B, KV, D, T]
