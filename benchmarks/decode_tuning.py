@@ -210,23 +210,21 @@ def summarize_trace(events, steps: int):
     )
 
 
-def profile(bench, batches, budget, out_dir, log):
+def profile(bench, cases, budget, out_dir, log):
+    """cases: (layout, batch) pairs (layouts of benchmarks/decode.py: uni, h2o, h2o_keep, cake_cascade, ...)."""
     rows = []
-    for batch in batches:
-        spec = D.Spec("uni", budget, batch, "pallas", "library")
-        jitted, _, _, plan = bench.runner(spec)
-        job = D.Job(spec, "uniform", 32768)
+    for layout, batch in cases:
+        spec = D.Spec(layout, budget, batch, "pallas", "library")
+        jitted, _, plan = bench.runner(spec)
+        job = D.Job(spec, "uniform" if layout == "uni" else layout, 32768)
         pools, meta, _, _ = D.fill_state(bench, job, batch, plan)
         tok = jnp.zeros((batch,), jnp.int32)
         pools, tok = jax.block_until_ready(jitted(bench.weights, pools, meta, tok))
         t0 = time.perf_counter()
         pools, tok = jax.block_until_ready(jitted(bench.weights, pools, meta, tok))
         wall = time.perf_counter() - t0
-        if batch == 1:  # the optimized program, to see what each fusion does
-            text = jitted.lower(bench.weights, pools, meta, tok).compile().as_text()
-            (out_dir / f"decode_tuning_hlo_b{batch}.txt.gz").write_bytes(gzip.compress(text.encode()))
-        tdir = out_dir / f"trace_b{batch}"
-        row = dict(batch=batch, budget=budget, wall_ms_per_step=wall / bench.n_steps * 1e3)
+        tdir = out_dir / f"trace_{layout}_b{batch}"
+        row = dict(layout=layout, batch=batch, budget=budget, wall_ms_per_step=wall / bench.n_steps * 1e3)
         try:
             with jax.profiler.trace(str(tdir), create_perfetto_trace=True):
                 pools, tok = jax.block_until_ready(jitted(bench.weights, pools, meta, tok))
@@ -380,13 +378,15 @@ def markdown(meta, res) -> str:
         lines.append("")
     pr = res.get("profile", [])
     if pr:
-        lines += ["## Profile of the library decode step (uniform 1024/head)", ""]
+        lines += ["## Profile of the library decode step (1024/head)", ""]
         for r in pr:
-            lines.append(f"- batch {r['batch']}: wall {r['wall_ms_per_step']:.2f} ms/step; GPU span "
+            lines.append(f"- {r.get('layout', 'uni')}, batch {r['batch']}: wall {r['wall_ms_per_step']:.2f} ms/step; GPU span "
                          f"{(r.get('gpu_span_us_per_step') or 0) / 1e3:.2f} ms, busy {(r.get('gpu_busy_us_per_step') or 0) / 1e3:.2f} ms, "
                          f"{r.get('kernels_per_step', 0):.0f} kernels/step")
             for f, v in (r.get("families") or {}).items():
                 lines.append(f"  - {f}: {v['us_per_step'] / 1e3:.3f} ms, {v['launches_per_step']:.0f} launches")
+            for k in (r.get("top_kernels") or [])[:12]:
+                lines.append(f"    - `{k['name'][:90]}`: {k['us_per_step']:.0f} us, {k['launches_per_step']:.0f} launches")
         lines.append("")
     dr = [r for r in res.get("decode", []) if "error" not in r]
     if dr:
@@ -407,6 +407,7 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--parts", default="sweep,profile,decode,prefill")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile", default=None, help="layout:batch pairs to profile (default uni at 1, 32, 408)")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="stop timing new rows after this")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
@@ -454,7 +455,9 @@ def main(argv=None):
                 best[b] = {k: r[k] for k in ("block_kv", "num_splits", "num_warps", "num_stages") if r.get(k) is not None}
         res["best"] = {str(k): v for k, v in best.items()}
     if "profile" in parts and not args.tiny:
-        res["profile"] = profile(bench, batches, budget, out_dir, log)
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.profile.split(",")] if args.profile else \
+            [("uni", b) for b in batches]
+        res["profile"] = profile(bench, cases, budget, out_dir, log)
         write()
     if "decode" in parts:
         cases = [(budget, b) for b in batches] + ([(256, 32)] if not args.tiny else [])

@@ -143,19 +143,20 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         written = inside
         new_pos = next_pos[:, None, None]
         target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
-        k_pool, v_pool, pos_pool = pools.k, pools.v, pools.pos
+        k_pool, v_pool = pools.k, pools.v
         for _ in range(ev.every):
             inside = jnp.arange(width) < length[..., None]
             protected = (pos_w > new_pos - ev.recent) | (pos_w < ev.sinks)
             cand = inside & ~protected
             key = view_key(scorer, s_w, s2_w, pos_w, next_pos + 1, cand, st.budget, length - st.budget)
             victim, last, over = evict_lowest(key, length, target, cand.any(axis=-1))
-            k_pool, v_pool, pos_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool, pos_pool))
+            k_pool, v_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool))
             pos_w, s_w, s2_w = (move_in_view(a, last, victim, over) for a in (pos_w, s_w, s2_w))
             length = length - over.astype(length.dtype)
-        score = scatter_streams(pools.score, idx, written, s_w)
-        score2 = scatter_streams(pools.score2, idx, written, s2_w)
-        return Pools(k_pool, v_pool, pos_pool, score, score2), length
+        # the views go back in three scatters; slots past the new length keep stale values
+        pos, score, score2 = (scatter_streams(a, idx, written, w) for a, w in
+                              ((pools.pos, pos_w), (pools.score, s_w), (pools.score2, s2_w)))
+        return Pools(k_pool, v_pool, pos, score, score2), length
 
     # each sequence evicts on its own schedule (its own position), so a batch behaves like its rows alone
     step_due = jnp.ones((b,), bool)

@@ -71,10 +71,12 @@ def gather_streams(a, idx):
 
 
 def scatter_streams(a, idx, valid, values):
-    """a [B, P] with values [B, H, W] written at the stream slots idx [B, H, W] where valid (in place)."""
+    """a [B, P] with values [B, H, W] written at the stream slots idx [B, H, W] where valid (in place;
+    one scatter with unique indices: the others go to distinct out-of-range slots and are dropped)."""
     b, p = a.shape
-    dest = jnp.where(valid, idx, p)  # p: dropped
-    return a.at[jnp.arange(b)[:, None, None], dest].set(values.astype(a.dtype), mode="drop")
+    spare = p + jnp.arange(idx[0].size).reshape(idx.shape[1:])  # distinct, out of range
+    dest = jnp.where(valid, idx, spare)
+    return a.at[jnp.arange(b)[:, None, None], dest].set(values.astype(a.dtype), mode="drop", unique_indices=True)
 
 
 def move_slot(a, start, src, dst, do):
@@ -83,7 +85,7 @@ def move_slot(a, start, src, dst, do):
     rows = jnp.arange(a.shape[0])[:, None]
     src_slot, dst_slot = start + jnp.maximum(src, 0), start + dst
     cond = do.reshape(do.shape + (1,) * (a.ndim - 2))
-    return a.at[rows, dst_slot].set(jnp.where(cond, a[rows, src_slot], a[rows, dst_slot]))
+    return a.at[rows, dst_slot].set(jnp.where(cond, a[rows, src_slot], a[rows, dst_slot]), unique_indices=True)
 
 
 def evict_lowest(key, length, target, has_candidate):
@@ -97,12 +99,11 @@ def evict_lowest(key, length, target, has_candidate):
 
 
 def move_in_view(a, src, dst, do):
-    """a [B, H, W, ...] (a per-stream view): copy offset src into offset dst where do [B, H]."""
-    b, h = do.shape
-    bi, hi = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
-    src = jnp.maximum(src, 0)
-    cond = do.reshape(do.shape + (1,) * (a.ndim - 3))
-    return a.at[bi, hi, dst].set(jnp.where(cond, a[bi, hi, src], a[bi, hi, dst]))
+    """a [B, H, W] (a per-stream view): copy offset src into offset dst where do [B, H]. A select,
+    not a scatter, so XLA fuses it into whatever reads the view next."""
+    moved = jnp.take_along_axis(a, jnp.maximum(src, 0)[..., None], axis=-1)  # [B, H, 1]
+    here = (jnp.arange(a.shape[-1]) == dst[..., None]) & do[..., None]
+    return jnp.where(here, moved, a)
 
 
 def smallest(key, count, k_max: int):

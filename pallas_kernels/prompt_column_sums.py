@@ -129,10 +129,12 @@ def _colsum_kernel(len_ref, q_ref, k_ref, lse_ref, *out_refs, scale, block, g, w
 @functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "column_squares", "group_reduce", "block",
                                              "interpret", "num_warps", "num_stages"))
 def prompt_column_sums_pallas(q, k, lengths, *, scale: float, sliding_window: int | None = None,
-                              column_squares: bool = False, group_reduce: str = "mean", block: int = 64,
+                              column_squares: bool = False, group_reduce: str = "mean", block: int | None = None,
                               interpret=False, num_warps: int | None = None, num_stages: int | None = None):
-    """The GPU kernels (see the module docstring)."""
+    """The GPU kernels (see the module docstring). block: query and key rows per tile (default 64;
+    32 for float32, whose tiles would not fit the shared memory)."""
     b, kv, g, t, d = q.shape
+    block = block or (32 if jnp.dtype(q.dtype).itemsize > 2 else 64)
     tp = -(-t // block) * block
     if tp != t:  # whole blocks (prompt buckets of >= 192 tokens are multiples of 64 already)
         q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
@@ -170,7 +172,7 @@ def prompt_column_sums_pallas(q, k, lengths, *, scale: float, sliding_window: in
 
 def prompt_column_sums(q, k, lengths, *, scale: float, sliding_window: int | None = None,
                        column_squares: bool = False, group_reduce: str = "mean", implementation: str = "xla",
-                       interpret=False, block: int = 64):
+                       interpret=False, block: int | None = None):
     """See the module docstring. implementation "pallas": the GPU kernels (in interpret mode anywhere
     with `interpret=True`); "xla": the dense reference."""
     if q.ndim != 5 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3:] != k.shape[2:]:
