@@ -76,16 +76,13 @@ def adakv_head_budgets(budget, batch, num_layers, h, max_len, seed=2):
 # cache states
 
 
-def fill_state(bench, job, batch: int, plan, seed: int = 0):
-    """Device pools and meta for one job: (pools, meta, kv_slots_used [host int])."""
+def stream_lengths(bench, alloc: str, budget: int, batch: int, ctx: int, keep: bool) -> np.ndarray:
+    """Kept tokens per stream [L, B, H] of an allocation (`keep`: the no-eviction rows start short)."""
     cfg = bench.config
-    num_layers, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    base = np.asarray(plan.layout.layer_base, np.int64)
-    budget = job.spec.budget
-    alloc = job.alloc[:-5] if job.alloc.endswith("_keep") else job.alloc
+    num_layers, h = cfg.num_layers, cfg.num_kv_heads
     alloc = "uniform" if alloc in ("h2o", "tova", "roco") else alloc
     if alloc == "full":
-        lengths = np.full((batch, num_layers, h), job.ctx, np.int64)
+        lengths = np.full((batch, num_layers, h), ctx, np.int64)
     elif alloc == "uniform":
         lengths = np.full((batch, num_layers, h), budget, np.int64)
     elif alloc == "adakv":
@@ -94,12 +91,21 @@ def fill_state(bench, job, batch: int, plan, seed: int = 0):
         bl = np.asarray(cake_layer_budgets(budget, num_layers, bench.min_ctx), np.int64)
         lengths = np.broadcast_to(bl[None, :, None], (batch, num_layers, h)).copy()
     else:
-        raise ValueError(job.alloc)
-    if job.spec.layout.endswith("_keep"):  # no eviction: start n steps short, end at the evicting rows' length
+        raise ValueError(alloc)
+    if keep:  # no eviction: start n steps short, end at the evicting rows' length
         lengths = np.maximum(lengths - bench.n_steps, 1)
+    return np.ascontiguousarray(lengths.transpose(1, 0, 2))  # [L, B, H], as the cache keeps it
+
+
+def fill_state(bench, job, batch: int, plan, seed: int = 0):
+    """Device pools and meta for one job: (pools, meta, kv_slots_used [host int])."""
+    cfg = bench.config
+    num_layers, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    base = np.asarray(plan.layout.layer_base, np.int64)
+    keep = job.alloc.endswith("_keep")
+    lengths = stream_lengths(bench, job.alloc[:-5] if keep else job.alloc, job.spec.budget, batch, job.ctx, keep)
     from kvjax.cache import layout_streams
 
-    lengths = np.ascontiguousarray(lengths.transpose(1, 0, 2))  # [L, B, H], as the cache keeps it
     start, caps = (np.asarray(a, np.int64) for a in layout_streams(plan, jnp.asarray(lengths, jnp.int32)))
     pool = plan.layout.pool_size
     assert (lengths <= caps).all() and (start + caps <= pool).all(), "allocation does not fit the plan"

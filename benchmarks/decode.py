@@ -173,6 +173,11 @@ class Bench:
         from kvjax.cache import Cache, Pools, Streams
 
         pol, plan = self.policy_plan(spec.layout, spec.budget, self.plan_ctx(spec))
+        if pol.decode_eviction is not None and isinstance(spec.batch, int):  # as kvjax.generate narrows it
+            from kvjax.cache import layout_streams
+
+            lengths = states.stream_lengths(self, spec.layout, spec.budget, spec.batch, self.min_ctx, False)
+            plan = plan.for_decode(np.asarray(layout_streams(plan, jnp.asarray(lengths, jnp.int32))[1]))
         step_fn = importlib.import_module("kvjax.decode").decode_step
         cfg, n = self.config, self.n_steps
 

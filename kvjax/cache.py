@@ -98,6 +98,8 @@ class Plan:
     adaptive_heads: stream lengths differ within a layer (Ada-KV); the decode kernel splits more
     packed:         a stream reserves only what it keeps plus headroom (Ada-KV, the cascade);
                     otherwise every stream of layer l reserves stream_bound[l] plus headroom
+    decode_width:   the widest stream while decoding, when known from a prefilled cache
+                    (`for_decode`); None: from the bound
     """
 
     layout: Layout
@@ -105,10 +107,28 @@ class Plan:
     headroom: int
     adaptive_heads: bool = False
     packed: bool = False
+    decode_width: int | None = None
 
     @property
     def max_span(self) -> int:
         return self.layout.max_span
+
+    @property
+    def stream_width(self) -> int:
+        """The most slots a stream holds: what decode-time eviction looks at per stream."""
+        if self.decode_width is not None:
+            return self.decode_width
+        return min(max(self.stream_bound) + self.headroom, self.max_span)
+
+    def for_decode(self, caps) -> "Plan":
+        """This plan narrowed to the streams a prefilled cache really reserved, caps [L, B, H] (host
+        values): decode-time eviction then works on that many slots per stream. The cascade (CAKE)
+        sizes its bound for a layer that could keep the whole prompt; once prefill has split the
+        budget, streams are far shorter. Rounded up to a power of two (>= 16), so nearby caches
+        share one compiled decode loop."""
+        need = int(np.max(caps)) if np.size(caps) else 1
+        width = min(max(16, 1 << (need - 1).bit_length()), self.stream_width)
+        return dataclasses.replace(self, decode_width=width)
 
 
 def place_streams(plan: Plan, kept, bound, first, reserve=None):

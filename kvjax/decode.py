@@ -51,11 +51,6 @@ def _append(region, slot, value, active):
     return write_rows(region, jnp.where(active[:, None], slot, -1), value)
 
 
-def _stream_width(plan: Plan) -> int:
-    """The most slots any stream holds."""
-    return min(max(plan.stream_bound) + plan.headroom, plan.max_span)
-
-
 def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=None, *, config: ModelConfig,
                 plan: Plan, implementation: str = "xla", parallel=None):
     """Feed one token per sequence. tokens [B] int, active [B] bool (inactive rows are untouched).
@@ -84,7 +79,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     scale = config.attention_scale
     min_pos = None if config.sliding_window is None else next_pos - config.sliding_window + 1
     take = lambda a, base: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
-    width = _stream_width(plan)
+    width = plan.stream_width
 
     def layer_step(carry, xs):
         x, pools = carry
@@ -232,7 +227,7 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
     if ev is not None and scorer.layer_shared:
         raise ValueError("extend_step does not support layer-shared scorers (TOVA): feed tokens with decode_step")
     rows3 = jnp.arange(b)[:, None, None]
-    width = _stream_width(plan)
+    width = plan.stream_width
 
     def layer_step(carry, xs):
         x, pools = carry

@@ -120,6 +120,9 @@ def drive(weights, state: DecodeState, policy, max_new: int, stop_ids, *, config
     the compiled loop, sized so a call takes about `seconds_per_call`: between calls the host sees
     Ctrl-C and checks stop strings (a row whose text contains one ends at the token completing it)."""
     run = runner(state.tokens.shape[0])
+    if policy.decode_eviction is not None:  # eviction looks at the slots streams really reserved
+        caps = state.cache.streams.cap
+        plan = plan.for_decode(host(caps, parallel))
     checked = [0] * state.tokens.shape[0]
     if stop_strings:
         state = _stop_at_strings(state, stop_strings, decode, checked, parallel)

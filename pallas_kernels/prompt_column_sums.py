@@ -135,6 +135,8 @@ def prompt_column_sums_pallas(q, k, lengths, *, scale: float, sliding_window: in
     32 for float32, whose tiles would not fit the shared memory)."""
     b, kv, g, t, d = q.shape
     block = block or (32 if jnp.dtype(q.dtype).itemsize > 2 else 64)
+    # 8 warps, 3 stages: the fastest of the sweep on an H200 (benchmarks/results/column_sums_h200.md)
+    num_warps, num_stages = num_warps or 8, num_stages or 3
     tp = -(-t // block) * block
     if tp != t:  # whole blocks (prompt buckets of >= 192 tokens are multiples of 64 already)
         q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))

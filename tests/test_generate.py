@@ -194,3 +194,33 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
     np.testing.assert_array_equal(np.asarray(a.pools.pos), np.asarray(b.pools.pos))
     for name in ("k", "v"):  # later layers' keys carry the attention outputs' rounding differences
         np.testing.assert_allclose(np.asarray(getattr(a.pools, name)), np.asarray(getattr(b.pools, name)), atol=1e-4, err_msg=name)
+
+
+def test_decode_narrowed_to_the_reserved_streams_keeps_what_the_full_bound_keeps():
+    # CAKE's cascade plans streams wide enough for a layer keeping the whole prompt; generate narrows
+    # decode-time eviction to the slots the prefilled streams reserved: same tokens, same kept positions
+    import jax
+
+    from kvjax.decode import decode_step
+
+    params = _tiny_params(num_hidden_layers=4)
+    prompts = [_prompt(n, seed=n) for n in (120, 90)]
+    policy = P.CAKE(budget=24, window=4)
+    pre = kvjax.prefill(params, prompts, policy, max_new_tokens=10)
+    caps = np.asarray(pre.cache.streams.cap)
+    narrow = pre.plan.for_decode(caps)
+    assert caps.max() <= narrow.stream_width < pre.plan.stream_width  # narrower than the prompt-wide bound
+    assert narrow.stream_width == max(16, 1 << (int(caps.max()) - 1).bit_length())
+    out = kvjax.generate(params, prompts, policy=policy, max_new_tokens=10)
+    step = jax.jit(lambda c, t: decode_step(params.weights, c, t, policy, config=params.config, plan=pre.plan))
+    cache, tokens = pre.cache, jnp.argmax(pre.logits, -1).astype(jnp.int32)
+    seen = [tokens]
+    for _ in range(9):
+        cache, logits = step(cache, tokens)
+        tokens = jnp.argmax(logits, -1).astype(jnp.int32)
+        seen.append(tokens)
+    np.testing.assert_array_equal(np.stack(seen, 1), np.asarray(out.tokens))
+    for a, b in zip(kvjax.kept_positions(cache), kvjax.kept_positions(out.cache)):
+        for x, y in zip(a, b):
+            for u, w in zip(x, y):
+                np.testing.assert_array_equal(np.sort(u), np.sort(w))
