@@ -46,7 +46,7 @@ def _dense_reference(q, k, lengths, scale, horizon, reduce, group_reduce, min_di
 
 @pytest.mark.parametrize("horizon,reduce,group_reduce,min_distance,last", [
     (None, "max", "max", 1, None), (5, "mean", "mean", 1, None), (3, "max", "mean", 1, None),
-    (None, "max", "max", 4, 10), (None, "mean", "mean", 6, 9)])
+    (None, "max", "max", 4, 10), (None, "mean", "mean", 6, 9), (None, "max", "mean", 2, 30)])
 def test_future_attention_equals_the_dense_definition(horizon, reduce, group_reduce, min_distance, last):
     rng = np.random.default_rng(0)
     b, h, g, t, d = 2, 2, 3, 37, 8
