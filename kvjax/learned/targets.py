@@ -113,7 +113,7 @@ def text_features_and_targets(weights, tokens, lengths, *, config, features, hor
         target = future_attention(q, k, lengths, scale=config.attention_scale, horizon=horizon, reduce=reduce,
                                   group_reduce=group_reduce, min_distance=min_distance, last=last,
                                   sliding_window=config.sliding_window)
-        return x, (token_features(k, v, jnp.arange(t), inv_freq, features), target)
+        return x, (token_features(k, v, jnp.arange(t), inv_freq, features, lengths), target)
 
     _, (feats, targets) = scan_layers(layer_step, embed(weights, tokens), (weights.layers,))
     return feats, targets

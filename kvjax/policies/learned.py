@@ -43,7 +43,7 @@ class LearnedScore(Scorer):
     share: bool = static_field(False)
 
     def prefill_scores(self, stats: PrefillStats):
-        feats = token_features(stats.k, stats.v, stats.positions, self.inv_freq, self.features)
+        feats = token_features(stats.k, stats.v, stats.positions, self.inv_freq, self.features, stats.lengths)
         heads = stats.global_index(stats.k.shape[1], stats.model_axis)
         s = score(self.weights, feats, stats.layer, heads)
         if not self.share:
