@@ -4,10 +4,11 @@
     policy = Learned(scorer, budget=0.25)                  # query-agnostic: no observation window
     policy = AdaKV(Learned("scorers/smollm2-135m", 128))     # head-adaptive budgets on the same scores
 
-Each prompt token is scored from its own pre-RoPE key, value and position, per (layer, KV head),
-before any question is seen, so a prefilled context can answer questions it was not compressed
-for. The last `window` prompt tokens and the first `sinks` are always kept. The scorer's weights
-are pytree leaves (another scorer of the same shape does not recompile); its metadata is static.
+Each prompt token is scored from its own pre-RoPE key, value, position and distance to the end of
+its prompt (the scorer's features), per (layer, KV head), before any question is seen, so a
+prefilled context can answer questions it was not compressed for. The last `window` prompt tokens
+and the first `sinks` are always kept. The scorer's weights are pytree leaves (another scorer of
+the same shape does not recompile); its metadata is static.
 """
 
 from __future__ import annotations
