@@ -252,3 +252,33 @@ def test_the_committed_scorer_fits_the_embedded_model(smollm2_dir):
     check_fits(scorer.meta, ModelConfig.from_file(smollm2_dir))
     assert scorer.meta.model == "smollm2-135m" and scorer.meta.train["total_seconds"] <= 15 * 60
     assert scorer.history[-1]["held_out"] < scorer.history[0]["held_out"]
+
+
+class _Words:
+    """A whitespace tokenizer with a BOS (kvjax.eval.fitting.Encoder)."""
+
+    def encode(self, text):
+        return [0] + [1 + len(w) for w in text.split()]
+
+
+def test_fact_essays_hold_their_answers_fit_and_stay_apart_from_the_needle_test():
+    import random
+    import warnings
+
+    from kvjax.learned.texts import default_texts, fact_essay, fact_samples
+
+    tok = _Words()
+    for seed in range(6):
+        text, answers = fact_essay(tok, 300, random.Random(seed), corpus="generated")
+        assert text == fact_essay(tok, 300, random.Random(seed), corpus="generated")[0]  # seeded
+        assert 250 <= len(tok.encode(text)) <= 300 and 1 <= len(answers) <= 2
+        assert all(a in text for a in answers) and text.endswith(("is", "in", "order", "extension", "room"))
+        assert "special magic" not in text  # not RULER's needle
+    (s,) = fact_samples(tok, 1, 300, seed=4, corpus="generated")
+    assert s.task == "facts" and s.answers[0] in s.context and s.answers[0] not in s.question
+    assert s.question.startswith(" ") and 0.0 <= s.depth <= 1.0 and s.context_tokens < s.n_tokens <= 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generated prose where the essays are not installed
+        texts = default_texts(tok, 8, 200, seed=1)
+    assert len(texts) == 8 and texts == default_texts(tok, 8, 200, seed=1)
+    assert [t.endswith(("is", "in", "order", "extension", "room")) for t in texts[:3:2]] == [True, True]
