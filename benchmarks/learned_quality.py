@@ -11,9 +11,13 @@ SnapKV and Learned. Greedy decoding, RULER's scoring (all answers present = righ
 
 Paired tests: McNemar (kvjax.eval.stats.mcnemar, exact) of Learned against each baseline
 ("greater": Learned better), of AdaKV(Learned) against Learned, and query-aware Learned against SnapKV
-(two-sided). The needle tasks are held out: the scorer was trained on essay spans and synthetic
-documents only, never on a needle prompt. Writes benchmarks/results/learned_<model>.{json,md}; the
-JSON is rewritten after every batch and a rerun skips the batches it holds (--force starts over).
+(two-sided). The needle tasks are held out: the scorer was trained on essay spans, fact essays (own
+templates) and synthetic documents, never on a needle prompt. Writes
+benchmarks/results/learned_<model>.{json,md}; the JSON is rewritten after every batch and a rerun
+skips the batches it holds (--force starts over).
+
+`--task facts --seed 9000` runs the same comparison on held-out fact essays of the training kind
+(kvjax.learned.texts.fact_samples): a validation set for comparing scorers without the needle test.
 """
 
 from __future__ import annotations
@@ -29,7 +33,11 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import kvjax  # noqa: E402
 from kvjax import policies as P  # noqa: E402
 from kvjax.eval import ruler, stats  # noqa: E402
-from quality_shared import decode_all, max_new_for, prefill_shared  # noqa: E402
+from kvjax.learned.texts import fact_samples  # noqa: E402
+from quality_shared import decode_all, prefill_shared  # noqa: E402
+
+#: new tokens per task; "facts": kvjax.learned.texts.fact_samples (answers of at most 8 digits, or a word and 3)
+MAX_NEW = {**ruler.MAX_NEW_TOKENS, "facts": 12}
 
 
 def agnostic_policies(scorer, ratio: float, window: int) -> dict:
@@ -52,7 +60,7 @@ def run(params, samples, pols: dict, mode: str, batch: int, seed: int, done: dic
         chunk = samples[bi:bi + batch]
         real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch - real)  # one compile per batch shape
-        max_new = max_new_for(chunk)
+        max_new = max(MAX_NEW[s.task] for s in chunk)
         t0 = time.perf_counter()
         pres, t_pre = prefill_shared(params, chunk, mode, [pols[n] for n in names], max_new, seed)
         rows = {}
@@ -61,7 +69,7 @@ def run(params, samples, pols: dict, mode: str, batch: int, seed: int, done: dic
             rows[names[i]] = [dict(seed=s.seed, depth=s.depth, correct=ruler.score(s, t).all_present, text=t)
                               for s, t in zip(chunk[:real], texts[:real])]
 
-        decode_all(params, pres, chunk, real, max_new, seed, lambda s: ruler.MAX_NEW_TOKENS[s.task], on_cell)
+        decode_all(params, pres, chunk, real, max_new, seed, lambda s: MAX_NEW[s.task], on_cell)
         done[key] = rows
         save()
         right = {n: sum(r["correct"] for r in rows[n]) for n in names}
@@ -158,7 +166,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--scorer", default="configs/scorers/smollm2-135m")
-    ap.add_argument("--task", default="niah_single")
+    ap.add_argument("--task", default="niah_single", help="a RULER task, or facts: held-out fact essays "
+                    "(kvjax.learned.texts.fact_samples), to compare scorers without touching the needle test")
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--window", type=int, default=32)
@@ -189,11 +198,15 @@ def main(argv=None):
         print(msg, flush=True)
 
     tok = params.tokenizer
-    agn = ruler.make_samples(args.task, args.length, tok, args.samples, seed=args.seed, fit="context")
+    if args.task == "facts":  # validation on held-out texts of the training kind, not the needle test
+        agn = fact_samples(tok, args.samples, args.length, seed=args.seed)
+    else:
+        agn = ruler.make_samples(args.task, args.length, tok, args.samples, seed=args.seed, fit="context")
     run(params, agn, agnostic_policies(scorer, args.ratio, args.window), "agnostic", args.batch, args.seed, done,
         save, log)
     if args.aware_samples:
-        aw = ruler.make_samples(args.task, args.length, tok, args.aware_samples, seed=args.seed, fit="prompt")
+        aw = (fact_samples(tok, args.aware_samples, args.length, seed=args.seed) if args.task == "facts" else
+              ruler.make_samples(args.task, args.length, tok, args.aware_samples, seed=args.seed, fit="prompt"))
         run(params, aw, aware_policies(scorer, args.ratio, args.window), "aware", args.batch, args.seed, done,
             save, log)
     save()

@@ -46,7 +46,7 @@ def _dense_reference(q, k, lengths, scale, horizon, reduce, group_reduce, min_di
 
 @pytest.mark.parametrize("horizon,reduce,group_reduce,min_distance,last", [
     (None, "max", "max", 1, None), (5, "mean", "mean", 1, None), (3, "max", "mean", 1, None),
-    (None, "max", "max", 4, 10), (None, "mean", "mean", 6, 9)])
+    (None, "max", "max", 4, 10), (None, "mean", "mean", 6, 9), (None, "max", "mean", 2, 30)])
 def test_future_attention_equals_the_dense_definition(horizon, reduce, group_reduce, min_distance, last):
     rng = np.random.default_rng(0)
     b, h, g, t, d = 2, 2, 3, 37, 8
@@ -73,6 +73,19 @@ def test_unrotate_inverts_rope():
     np.testing.assert_allclose(np.asarray(unrotate(rot, pos, inv)), np.asarray(x), atol=1e-5)
     f = token_features(rot, x, pos, inv, ("key", "value", "position"))
     assert f.shape == (1, 2, 11, 2 * params.config.head_dim + 3)
+
+
+def test_the_distance_feature_counts_to_each_prompts_own_end():
+    k = jax.random.normal(jax.random.key(2), (2, 3, 9, 8))
+    lengths = jnp.asarray([9, 5])
+    f = np.asarray(token_features(k, k, jnp.arange(9), np.ones(4), ("position", "distance"), lengths))
+    assert f.shape == (2, 3, 9, 2)
+    gaps = np.array([[8, 7, 6, 5, 4, 3, 2, 1, 0], [4, 3, 2, 1, 0, 0, 0, 0, 0]])  # padding: 0
+    for h in range(3):
+        np.testing.assert_allclose(f[:, h, :, 1], np.log1p(gaps), rtol=1e-6)
+        np.testing.assert_allclose(f[:, h, :, 0], np.log1p(np.arange(9))[None].repeat(2, 0), rtol=1e-6)
+    with pytest.raises(kvjax.errors.InputError, match="lengths must be the prompt lengths"):
+        token_features(k, k, jnp.arange(9), np.ones(4), ("distance",))
 
 
 @pytest.fixture(scope="module")
@@ -163,22 +176,41 @@ def test_learned_with_per_layer_budgets(tiny, trained):
 
 
 def test_learned_scores_follow_the_scorer(tiny, trained):
-    """The kept set is the top of the scorer's own scores (window and sinks aside)."""
+    """The kept set is the top of the scorer's own scores (window and sinks aside), for each prompt of a
+    ragged batch alike: the distance feature counts to each prompt's own end, as in training."""
     scorer, _ = trained
-    prompt = _prompt(60, seed=4)
+    assert "distance" in scorer.meta.features
+    prompts = [_prompt(60, seed=4), _prompt(41, seed=6)]
     pol = P.Learned(scorer, budget=20, window=0, sinks=0)
-    kept = kept_positions(kvjax.prefill(tiny, [prompt], pol).cache)
+    kept = kept_positions(kvjax.prefill(tiny, prompts, pol).cache)
     from kvjax.learned.targets import text_features_and_targets
     from kvjax.learned.model import score
 
-    feats, _ = text_features_and_targets(tiny.weights, jnp.asarray(prompt)[None], jnp.asarray([60]),
-                                         config=tiny.config, features=scorer.meta.features, horizon=None,
-                                         reduce="max", group_reduce="max")
-    for layer in range(tiny.config.num_layers):
-        s = np.asarray(score(scorer.params, feats[layer], layer))[0]  # [H, T]
-        for h in range(s.shape[0]):
-            top = set(np.argsort(-s[h], kind="stable")[:20].tolist())
-            assert set(np.asarray(kept[layer][0][h]).tolist()) == top
+    for row, prompt in enumerate(prompts):
+        feats, _ = text_features_and_targets(tiny.weights, jnp.asarray(prompt)[None], jnp.asarray([len(prompt)]),
+                                             config=tiny.config, features=scorer.meta.features, horizon=None,
+                                             reduce="max", group_reduce="max")
+        for layer in range(tiny.config.num_layers):
+            s = np.asarray(score(scorer.params, feats[layer], layer))[0]  # [H, T]
+            for h in range(s.shape[0]):
+                top = set(np.argsort(-s[h], kind="stable")[:20].tolist())
+                assert set(np.asarray(kept[layer][row][h]).tolist()) == top
+
+
+def test_a_scorer_without_the_distance_feature_still_loads_and_scores(tiny, tmp_path):
+    """Scorers saved before the distance feature existed (features key, value, position) stay readable."""
+    old = kvjax.train_scorer(tiny, 4, n_tokens=64, steps=3, eval_every=3, min_future=8, progress=False,
+                             features=("key", "value", "position"), out=tmp_path / "old")
+    back = load_scorer(tmp_path / "old")
+    assert back.meta.features == ("key", "value", "position") == old.meta.features
+    kept = kept_positions(kvjax.prefill(tiny, [_prompt(50, seed=3)], P.Learned(back, budget=16, window=2)).cache)
+    assert all(len(h) == 16 for layer in kept for h in layer[0])
+    meta = json.loads((tmp_path / "old" / "scorer.json").read_text())
+    for bad, match in ((dict(meta, format_version=2), "format version 2; this kvjax reads 1"),
+                       (dict(meta, features=["key", "depth"]), "features a subset of")):
+        (tmp_path / "old" / "scorer.json").write_text(json.dumps(bad))
+        with pytest.raises(ScorerError, match=match):
+            load_scorer(tmp_path / "old")
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -220,3 +252,33 @@ def test_the_committed_scorer_fits_the_embedded_model(smollm2_dir):
     check_fits(scorer.meta, ModelConfig.from_file(smollm2_dir))
     assert scorer.meta.model == "smollm2-135m" and scorer.meta.train["total_seconds"] <= 15 * 60
     assert scorer.history[-1]["held_out"] < scorer.history[0]["held_out"]
+
+
+class _Words:
+    """A whitespace tokenizer with a BOS (kvjax.eval.fitting.Encoder)."""
+
+    def encode(self, text):
+        return [0] + [1 + len(w) for w in text.split()]
+
+
+def test_fact_essays_hold_their_answers_fit_and_stay_apart_from_the_needle_test():
+    import random
+    import warnings
+
+    from kvjax.learned.texts import default_texts, fact_essay, fact_samples
+
+    tok = _Words()
+    for seed in range(6):
+        text, answers = fact_essay(tok, 300, random.Random(seed), corpus="generated")
+        assert text == fact_essay(tok, 300, random.Random(seed), corpus="generated")[0]  # seeded
+        assert 250 <= len(tok.encode(text)) <= 300 and 1 <= len(answers) <= 2
+        assert all(a in text for a in answers) and text.endswith(("is", "in", "order", "extension", "room"))
+        assert "special magic" not in text  # not RULER's needle
+    (s,) = fact_samples(tok, 1, 300, seed=4, corpus="generated")
+    assert s.task == "facts" and s.answers[0] in s.context and s.answers[0] not in s.question
+    assert s.question.startswith(" ") and 0.0 <= s.depth <= 1.0 and s.context_tokens < s.n_tokens <= 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # generated prose where the essays are not installed
+        texts = default_texts(tok, 8, 200, seed=1)
+    assert len(texts) == 8 and texts == default_texts(tok, 8, 200, seed=1)
+    assert [t.endswith(("is", "in", "order", "extension", "room")) for t in texts[:3:2]] == [True, True]

@@ -5,10 +5,11 @@ Features of a prompt token (`FEATURES`, in this order, each optional):
     key       the pre-RoPE key [D] and its norm (RoPE rotates by position; un-rotating the cached,
               rotated key gives the projection of the token's own hidden state, exactly)
     value     the value [D] and its norm
-    position  log(1 + position) (lets the model find attention sinks; no distance to the end, so the
-              score does not depend on how much text follows)
+    position  log(1 + position) (lets the model find attention sinks)
+    distance  log(1 + (length - 1 - position)): how far the token lies from the end of the prompt
+              (known at prefill, when the whole prompt is there: recency); 0 on padding
 
-    feats = token_features(k_rot, v, positions, inv_freq, features)     # [B, H, T, F]
+    feats = token_features(k_rot, v, positions, inv_freq, features, lengths)   # [B, H, T, F]
     s = score(params, feats, layer, heads)                              # [B, H, T], higher = keep
 
 params (kind "linear"): mean, std [L, H, F] (feature standardisation, fixed), w [L, H, F], b [L, H].
@@ -21,15 +22,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvjax.errors import bad_input
 from kvjax.models.llama import apply_rope
 
-FEATURES = ("key", "value", "position")
+FEATURES = ("key", "value", "position", "distance")
 KINDS = ("linear", "mlp")
 
 
 def num_features(features: tuple[str, ...], head_dim: int) -> int:
     """F: the width of `token_features`' last axis."""
-    return sum({"key": head_dim + 1, "value": head_dim + 1, "position": 1}[f] for f in features)
+    return sum({"key": head_dim + 1, "value": head_dim + 1, "position": 1, "distance": 1}[f] for f in features)
 
 
 def unrotate(k_rot, positions, inv_freq):
@@ -40,14 +42,26 @@ def unrotate(k_rot, positions, inv_freq):
     return apply_rope(x, pos, jnp.asarray(inv_freq, jnp.float32)).transpose(0, 2, 1, 3)
 
 
-def token_features(k_rot, v, positions, inv_freq, features: tuple[str, ...]):
-    """k_rot, v [B, H, T, D] (keys after RoPE, values), positions [T] int -> [B, H, T, F] float32."""
+def distance_to_end(positions, lengths):
+    """positions [T] int, lengths [B] (valid prompt lengths; right padding) -> [B, T] float32:
+    log(1 + (length - 1 - position)), 0 where position >= length."""
+    gap = lengths[:, None].astype(jnp.int32) - 1 - positions.astype(jnp.int32)[None, :]
+    return jnp.log1p(jnp.maximum(gap, 0).astype(jnp.float32))
+
+
+def token_features(k_rot, v, positions, inv_freq, features: tuple[str, ...], lengths=None):
+    """k_rot, v [B, H, T, D] (keys after RoPE, values), positions [T] int, lengths [B] (needed by
+    "distance") -> [B, H, T, F] float32."""
     b, h, t, _ = k_rot.shape
     parts = []
     for f in features:
         if f == "position":
             lp = jnp.log1p(positions.astype(jnp.float32))
             parts.append(jnp.broadcast_to(lp[None, None, :, None], (b, h, t, 1)))
+        elif f == "distance":
+            if lengths is None:
+                raise bad_input("lengths", lengths, "the prompt lengths [B]: the distance feature needs them")
+            parts.append(jnp.broadcast_to(distance_to_end(positions, lengths)[:, None, :, None], (b, h, t, 1)))
         else:
             x = unrotate(k_rot, positions, inv_freq) if f == "key" else v.astype(jnp.float32)
             parts += [x, jnp.linalg.norm(x, axis=-1, keepdims=True)]

@@ -1,6 +1,6 @@
 """`train_scorer`: fit a learned eviction scorer to the attention a model's own tokens receive later.
 
-    scorer = kvjax.train_scorer(params, 40, out="scorers/smollm2")   # 40 texts: essays + synthetic
+    scorer = kvjax.train_scorer(params, 40, out="scorers/smollm2")   # 40 texts (kvjax.learned.texts)
     policy = kvjax.policies.Learned(scorer, budget=0.25)
 
 1. Each text runs through the model once with the full cache (kvjax.learned.targets): per layer the
@@ -32,24 +32,11 @@ from kvjax.io.checkpoint import Params
 from kvjax.learned import model as M
 from kvjax.learned.store import TrainedScorer, meta_for
 from kvjax.learned.targets import REDUCES, future_count, text_features_and_targets
+from kvjax.learned.texts import default_texts
 from kvjax.validate import is_int
 
 LOSSES = ("mse", "listwise")
 _EPS = 1e-6
-
-
-def default_texts(tokenizer, n: int, n_tokens: int, seed: int = 0) -> list[str]:
-    """`n` texts of about `n_tokens` tokens: every other one a seeded span of the essays haystack
-    (generated essay-like prose when the essays are not installed), the others kvjax.eval.synthetic
-    documents (five kinds, each ending with a question about its body)."""
-    from kvjax.eval import haystack
-    from kvjax.eval.synthetic import sample_prompts
-
-    corpus = haystack.resolve("auto")
-    n_syn = n // 2
-    syn = sample_prompts(tokenizer, n_syn, n_tokens, seed) if n_syn else []
-    prose = [haystack.span(corpus, n_tokens * 6, seed * 1000 + i).text for i in range(n - n_syn)]
-    return [x for pair in zip(prose, syn + [None] * (len(prose) - len(syn))) for x in pair if x is not None]
 
 
 def _token_lists(params: Params, texts, n_tokens: int, seed: int) -> list[np.ndarray]:
@@ -118,7 +105,7 @@ def train_scorer(params: Params, texts=40, *, n_tokens: int = 2048, kind: str = 
                  max_seconds: float | None = None, seed: int = 0,
                  out=None, progress: bool | None = None, model_name: str | None = None) -> TrainedScorer:
     """Train a learned eviction scorer for `params`' model (module docstring). `texts`: a list of str
-    or token-id arrays, or a number of texts drawn by `default_texts` (seeded); each is cut to
+    or token-id arrays, or a number of texts drawn by kvjax.learned.texts.default_texts (seeded); each is cut to
     `n_tokens`. Returns a TrainedScorer (saved to `out` when given); its `meta.train` records the
     texts, the split, the seconds spent and the best held-out loss."""
     import optax
@@ -154,11 +141,14 @@ def train_scorer(params: Params, texts=40, *, n_tokens: int = 2048, kind: str = 
     hold, train = np.sort(order[:n_hold]), np.sort(order[n_hold:])
     F, LT, MK = (jnp.asarray(np.stack(a)) for a in (feats, logts, masks))
     del feats, logts, masks
-    # feature standardisation from the training texts' scored tokens, per (layer, head, feature)
-    w = np.asarray(MK[train], np.float64)[:, None, None, :, None]
-    x = np.asarray(F[train], np.float64)
-    mean = (x * w).sum((0, 3)) / w.sum((0, 3))
-    std = np.sqrt(((x - mean[None, :, :, None]) ** 2 * w).sum((0, 3)) / w.sum((0, 3))) + 1e-3
+    # feature standardisation from the training texts' scored tokens, per (layer, head, feature), a text at a time
+    n_w, s1, s2 = 0.0, 0.0, 0.0
+    for i in train:
+        w = np.asarray(MK[i], np.float64)[None, None, :, None]
+        x = np.asarray(F[i], np.float64)  # [L, H, T, F]
+        n_w, s1, s2 = n_w + w.sum(), s1 + (x * w).sum(2), s2 + (x * x * w).sum(2)
+    mean = s1 / n_w
+    std = np.sqrt(np.maximum(s2 / n_w - mean**2, 0.0)) + 1e-3
     del x, w
     num_feats = F.shape[-1]
     p = M.init_params(jax.random.key(seed), kind, config.num_layers, config.num_kv_heads, num_feats, hidden,

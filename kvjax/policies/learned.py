@@ -4,10 +4,11 @@
     policy = Learned(scorer, budget=0.25)                  # query-agnostic: no observation window
     policy = AdaKV(Learned("scorers/smollm2-135m", 128))     # head-adaptive budgets on the same scores
 
-Each prompt token is scored from its own pre-RoPE key, value and position, per (layer, KV head),
-before any question is seen, so a prefilled context can answer questions it was not compressed
-for. The last `window` prompt tokens and the first `sinks` are always kept. The scorer's weights
-are pytree leaves (another scorer of the same shape does not recompile); its metadata is static.
+Each prompt token is scored from its own pre-RoPE key, value, position and distance to the end of
+its prompt (the scorer's features), per (layer, KV head), before any question is seen, so a
+prefilled context can answer questions it was not compressed for. The last `window` prompt tokens
+and the first `sinks` are always kept. The scorer's weights are pytree leaves (another scorer of
+the same shape does not recompile); its metadata is static.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class LearnedScore(Scorer):
     share: bool = static_field(False)
 
     def prefill_scores(self, stats: PrefillStats):
-        feats = token_features(stats.k, stats.v, stats.positions, self.inv_freq, self.features)
+        feats = token_features(stats.k, stats.v, stats.positions, self.inv_freq, self.features, stats.lengths)
         heads = stats.global_index(stats.k.shape[1], stats.model_axis)
         s = score(self.weights, feats, stats.layer, heads)
         if not self.share:
