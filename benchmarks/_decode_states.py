@@ -99,8 +99,7 @@ def stream_lengths(bench, alloc: str, budget: int, batch: int, ctx: int, keep: b
 
 def fill_state(bench, job, batch: int, plan, seed: int = 0):
     """Device pools and meta for one job: (pools, meta, kv_slots_used [host int])."""
-    cfg = bench.config
-    num_layers, h, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    d = bench.config.head_dim
     base = np.asarray(plan.layout.layer_base, np.int64)
     keep = job.alloc.endswith("_keep")
     lengths = stream_lengths(bench, job.alloc[:-5] if keep else job.alloc, job.spec.budget, batch, job.ctx, keep)
