@@ -1,6 +1,7 @@
 """Learned scorer vs the query-agnostic baselines on held-out RULER needle tasks (issue 16).
 
-    nice -n 10 python benchmarks/learned_quality.py --scorer configs/scorers/smollm2-135m
+    nice -n 10 python benchmarks/learned_quality.py                         # smollm2-135m
+    nice -n 10 python benchmarks/learned_quality.py --model qwen2.5-0.5b --samples 30 --batch 3
 
 Query-agnostic ("agnostic"): the context alone is compressed (`kvjax.prefill(params, contexts, policy,
 question=questions)`), then the question is fed through each compressed cache: Full, Learned,
@@ -13,7 +14,8 @@ Paired tests: McNemar (kvjax.eval.stats.mcnemar, exact) of Learned against each 
 ("greater": Learned better), of AdaKV(Learned) against Learned, and query-aware Learned against SnapKV
 (two-sided). The needle tasks are held out: the scorer was trained on essay spans, fact essays (own
 templates) and synthetic documents, never on a needle prompt. Writes
-benchmarks/results/learned_<model>.{json,md}; the JSON is rewritten after every batch and a rerun
+benchmarks/results/learned_<model>.{json,md} (`result_paths`; the scorer defaults to
+configs/scorers/<model>); the JSON is rewritten after every batch and a rerun
 skips the batches it holds (--force starts over).
 
 `--task facts --seed 9000` runs the same comparison on held-out fact essays of the training kind
@@ -38,6 +40,14 @@ from quality_shared import decode_all, prefill_shared  # noqa: E402
 
 #: new tokens per task; "facts": kvjax.learned.texts.fact_samples (answers of at most 8 digits, or a word and 3)
 MAX_NEW = {**ruler.MAX_NEW_TOKENS, "facts": 12}
+
+
+def result_paths(model: str, out: str | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+    """(JSON, markdown) paths: `out` + .json / .md, by default benchmarks/results/learned_<model>
+    (learned_smollm2 for smollm2-135m, its first result's name). Not with_suffix: "qwen2.5-0.5b" has dots."""
+    stem = pathlib.Path(out or "benchmarks/results/" + ("learned_smollm2" if model == "smollm2-135m" else
+                                                       f"learned_{model}"))
+    return stem.parent / (stem.name + ".json"), stem.parent / (stem.name + ".md")
 
 
 def agnostic_policies(scorer, ratio: float, window: int) -> dict:
@@ -165,7 +175,7 @@ def markdown(meta: dict, res: dict, done: dict | None = None) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--scorer", default="configs/scorers/smollm2-135m")
+    ap.add_argument("--scorer", default=None, help="default: configs/scorers/<model>")
     ap.add_argument("--task", default="niah_single", help="a RULER task, or facts: held-out fact essays "
                     "(kvjax.learned.texts.fact_samples), to compare scorers without touching the needle test")
     ap.add_argument("--length", type=int, default=2048)
@@ -178,12 +188,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="default: benchmarks/results/learned_<model>")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
-    out = pathlib.Path(args.out or f"benchmarks/results/learned_{args.model.split('-')[0]}")
+    path, md_path = result_paths(args.model, args.out)
+    args.scorer = args.scorer or f"configs/scorers/{args.model}"
     params = kvjax.load(args.model, dtype="float32")
     scorer = kvjax.load_scorer(args.scorer)
     meta = dict(model=args.model, scorer=args.scorer, task=args.task, length=args.length, ratio=args.ratio,
                 window=args.window, seed=args.seed, scorer_meta=scorer.meta.to_dict())
-    path = out.with_suffix(".json")
     done = {}
     if path.exists() and not args.force:
         old = json.loads(path.read_text())
@@ -211,7 +221,7 @@ def main(argv=None):
             save, log)
     save()
     res = summarise(done)
-    out.with_suffix(".md").write_text(markdown(meta, res, done))
+    md_path.write_text(markdown(meta, res, done))
     print(markdown(meta, res, done))
 
 

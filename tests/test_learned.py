@@ -282,3 +282,35 @@ def test_fact_essays_hold_their_answers_fit_and_stay_apart_from_the_needle_test(
         texts = default_texts(tok, 8, 200, seed=1)
     assert len(texts) == 8 and texts == default_texts(tok, 8, 200, seed=1)
     assert [t.endswith(("is", "in", "order", "extension", "room")) for t in texts[:3:2]] == [True, True]
+
+
+def test_the_learned_benchmark_names_its_results_per_model():
+    """benchmarks/learned_quality.py (imported by path): one results file per model, SmolLM2's name kept,
+    dots in a model's name kept (not taken for a suffix)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location("learned_quality_bench", bench / "learned_quality.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = pathlib.Path("benchmarks/results")
+    assert mod.result_paths("smollm2-135m") == (res / "learned_smollm2.json", res / "learned_smollm2.md")
+    assert mod.result_paths("qwen2.5-0.5b") == (res / "learned_qwen2.5-0.5b.json", res / "learned_qwen2.5-0.5b.md")
+    assert mod.result_paths("qwen2.5-0.5b", "/tmp/x.y") == (pathlib.Path("/tmp/x.y.json"), pathlib.Path("/tmp/x.y.md"))
+
+
+def test_the_committed_qwen_scorer_is_for_qwen():
+    """configs/scorers/qwen2.5-0.5b without the model (make test does not install it): its identity,
+    shapes, the 15-minute budget and a held-out loss that fell."""
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "scorers" / "qwen2.5-0.5b"
+    scorer = load_scorer(path)
+    m = scorer.meta
+    assert (m.model, m.architecture, m.num_layers, m.num_kv_heads, m.head_dim) == ("qwen2.5-0.5b", "qwen2", 24, 2, 64)
+    assert m.train["total_seconds"] <= 15 * 60 and m.train["n_tokens"] == 2048
+    assert scorer.history[-1]["held_out"] < scorer.history[0]["held_out"]
