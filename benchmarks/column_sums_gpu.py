@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _shapes  # noqa: E402
+from kernels_gpu import wall_ms  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,13 +27,8 @@ import numpy as np  # noqa: E402
 
 
 def _time(fn, *args, reps=3):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median wall seconds of `reps` calls after one warm-up (kernels_gpu's timer)."""
+    return wall_ms(fn, *args, iters=reps, warmup=1) / 1e3
 
 
 def main(argv=None) -> int:

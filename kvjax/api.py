@@ -98,16 +98,16 @@ def forward(params: Params, tokens, lengths=None, *, chunk: int = 512):
 # jitted stages
 
 
-@functools.partial(jax.jit, static_argnames=("config", "plan", "implementation", "decode_implementation", "parallel"))
+@functools.partial(jax.jit, static_argnames=("config", "plan", "implementation", "parallel"))
 def _prefill(weights, tokens, lengths, q_tokens, q_lengths, policy, rng, *, config, plan, implementation,
-             decode_implementation=None, parallel=None):
+             parallel=None):
     """Prefill (compressing) the prompt, then feed the question tokens (if any) through the cache."""
     cache, logits = prefill_prompt(weights, tokens, lengths, policy, rng, config=config, plan=plan,
                                    implementation=implementation, parallel=parallel)
     if q_tokens.shape[1] == 0:
         return cache, logits
     return feed_tokens(weights, cache, logits, q_tokens, q_lengths, policy, config=config, plan=plan,
-                       implementation=decode_implementation or implementation, parallel=parallel)
+                       implementation=implementation, parallel=parallel)
 
 
 def compile_counts() -> dict[str, int]:
@@ -222,13 +222,12 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
             lg = logits
             if q_seqs:
                 cache, lg = _feed(params.weights, cache, logits, q_tokens, q_lengths, pol, config=params.config,
-                                  plan=plan, implementation=implementation or _default_implementation())
+                                  plan=plan, implementation=impl)
             out.append(_prefilled(params, pol, plan, cache, lg, lengths, q_lengths, bucket, room))
         return out
     cache, logits = _prefill(
         params.weights, tokens, lengths_d, q_tokens, q_lengths_d, pols[0], rng, config=params.config, plan=plans[0],
-        implementation=impl, decode_implementation=implementation or _default_implementation(),
-        parallel=par,
+        implementation=impl, parallel=par,
     )
     return _prefilled(params, pols[0], plans[0], cache, logits, lengths, q_lengths, bucket, room, rows)
 
