@@ -68,6 +68,18 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 RESERVE = 2 << 30  # device bytes left free when sizing the largest batch
+EXTRA_OPTIONS: dict = {}  # XLA compiler options added to every timed program (--compiler-option)
+
+
+def parse_option(text: str):
+    """'key=value' -> (key, int | bool | str) for jax.jit's compiler_options."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--compiler-option: expected KEY=VALUE, got {text!r}")
+    low = value.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    return key, int(value) if re.fullmatch(r"-?\d+", value) else value
 
 
 def _modules():
@@ -198,6 +210,7 @@ class Bench:
         from kvjax.decode import gemm_compiler_options  # as kvjax.generate compiles its decode loop
 
         options = gemm_compiler_options(spec.batch) if isinstance(spec.batch, int) else {}
+        options = {**options, **EXTRA_OPTIONS}  # --compiler-option: an experiment on top of the library's
         return jax.jit(run, donate_argnums=(1,), compiler_options=options or None), pol, plan
 
     def abstract_args(self, spec: Spec, batch: int, plan):
@@ -400,10 +413,13 @@ def main(argv=None):
                     help="kept for the earlier runs' commands: only the library as installed")
     ap.add_argument("--probe", action="store_true", help="only time the weight path (no KV) of the layer scan")
     ap.add_argument("--tag", default="", help="suffix of the output file names (e.g. _dsf)")
+    ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="an XLA compiler option for every timed program, on top of the library's (repeatable)")
     ap.add_argument("--weights", default="stacked", choices=("stacked", "unstacked"),
                     help="unstacked: Weights.layers as a tuple of per-layer LayerWeights (variant 'unstacked')")
     args = ap.parse_args(argv)
     args.variants = ["library"]
+    EXTRA_OPTIONS.update(parse_option(o) for o in args.compiler_option)
     t_start = time.perf_counter()
     left = lambda: args.deadline_s - (time.perf_counter() - t_start)
     out_dir = pathlib.Path(args.out)
@@ -456,7 +472,8 @@ def main(argv=None):
                 matmul_TFLOPs=None if mm is None else mm / 1e12,
                 steps_per_call=n_steps, reps=reps, weight_bytes=bench.weight_bytes, weight_read_bytes=bench.weight_read,
                 contexts=contexts, budgets=budgets, values_note="random keys/values: decode speed does not depend on them",
-                variants=args.variants, source_sha1=source_hashes(), weights_layout=args.weights)
+                variants=args.variants, source_sha1=source_hashes(), weights_layout=args.weights,
+                extra_compiler_options=dict(EXTRA_OPTIONS))
 
     def write():
         payload = dict(meta=meta, rows=rows, skipped=skipped)
@@ -545,6 +562,14 @@ def _ctx(c):
     return f"{c // 1024}K" if c >= 1024 else str(c)
 
 
+def _read_pct(meta, r):
+    """% of the read-bandwidth floor: (bytes per step / read bandwidth) / measured time."""
+    rbw = meta.get("read_bandwidth_GBps")
+    if not rbw or not r.get("ms_per_step"):
+        return None
+    return 100 * (r["bytes_per_step"] / (rbw * 1e9)) / (r["ms_per_step"] / 1e3)
+
+
 def markdown(meta, rows, skipped):
     f = _shapes.fmt
     bw = meta.get("copy_bandwidth_GBps")
@@ -554,10 +579,14 @@ def markdown(meta, rows, skipped):
         f"{f(meta.get('read_bandwidth_GBps'), '{:.0f}')} GB/s. {meta['steps_per_call']} decode steps per jitted call "
         f"(`lax.fori_loop`, cache donated), median of {meta['reps']} calls after a warm-up. Synthetic cache states, "
         f"random keys/values ({meta['values_note']}). `budget`: tokens per KV head (window included); "
-        "`GB/step`: weights read + kept K/V read; `% BW`: (GB/step / copy bandwidth) / measured time.",
+        "`GB/step`: weights read + kept K/V read; `% BW`: (GB/step / copy bandwidth) / measured time; `% read`: "
+        "the same against the read bandwidth (the floor of a step that reads each byte once)."
+        + (f" Extra XLA options on every program: `{meta['extra_compiler_options']}`."
+           if meta.get("extra_compiler_options") else ""),
         "",
-        "| alloc | ctx | budget | batch | impl | variant | ms/step | tokens/s | GB/step | roofline ms | % BW | compute ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| alloc | ctx | budget | batch | impl | variant | ms/step | tokens/s | GB/step | roofline ms | % BW | % read "
+        "| compute ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     key = lambda r: (r.get("alloc", ""), r.get("budget") or 0, r.get("ctx", 0), r.get("batch", 0), r.get("impl", ""),
                      r.get("variant", ""))
@@ -566,7 +595,8 @@ def markdown(meta, rows, skipped):
             f"| {r['alloc']} | {_ctx(r['ctx'])} | {r['budget'] or 'all'} | {r['batch']}"
             f"{' (max)' if r['batch_requested'] == 'max' else ''} | {r['impl']} | {r['variant']} | {r['ms_per_step']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['bytes_per_step'] / 1e9:.2f} | {f(r.get('roofline_ms'), '{:.2f}')} | "
-            f"{f(r.get('bw_fraction') and 100 * r['bw_fraction'], '{:.0f}%')} | {f(r.get('compute_ms'), '{:.2f}')} |")
+            f"{f(r.get('bw_fraction') and 100 * r['bw_fraction'], '{:.0f}%')} | {f(_read_pct(meta, r), '{:.0f}%')} | "
+            f"{f(r.get('compute_ms'), '{:.2f}')} |")
     errs = [r for r in rows if "error" in r]
     if errs:
         lines += ["", "Failed rows:", ""] + [f"- {r['name']}: {r['error'][:300]}" for r in errs]
