@@ -1,0 +1,304 @@
+"""Decode-time eviction of one layer in one kernel: statistics, victim and in-place move.
+
+    stream_evict(start, length, length0, budget [B, H] int32, active, step_due [B] bool, next_pos [B] int32,
+                 logits [B, H, G', C] float32, lse [B, H, G] float32,
+                 pos [B, P] int32, score, score2 [B, P] float32, k, v [B, P, D], *, update, ...)
+        -> (pos, score, score2, k, v, new_length [B, H] int32)
+
+After a decode step appended one token to every active stream, each stream (b, h) (the slots
+`[start, start + length)` of sequence b's pools, `length` counting the new token, `length0` not)
+looks at its first W offsets (its *view*):
+
+1. probabilities: p[j] = reduce_g exp(logits[b, h, g, offset + j] - lse[b, h, g]) over the group's
+   G query heads ("mean" or "max"), 0 past the stream's end (the attention kernel's
+   `stream_logits` and `return_lse`; `logits_offset` = the column of offset 0);
+   `layer_mean`: p = the mean over the layer's heads of the heads holding offset j (TOVA);
+   `pool_kernel` k > 1: p = avg-pool of p with k taps inside the stream, zero padded (CAKE);
+2. statistics: the new token's (offset length0, active rows) start at 0; then on active rows
+   score = score + p (`update="add"`, H2O) or score = p (`update="set"`, TOVA, CAKE); score2 stays;
+3. eviction: candidates are the stream's slots with sinks <= pos <= next_pos - recent; a stream
+   longer than its budget (rows with step_due & active; never otherwise) with a candidate evicts
+   its lowest-score candidate (ties: the lowest offset) by moving its last slot into it (k, v, pos,
+   score, score2) and shrinks by one;
+4. pos, score and score2 of the stream's slots go back into the pools; other slots are untouched.
+
+The GPU (Triton) kernel runs one program per stream, grid (B, H); the pools are whole-array refs
+aliased in and out (updated in place), read with masked `pl.ds` loads of W' = next power of two
+>= W slots. The statistics never leave registers: a victim's replacement comes from the view by a
+masked max, not from memory. Layer-shared probabilities (TOVA) make each program read every head's
+logits of its sequence (from L2: the layer's logits are a few MB). Pooling (CAKE) re-reads the
+logits at the k shifted offsets (so `logits_offset` >= k // 2: the wrapper pads when needed).
+Streams must satisfy start + length <= P and length <= W.
+`stream_evict_reference` is the same math in plain jnp over gathered views (the XLA fallback and
+the tests' reference); the order of every floating-point sum is the kernel's: over the group and
+the heads in index order, the pooling taps from left to right.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from . import _common
+
+_INT_MAX = jnp.iinfo(jnp.int32).max
+UPDATES = ("add", "set")
+
+
+def _i(x):
+    """An int32 index (interpret mode's masked loads take no Python ints in `.at`)."""
+    return jnp.asarray(x, jnp.int32)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------
+# the math shared by the kernel and the reference (on [..., W'] arrays, j the offsets)
+
+
+def _reduce_group(terms, how: str):
+    """Sequential reduction of a list of [..., W'] arrays (index order, as XLA reduces a few heads)."""
+    acc = terms[0]
+    for t in terms[1:]:
+        acc = acc + t if how == "mean" else jnp.maximum(acc, t)
+    return acc / len(terms) if how == "mean" else acc
+
+
+def _layer_mean(per_head, inside_per_head, inside):
+    """TOVA: per_head / inside_per_head lists of [..., W'] (each head's p, 0 outside its stream) ->
+    the mean over the heads holding each offset, 0 outside `inside`."""
+    total = jnp.where(inside_per_head[0], per_head[0], 0.0)
+    count = inside_per_head[0].astype(jnp.int32)
+    for p, ins in zip(per_head[1:], inside_per_head[1:]):
+        total = total + jnp.where(ins, p, 0.0)
+        count = count + ins.astype(jnp.int32)
+    mean = total / jnp.maximum(count, 1).astype(jnp.float32)
+    return jnp.where(inside, mean, 0.0)
+
+
+def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, update, recent, sinks):
+    """Statistics and victim on a stream view. j [W'] offsets; inside [..., W']; n, n0, budget,
+    act, due, npos scalars (or [..., 1]); p the probabilities (0 outside); pos_w (-1 outside), s, s2
+    the loaded views. Returns (pos_w, s, s2, over, victim, last) after the swap-remove."""
+    blank = ~inside | ((j == n0) & act)
+    s, s2 = jnp.where(blank, 0.0, s), jnp.where(blank, 0.0, s2)
+    new = s + p if update == "add" else p
+    s = jnp.where(inside & act, new, s)
+    protected = (pos_w > npos - recent) | (pos_w < sinks)
+    cand = inside & ~protected
+    key = jnp.where(cand, s, jnp.inf)
+    target = jnp.where(due & act, budget, _INT_MAX)
+    keep = (lambda x: x[..., None]) if key.ndim > 1 else (lambda x: x)  # noqa: E731  (scalars in the kernel)
+    has = keep(jnp.sum(cand.astype(jnp.int32), axis=-1)) > 0
+    over = (n > target) & has
+    victim = keep(jax.lax.argmin(key, key.ndim - 1, jnp.int32))
+    last = jnp.maximum(n - 1, 0)
+    src = j == last
+    here = (j == victim) & over
+
+    def move(a, lowest):
+        moved = keep(jnp.max(jnp.where(src, a, lowest), axis=-1))  # the value at `last`, exactly
+        return jnp.where(here, moved, a)
+
+    return (move(pos_w, jnp.iinfo(jnp.int32).min), move(s, -jnp.inf), move(s2, -jnp.inf), over, victim, last)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (Triton) kernel
+
+
+def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos_ref, logits_ref, lse_ref,
+                pos_ref, score_ref, score2_ref, k_ref, v_ref,
+                pos_out, score_out, score2_out, k_out, v_out, len_out, *,
+                heads, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks):
+    h = pl.program_id(1)
+    j = jax.lax.broadcasted_iota(jnp.int32, (wp,), 0)
+    start = start_ref[0, h]
+    n = len_ref[0, h]
+    n0 = len0_ref[0, h]
+    budget = budget_ref[0, h]
+    act = act_ref[0, 0] != 0
+    due = due_ref[0, 0] != 0
+    npos = npos_ref[0, 0]
+
+    def probs(hh, n_hh, shift=0):
+        """Head hh's group-reduced probabilities at offsets j + shift (0 outside [0, n_hh) and W)."""
+        o = j + shift
+        ok = (o >= 0) & (o < n_hh) & (o < width)
+        terms = []
+        for gi in range(g):
+            lg = pltriton.load(logits_ref.at[_i(0), _i(hh), _i(gi), pl.ds(col0 + shift, wp)], mask=ok, other=0.0)
+            terms.append(jnp.where(ok, jnp.exp(lg - lse_ref[0, hh, gi]), 0.0))
+        return _reduce_group(terms, group_reduce)
+
+    inside = (j < n) & (j < width)
+    if layer_mean:
+        lens = [len_ref[0, hh] for hh in range(heads)]
+        p = _layer_mean([probs(hh, lens[hh]) for hh in range(heads)],
+                        [(j < lens[hh]) & (j < width) for hh in range(heads)], inside)
+    elif pool_kernel > 1:
+        pad = pool_kernel // 2
+        p = jnp.zeros((wp,), jnp.float32)
+        for d in range(-pad, pool_kernel - pad):
+            p = p + probs(h, n, d)
+        p = jnp.where(inside, p / pool_kernel, 0.0)
+    else:
+        p = probs(h, n)
+
+    view = lambda ref: ref.at[_i(0), pl.ds(start, wp)]  # noqa: E731
+    pos_w = pltriton.load(view(pos_ref), mask=inside, other=-1)
+    s = pltriton.load(view(score_ref), mask=inside, other=0.0)
+    s2 = pltriton.load(view(score2_ref), mask=inside, other=0.0)
+    pos_w = jnp.where(inside, pos_w, -1)
+    pos_w, s, s2, over, victim, last = _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2,
+                                                   update=update, recent=recent, sinks=sinks)
+    pltriton.store(view(pos_out), pos_w, mask=inside)
+    pltriton.store(view(score_out), s.astype(score_out.dtype), mask=inside)
+    pltriton.store(view(score2_out), s2.astype(score2_out.dtype), mask=inside)
+
+    @pl.when(over)
+    def _():
+        src, dst = start + last, start + victim
+        k_out[0, pl.ds(dst, 1), :] = k_ref[0, pl.ds(src, 1), :]
+        v_out[0, pl.ds(dst, 1), :] = v_ref[0, pl.ds(src, 1), :]
+
+    len_out[0, 0] = n - over.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("update", "group_reduce", "layer_mean", "pool_kernel", "recent",
+                                             "sinks", "width", "logits_offset", "interpret", "num_warps"))
+def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score,
+                         score2, k, v, *, update, group_reduce, layer_mean, pool_kernel, recent, sinks, width,
+                         logits_offset, interpret, num_warps):
+    b, h = start.shape
+    g = lse.shape[2]
+    p, d = k.shape[1], k.shape[2]
+    wp = _pow2(width)
+    col0 = logits_offset
+    pad = pool_kernel // 2 if pool_kernel > 1 else 0
+    if col0 < pad:  # the pooling taps read `pad` columns before offset 0
+        logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (pad - col0, 0)))
+        col0 = pad
+    kernel = functools.partial(_gpu_kernel, heads=h, g=g, width=width, wp=wp, col0=col0, update=update,
+                               group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
+                               recent=recent, sinks=sinks)
+    row = pl.BlockSpec((1, h), lambda i, j: (i, 0))
+    one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
+    per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j: (i,) + (0,) * len(shape))  # noqa: E731
+    in_specs = [row, row, row, row, one, one, one, per_seq(logits.shape[1:]), per_seq(lse.shape[1:]),
+                per_seq((p,)), per_seq((p,)), per_seq((p,)), per_seq((p, d)), per_seq((p, d))]
+    out_specs = [per_seq((p,)), per_seq((p,)), per_seq((p,)), per_seq((p, d)), per_seq((p, d)),
+                 pl.BlockSpec((1, 1), lambda i, j: (i, j))]
+    out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (pos, score, score2, k, v)] + [
+        jax.ShapeDtypeStruct((b, h), jnp.int32)]
+    i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
+    col = lambda a: i32(a).reshape(b, 1)  # noqa: E731
+    return pl.pallas_call(
+        kernel,
+        grid=(b, h),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases={9: 0, 10: 1, 11: 2, 12: 3, 13: 4},
+        interpret=interpret,
+        name="stream_evict_gpu",
+        **_common.triton_kwargs(interpret, num_warps),
+    )(i32(start), i32(length), i32(length0), i32(budget), col(active), col(step_due), col(next_pos),
+      logits.astype(jnp.float32), lse.astype(jnp.float32), i32(pos), score, score2, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain-jnp reference
+
+
+def stream_evict_reference(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score,
+                           score2, k, v, *, update: str, group_reduce: str = "mean", layer_mean: bool = False,
+                           pool_kernel: int = 1, recent: int = 0, sinks: int = 0, width: int | None = None,
+                           logits_offset: int = 0):
+    """The kernel's math on gathered views [B, H, W'] (XLA: gathers, a select per statistic, scatters).
+    Arguments and results as `stream_evict`."""
+    b, h = start.shape
+    g = lse.shape[2]
+    pool_size = pos.shape[1]
+    width = logits.shape[-1] - logits_offset if width is None else width
+    wp = _pow2(width)
+    j = jnp.arange(wp)
+    n, n0, bud = (a.astype(jnp.int32)[..., None] for a in (length, length0, budget))
+    act, due = active[:, None, None], step_due[:, None, None]
+    npos = next_pos.astype(jnp.int32)[:, None, None]
+    pad = pool_kernel // 2 if pool_kernel > 1 else 0
+    lg = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, 0), (0, 0), (pad, pad + wp)))
+    col0 = logits_offset + pad
+
+    def probs(length_, shift=0):  # [B, H, W'] at offsets j + shift
+        o = j + shift
+        ok = (o >= 0) & (o < length_) & (o < width)
+        cols = lg[..., col0 + shift:col0 + shift + wp]
+        return _reduce_group([jnp.where(ok, jnp.exp(cols[:, :, gi] - lse[:, :, gi, None]), 0.0) for gi in range(g)],
+                             group_reduce)
+
+    inside = (j < n) & (j < width)
+    if layer_mean:
+        ph = probs(n)
+        p = _layer_mean([ph[:, hh:hh + 1] for hh in range(h)], [inside[:, hh:hh + 1] for hh in range(h)], inside)
+    elif pool_kernel > 1:
+        p = jnp.zeros((b, h, wp), jnp.float32)
+        for d in range(-pad, pool_kernel - pad):
+            p = p + probs(n, d)
+        p = jnp.where(inside, p / pool_kernel, 0.0)
+    else:
+        p = probs(n)
+    idx = jnp.minimum(start[..., None] + j, pool_size - 1)
+    rows = jnp.arange(b)[:, None, None]
+    pos_w = jnp.where(inside, pos[rows, idx], -1)
+    s = jnp.where(inside, score[rows, idx], 0.0)
+    s2 = jnp.where(inside, score2[rows, idx], 0.0)
+    pos_w, s, s2, over, victim, last = _evict_view(j, inside, n, n0, bud, act, due, npos, p, pos_w, s, s2,
+                                                   update=update, recent=recent, sinks=sinks)
+    dest = jnp.where(inside, idx, pool_size + jnp.arange(h * wp).reshape(1, h, wp))  # distinct, dropped
+    put = lambda a, w: a.at[rows, dest].set(w.astype(a.dtype), mode="drop", unique_indices=True)  # noqa: E731
+    over, victim, last = over[..., 0], victim[..., 0], last[..., 0]
+    r2 = jnp.arange(b)[:, None]
+    src, dst = start + last, jnp.where(over, start + victim, pool_size)  # pool_size: dropped
+
+    def move(a):
+        return a.at[r2, dst].set(a[r2, jnp.minimum(src, pool_size - 1)], mode="drop")
+
+    return (put(pos, pos_w), put(score, s), put(score2, s2), move(k), move(v),
+            (length - over.astype(length.dtype)).astype(jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+
+
+def stream_evict(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score, score2, k, v,
+                 *, update: str, group_reduce: str = "mean", layer_mean: bool = False, pool_kernel: int = 1,
+                 recent: int = 0, sinks: int = 0, width: int | None = None, logits_offset: int = 0,
+                 implementation: str = "pallas", interpret=False, num_warps: int | None = None):
+    """One layer's decode-time eviction (see module docstring). `implementation="pallas"`: the GPU
+    (Triton) kernel (`interpret=True` runs it on CPU); "xla": `stream_evict_reference`.
+    logits [B, H, G', C] with offset j of stream (b, h) at column `logits_offset + j` (C >=
+    logits_offset + W; rows past G = lse.shape[2] ignored); width W defaults to C - logits_offset.
+    Returns (pos, score, score2, k, v, length [B, H] int32); the pools are updated in place on GPU."""
+    if update not in UPDATES:
+        raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
+    if group_reduce not in ("mean", "max"):
+        raise ValueError(f"group_reduce must be 'mean' or 'max', got {group_reduce!r}")
+    if layer_mean and (pool_kernel > 1 or update != "set"):
+        raise ValueError("layer_mean goes with update='set' and no pooling (TOVA)")
+    width = logits.shape[-1] - logits_offset if width is None else width
+    kw = dict(update=update, group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
+              recent=recent, sinks=sinks, width=width, logits_offset=logits_offset)
+    args = (start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score, score2, k, v)
+    if implementation == "xla":
+        return stream_evict_reference(*args, **kw)
+    if implementation != "pallas":
+        raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
+    return tuple(_stream_evict_pallas(*args, **kw, interpret=interpret, num_warps=num_warps))

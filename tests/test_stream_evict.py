@@ -1,0 +1,196 @@
+"""stream_evict: one layer's decode-time eviction in one kernel. The GPU (Triton) kernel in interpret
+mode, its jnp reference and `kvjax.evict_fused.decode_evict_fused` equal a copy of decode.py's
+`_decode_evict` (the oracle, driven through kvjax.evict) bit for bit, on ragged streams (full, not
+full, empty, inactive rows, a stream whose view runs past the pool's end, tied scores) with every
+slot outside the streams poisoned; and the kernel lowers for GPU (Triton) and MLIR-verifies."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvjax.cache import Pools, Streams
+from kvjax.decode_attention import stream_probs
+from kvjax.evict import (evict_lowest, gather_streams, layer_mean, move_in_view, move_slot, scatter_streams,
+                         stream_view, view_key, view_update)
+from kvjax.evict_fused import decode_evict_fused, kernel_rule, supports
+from kvjax.pallas_kernels import _lowering_checks as lc
+from kvjax.policies.base import DecodeEviction
+from kvjax.policies.cake import CakeIndicator
+from kvjax.policies.roco import RobustAttention
+from kvjax.policies.scorers import AccumulatedAttention, LastQueryAttention
+
+POISON_POS = -7777
+
+
+def _oracle(scorer, ev, pools, st, length, probs, active, step_due, next_pos, width, model_axis=None):
+    """kvjax/decode.py `_decode_evict`, copied (config.model_axis -> model_axis)."""
+    idx = stream_view(st.start, width, pools.pos.shape[1])
+    inside = jnp.arange(width) < length[..., None]
+    pos_w = jnp.where(inside, gather_streams(pools.pos, idx), -1)
+    s_w, s2_w = gather_streams(pools.score, idx), gather_streams(pools.score2, idx)
+    probs = jnp.where(inside, probs, 0.0)
+    if scorer.layer_shared:
+        probs = layer_mean(probs, inside, model_axis)
+    blank = ~inside | ((jnp.arange(width) == st.length[..., None]) & active[:, None, None])
+    s_w, s2_w = jnp.where(blank, 0.0, s_w), jnp.where(blank, 0.0, s2_w)
+    new_stats = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
+    s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(new_stats, (s_w, s2_w)))
+    written = inside
+    new_pos = next_pos[:, None, None]
+    target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
+    k_pool, v_pool = pools.k, pools.v
+    for _ in range(ev.every):
+        inside = jnp.arange(width) < length[..., None]
+        protected = (pos_w > new_pos - ev.recent) | (pos_w < ev.sinks)
+        cand = inside & ~protected
+        key = view_key(scorer, s_w, s2_w, pos_w, next_pos + 1, cand, st.budget, length - st.budget)
+        victim, last, over = evict_lowest(key, length, target, cand.any(axis=-1))
+        k_pool, v_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool))
+        pos_w, s_w, s2_w = (move_in_view(a, last, victim, over) for a in (pos_w, s_w, s2_w))
+        length = length - over.astype(length.dtype)
+    pos, score, score2 = (scatter_streams(a, idx, written, w) for a, w in
+                          ((pools.pos, pos_w), (pools.score, s_w), (pools.score2, s2_w)))
+    return Pools(k_pool, v_pool, pos, score, score2), length
+
+
+def _state(b, h, g, d, width, seed, *, tail_short=True):
+    """Random pools after a decode step's append: streams of capacity <= width laid out one after
+    another (the last one ending at the pool's end, shorter than the view when `tail_short`),
+    every slot outside them poisoned (NaN statistics and logits, pos -7777, k/v 1e9)."""
+    rng = np.random.default_rng(seed)
+    cap = rng.integers(width // 2, width + 1, size=(b, h))
+    if tail_short:
+        cap[:, -1] = width // 2 - 1
+    gap = rng.integers(0, 3, size=(b, h))
+    start = np.zeros((b, h), np.int32)
+    for i in range(b):
+        at = int(rng.integers(0, 4))
+        for j in range(h):
+            start[i, j] = at
+            at += cap[i, j] + gap[i, j]
+    start[:, -1] = np.maximum(start[:, -1], 0)
+    p = int((start + cap).max())
+    start[:, -1] = p - cap[:, -1]  # the last stream of every row ends at the pool's end
+    next_pos = rng.integers(3 * width, 4 * width, size=b).astype(np.int32)
+    active = rng.random(b) < 0.8
+    active[0], active[-1] = True, False
+    step_due = np.ones(b, bool)
+    length0 = np.minimum(rng.integers(0, width + 1, size=(b, h)), cap - 1)
+    budget = np.maximum(length0 - rng.integers(0, 2, size=(b, h)), 1)  # about half the streams are full
+    length0[0, 0], budget[0, 0] = 0, 4  # an empty stream: only its new token
+    length0[0, -1] = cap[0, -1] - 1  # the short last stream fills up
+    budget[0, -1] = length0[0, -1]
+    length = length0 + active[:, None]
+    pos = np.full((b, p), POISON_POS, np.int32)
+    score = np.full((b, p), np.nan, np.float32)
+    score2 = np.full((b, p), np.nan, np.float32)
+    k = np.full((b, p, d), 1e9, np.float32)
+    v = np.full((b, p, d), -1e9, np.float32)
+    logits = np.full((b, h, g, width), np.nan, np.float32)
+    for i in range(b):
+        for j in range(h):
+            s, n0, n = start[i, j], length0[i, j], length[i, j]
+            pos[i, s:s + n0] = rng.permutation(next_pos[i])[:n0]
+            pos[i, s:s + min(n0, 3)] = np.arange(min(n0, 3))  # sinks
+            if n > n0:
+                pos[i, s + n0] = next_pos[i]
+            score[i, s:s + n] = rng.integers(0, 6, size=n) / 8.0  # many ties
+            score2[i, s:s + n] = rng.normal(size=n)
+            k[i, s:s + n] = rng.normal(size=(n, d))
+            v[i, s:s + n] = rng.normal(size=(n, d))
+            lg = rng.normal(size=(g, n)).astype(np.float32)
+            lg[:, ::3] = 0.5  # tied probabilities
+            logits[i, j, :, :n] = lg
+    valid = np.arange(width) < length[..., None]
+    lse = np.asarray(jax.nn.logsumexp(jnp.where(valid[:, :, None], jnp.asarray(logits), -jnp.inf), axis=-1))
+    lse = np.where(np.isfinite(lse), lse, np.inf).astype(np.float32)
+    st = Streams(jnp.asarray(start), jnp.asarray(length0, jnp.int32), jnp.asarray(cap, jnp.int32),
+                 jnp.asarray(budget, jnp.int32))
+    pools = Pools(*(jnp.asarray(a) for a in (k, v, pos, score, score2)))
+    return (pools, st, jnp.asarray(length, jnp.int32), jnp.asarray(logits), jnp.asarray(lse), jnp.asarray(active),
+            jnp.asarray(step_due), jnp.asarray(next_pos))
+
+
+SCORERS = {
+    "h2o-mean": (AccumulatedAttention(), DecodeEviction(recent=4)),
+    "h2o-max-sinks": (AccumulatedAttention(group_reduce="max"), DecodeEviction(recent=1, sinks=2)),
+    "tova": (LastQueryAttention(), DecodeEviction()),
+    "cake": (CakeIndicator(window=8, kernel=5), DecodeEviction(recent=8)),
+}
+SHAPES = {"llama-like": (3, 4, 4, 16, 32), "smollm2-like": (2, 3, 3, 8, 24)}  # B, H, G, D, W (24: padded to 32)
+
+
+def _assert_same(got, want, what):
+    names = ("k", "v", "pos", "score", "score2")
+    (gp, gl), (wp, wl) = got, want
+    for n in names:
+        np.testing.assert_array_equal(np.asarray(getattr(gp, n)), np.asarray(getattr(wp, n)), err_msg=f"{what}: {n}")
+    np.testing.assert_array_equal(np.asarray(gl), np.asarray(wl), err_msg=f"{what}: length")
+
+
+def _run_all(name, shape, seed=0, step_due=None):
+    scorer, ev = SCORERS[name]
+    b, h, g, d, w = shape
+    pools, st, length, logits, lse, active, due, next_pos = _state(b, h, g, d, w, seed)
+    if step_due is not None:
+        due = jnp.asarray(step_due)
+    probs = stream_probs(lse, logits, length, scorer.group_reduce)
+    want = jax.jit(lambda *a: _oracle(scorer, ev, *a, width=w))(pools, st, length, probs, active, due, next_pos)
+    args = (pools, st, length, logits, lse, active, due, next_pos)
+    ref = jax.jit(functools.partial(decode_evict_fused, scorer, ev, width=w, implementation="xla"))(*args)
+    kern = decode_evict_fused(scorer, ev, *args, w, interpret=True)
+    return want, ref, kern, (pools, length)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("name", list(SCORERS))
+def test_kernel_equals_reference_equals_decode_oracle(name, shape):
+    want, ref, kern, (pools, length) = _run_all(name, SHAPES[shape])
+    _assert_same(ref, want, "reference vs oracle")
+    _assert_same(kern, want, "kernel vs oracle")
+    evicted = np.asarray(want[1]) < np.asarray(length)
+    assert evicted.any() and not evicted.all()  # the case exercises both
+
+
+def test_rows_not_due_do_not_evict_but_update_statistics():
+    b = SHAPES["llama-like"][0]
+    want, ref, kern, (pools, length) = _run_all("h2o-mean", SHAPES["llama-like"], seed=3,
+                                                step_due=np.arange(b) != 0)
+    _assert_same(kern, want, "kernel vs oracle")
+    _assert_same(ref, want, "reference vs oracle")
+    np.testing.assert_array_equal(np.asarray(kern[1])[0], np.asarray(length)[0])
+
+
+def test_supports_the_known_scorers_only():
+    kw = dict(head_dim=128, width=1024, backend="gpu")
+    for scorer, ev in SCORERS.values():
+        assert supports(scorer, ev, **kw)
+        assert not supports(scorer, DecodeEviction(every=2), **kw)
+        assert not supports(scorer, ev, head_dim=96, width=1024, backend="gpu")
+        assert not supports(scorer, ev, head_dim=128, width=1024, backend="tpu")
+    assert not supports(LastQueryAttention(), DecodeEviction(), model_axis="model", **kw)
+    assert supports(AccumulatedAttention(), DecodeEviction(), model_axis="model", **kw)
+    assert kernel_rule(RobustAttention()) is None
+
+
+@pytest.mark.parametrize("name", ["h2o-mean", "tova", "cake"])
+def test_kernel_lowers_for_gpu_triton(name):
+    scorer, ev = SCORERS[name]
+    b, h, g, d, w = 2, 3, 3, 64, 1024
+    pools, st, length, logits, lse, active, due, next_pos = _state(b, h, g, d, 64, 0)
+    p = 4096
+    pools = Pools(jnp.zeros((b, p, d), jnp.bfloat16), jnp.zeros((b, p, d), jnp.bfloat16), jnp.zeros((b, p), jnp.int32),
+                  jnp.zeros((b, p), jnp.float32), jnp.zeros((b, p), jnp.float32))
+    logits = jnp.zeros((b, h, 16, w + 64), jnp.float32)  # the attention kernel's raw buffer: G' rows, pad columns
+    fn = lambda pools, st, length, logits, lse, active, due, next_pos: decode_evict_fused(  # noqa: E731
+        scorer, ev, pools, st, length, logits, lse, active, due, next_pos, w, logits_offset=32)
+    try:
+        n = lc.lower_for_gpu(fn, pools, st, length, logits, lse, active, due, next_pos)
+    except lc.GpuLoweringUnavailable as e:
+        pytest.skip(f"this JAX lowers Pallas-Triton only with a GPU attached: {e}")
+    assert n >= 1
