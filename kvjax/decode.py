@@ -5,7 +5,8 @@
 
 Per layer (`decoder_layer` with attention over the pool): project the new token(s), append the
 key/value at the end of each of the sequence's streams, attend over each stream, and (for policies
-that evict while decoding) update the running statistics and evict (kvjax/evict.py). `decode_step`
+that evict while decoding) give the new token its running statistics (`Scorer.new_token_stats`:
+zeros, or a learned score), update the others and evict (kvjax/evict.py). `decode_step`
 evicts the lowest-key candidate of any stream above its budget by moving the stream's last slot
 into it; `extend_step` (chunked prefill, streaming perplexity) removes a stream's whole excess at
 once and compacts it. Either way every stream stays packed at the front of its segment.
@@ -75,6 +76,8 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     span = plan.max_span
     ev = policy.decode_eviction
     scorer = policy.scorer
+    # the new query's attention per stream, for scorers whose statistics follow it
+    need_probs = ev is not None and scorer.attention_running
     fused = implementation == "pallas"
     scale = config.attention_scale
     min_pos = None if config.sliding_window is None else next_pos - config.sliding_window + 1
@@ -83,7 +86,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
 
     def layer_step(carry, xs):
         x, pools = carry
-        lw, base, st, step_due = xs
+        lw, base, st, step_due, layer = xs
         # The new token goes straight into the pool and evictions move slots in place: the pool is
         # a loop carry, so XLA updates it without copying; only reads slice the layer's region.
         slot = st.start + st.length
@@ -99,42 +102,48 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
                 out, k_pool, v_pool, *rest = append_and_attend(
                     q[:, :, :, 0], p.k, p.v, st.start, st.length, p.pos, min_pos, kn[:, :, 0], vn[:, :, 0],
                     jnp.where(active[:, None], slot, -1), scale=scale, region_slots=span,
-                    skewed=plan.adaptive_heads, stream_logits=width if ev is not None else None)
+                    skewed=plan.adaptive_heads, stream_logits=width if need_probs else None)
             else:
                 k_pool = _append(p.k, slot, kn[:, :, 0].astype(p.k.dtype), active)
                 v_pool = _append(p.v, slot, vn[:, :, 0].astype(p.v.dtype), active)
             p = Pools(k_pool, v_pool, p.pos, p.score, p.score2)
             length = st.length + active[:, None].astype(st.length.dtype)
             if fused:
-                if ev is not None:
+                if need_probs:
                     probs = stream_probs(*rest, length, scorer.group_reduce)
             else:
                 out, region_probs = decode_attention(
                     q[:, :, :, 0], take(p.k, base), take(p.v, base), rel, length, take(p.pos, base), min_pos,
-                    scale=scale, implementation=implementation, need_probs=ev is not None)
-                if ev is not None:
+                    scale=scale, implementation=implementation, need_probs=need_probs)
+                if need_probs:
                     probs = region_to_streams(region_probs, rel, width, scorer.group_reduce)
-            return out[:, :, :, None], (p, length, probs)
+            new_stats = None
+            if ev is not None:  # the new token's own statistics [B, H] each (zeros unless the scorer scores it)
+                new_stats = tuple(a[:, :, 0] for a in scorer.new_token_stats(kn, vn, positions, layer,
+                                                                             config.model_axis))
+            return out[:, :, :, None], (p, length, probs, new_stats)
 
-        x, (pools, length, probs) = decoder_layer(lw, x, positions, config, attend)
+        x, (pools, length, probs, new_stats) = decoder_layer(lw, x, positions, config, attend)
         if ev is not None:
-            pools, length = _decode_evict(pools, length, probs, st, step_due)
+            pools, length = _decode_evict(pools, length, probs, new_stats, st, step_due)
         return (x, pools), length
 
-    def _decode_evict(pools, length, probs, st, step_due):
-        """Update the statistics and evict, on each stream's first `width` slots. probs [B, H, W]."""
+    def _decode_evict(pools, length, probs, new_stats, st, step_due):
+        """Update the statistics and evict, on each stream's first `width` slots. probs [B, H, W]
+        (None: the scorer's statistics do not follow attention); new_stats: the new token's [B, H]."""
         idx = stream_view(st.start, width, pools.pos.shape[1])
         inside = jnp.arange(width) < length[..., None]  # [B, H, W], the new token included
         pos_w = jnp.where(inside, gather_streams(pools.pos, idx), -1)
         s_w, s2_w = gather_streams(pools.score, idx), gather_streams(pools.score2, idx)
-        probs = jnp.where(inside, probs, 0.0)
-        if scorer.layer_shared:
-            probs = layer_mean(probs, inside, config.model_axis)
-        # the new token's running statistics start at zero
-        blank = ~inside | ((jnp.arange(width) == st.length[..., None]) & active[:, None, None])
-        s_w, s2_w = jnp.where(blank, 0.0, s_w), jnp.where(blank, 0.0, s2_w)
-        new_stats = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
-        s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(new_stats, (s_w, s2_w)))
+        # the new token's running statistics start at the scorer's (zeros by default)
+        fresh = (jnp.arange(width) == st.length[..., None]) & active[:, None, None]
+        s_w, s2_w = (jnp.where(fresh, n[..., None], jnp.where(inside, o, 0.0)) for n, o in zip(new_stats, (s_w, s2_w)))
+        if probs is not None:
+            probs = jnp.where(inside, probs, 0.0)
+            if scorer.layer_shared:
+                probs = layer_mean(probs, inside, config.model_axis)
+            updated = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
+            s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(updated, (s_w, s2_w)))
         written = inside
         new_pos = next_pos[:, None, None]
         target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
@@ -158,7 +167,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     if ev is not None and ev.every > 1:
         step_due = (next_pos % ev.every) == 0
     xs = (weights.layers, jnp.asarray(cache.layout.layer_base, jnp.int32), cache.streams,
-          jnp.broadcast_to(step_due, (config.num_layers, b)))
+          jnp.broadcast_to(step_due, (config.num_layers, b)), jnp.arange(config.num_layers, dtype=jnp.int32))
     (x, pools), length = scan_layers(layer_step, (embed(weights, tokens[:, None]), cache.pools), xs)
     logits = final_logits(weights, x, config)[:, 0]
     new = Cache(pools, dataclasses.replace(cache.streams, length=length),
@@ -204,9 +213,9 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
     """Feed a chunk of up to C tokens per sequence at once (chunked prefill, streaming perplexity).
 
     tokens [B, C] int; n_valid [B] int (row b feeds its first n_valid[b] tokens; 0 leaves it as is).
-    Every stream gets the chunk appended; the chunk's queries attend over the stream and the chunk
-    (causal by position); the running statistics take each query's attention in order, exactly as
-    C decode steps would; then, if `evict` and the policy evicts, every stream above its budget
+    Every stream gets the chunk appended, each token with `Scorer.new_token_stats`; the chunk's
+    queries attend over the stream and the chunk (causal by position); the running statistics take
+    each query's attention in order, exactly as C decode steps would; then, if `evict` and the policy evicts, every stream above its budget
     loses its whole excess at once: the lowest keys of `stream_key` (RoCo: the rule of
     kvjax/policies/roco.py with m = the excess). Streams need cap >= budget + C (the plan's headroom).
     Returns (cache, logits [B, C, V] float32, peak [L, B, H] stream lengths before eviction);
@@ -231,7 +240,7 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
 
     def layer_step(carry, xs):
         x, pools = carry
-        lw, base, st = xs
+        lw, base, st, layer = xs
         r = pools.region(base, span)
         rel = st.start - base
         slots = jnp.where(q_valid[:, None, :], (rel + st.length)[:, :, None] + q_idx, span)  # [B, H, C]; span = drop
@@ -245,9 +254,12 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
 
         def attend(q, kn, vn):  # q [B, H, G, C, D], kn/vn [B, H, C, D]
             write = lambda a, val: a.at[rows3, slots].set(val.astype(a.dtype), mode="drop")
-            zeros = jnp.zeros((b, h, c))
+            if ev is not None:  # the chunk's tokens enter with the scorer's statistics (zeros by default)
+                s_new, s2_new = scorer.new_token_stats(kn, vn, positions, layer, config.model_axis)
+            else:
+                s_new = s2_new = jnp.zeros((b, h, c))
             reg = Pools(write(r.k, kn), write(r.v, vn), write(r.pos, jnp.broadcast_to(positions[:, None, :], (b, h, c))),
-                        write(r.score, zeros), write(r.score2, zeros))
+                        write(r.score, s_new), write(r.score2, s2_new))
             gap = positions[:, None, :, None] - gather(reg.pos)[:, :, None, :]  # [B, H, C, W]
             visible = inside[:, :, None, :] & (gap >= 0)
             if config.sliding_window is not None:
@@ -257,11 +269,13 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
 
         x, (reg, probs) = decoder_layer(lw, x, positions, config, attend)
         increments = getattr(scorer, "increments", None)
-        if ev is not None and increments is not None:  # sums over queries: the chunk's at once
+        if ev is None or not scorer.attention_running:
+            pass  # statistics fixed when the tokens entered (or none)
+        elif increments is not None:  # sums over queries: the chunk's at once
             d1, d2 = increments(jnp.where(q_valid[:, None, :, None], reduce_group(probs, scorer.group_reduce), 0.0))
             add = lambda a, d: a.at[rows3, idx].add(d.sum(axis=2), mode="drop")  # only this layer's streams
             reg = dataclasses.replace(reg, score=add(reg.score, d1), score2=add(reg.score2, d2))
-        elif ev is not None:  # query by query, in order
+        else:  # query by query, in order
             p_s = reduce_group(probs, scorer.group_reduce)  # [B, H, C, W]
             p = jnp.zeros((b, c, span), jnp.float32).at[  # back to region slots: [B, C, S]
                 rows3[..., None], q_idx[None, :, None, None], idx[:, None]
@@ -288,7 +302,8 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
             length = length - victims.sum(axis=-1).astype(length.dtype)
         return (x, pools.put_region(reg, base)), (length, peak)
 
-    xs = (weights.layers, jnp.asarray(cache.layout.layer_base, jnp.int32), cache.streams)
+    xs = (weights.layers, jnp.asarray(cache.layout.layer_base, jnp.int32), cache.streams,
+          jnp.arange(config.num_layers, dtype=jnp.int32))
     (x, pools), (length, peak) = scan_layers(layer_step, (embed(weights, tokens), cache.pools), xs)
     if last_only:
         x = jnp.take_along_axis(x, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)

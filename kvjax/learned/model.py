@@ -7,9 +7,11 @@ Features of a prompt token (`FEATURES`, in this order, each optional):
     value     the value [D] and its norm
     position  log(1 + position) (lets the model find attention sinks)
     distance  log(1 + (length - 1 - position)): how far the token lies from the end of the prompt
-              (known at prefill, when the whole prompt is there: recency); 0 on padding
+              (known at prefill, when the whole prompt is there: recency); 0 on padding, and 0 for a
+              token scored as it enters the cache while decoding (`newest=True`: it is the last one)
 
     feats = token_features(k_rot, v, positions, inv_freq, features, lengths)   # [B, H, T, F]
+    feats = token_features(k_rot, v, positions [B, N], inv_freq, features, newest=True)   # decode
     s = score(params, feats, layer, heads)                              # [B, H, T], higher = keep
 
 params (kind "linear"): mean, std [L, H, F] (feature standardisation, fixed), w [L, H, F], b [L, H].
@@ -35,10 +37,11 @@ def num_features(features: tuple[str, ...], head_dim: int) -> int:
 
 
 def unrotate(k_rot, positions, inv_freq):
-    """The pre-RoPE keys: k_rot [B, H, T, D] (rotated at `positions` [T]), inv_freq [D/2] -> [B, H, T, D] f32."""
+    """The pre-RoPE keys: k_rot [B, H, T, D] (rotated at `positions` [T] or [B, T]), inv_freq [D/2]
+    -> [B, H, T, D] f32."""
     b, h, t, d = k_rot.shape
     x = k_rot.astype(jnp.float32).transpose(0, 2, 1, 3)  # [B, T, H, D]
-    pos = jnp.broadcast_to(-positions.astype(jnp.int32)[None, :], (b, t))
+    pos = jnp.broadcast_to(-jnp.asarray(positions, jnp.int32).reshape(-1, t), (b, t))
     return apply_rope(x, pos, jnp.asarray(inv_freq, jnp.float32)).transpose(0, 2, 1, 3)
 
 
@@ -49,15 +52,18 @@ def distance_to_end(positions, lengths):
     return jnp.log1p(jnp.maximum(gap, 0).astype(jnp.float32))
 
 
-def token_features(k_rot, v, positions, inv_freq, features: tuple[str, ...], lengths=None):
-    """k_rot, v [B, H, T, D] (keys after RoPE, values), positions [T] int, lengths [B] (needed by
-    "distance") -> [B, H, T, F] float32."""
+def token_features(k_rot, v, positions, inv_freq, features: tuple[str, ...], lengths=None, *, newest=False):
+    """k_rot, v [B, H, T, D] (keys after RoPE, values), positions [T] or [B, T] int, lengths [B]
+    (needed by "distance" unless `newest`: every token is the newest of its sequence, distance 0)
+    -> [B, H, T, F] float32."""
     b, h, t, _ = k_rot.shape
     parts = []
     for f in features:
         if f == "position":
-            lp = jnp.log1p(positions.astype(jnp.float32))
-            parts.append(jnp.broadcast_to(lp[None, None, :, None], (b, h, t, 1)))
+            lp = jnp.log1p(jnp.asarray(positions).astype(jnp.float32).reshape(-1, t))  # [1 or B, T]
+            parts.append(jnp.broadcast_to(lp[:, None, :, None], (b, h, t, 1)))
+        elif f == "distance" and newest:
+            parts.append(jnp.zeros((b, h, t, 1), jnp.float32))
         elif f == "distance":
             if lengths is None:
                 raise bad_input("lengths", lengths, "the prompt lengths [B]: the distance feature needs them")

@@ -129,7 +129,8 @@ class AdaKV(Policy):
         if isinstance(self.alpha, (int, float)) and not 0.0 <= self.alpha <= 1.0:
             raise PolicyError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.inner.decode_eviction is not None:
-            raise PolicyError("AdaKV allocates prefill budgets; wrap a prefill-only policy (SnapKV, PyramidKV, KNorm)")
+            raise PolicyError("AdaKV allocates prefill budgets; wrap a prefill-only policy (SnapKV, PyramidKV, KNorm, "
+                              f"Learned with decode=False), got {type(self.inner).__name__}, which evicts while decoding")
 
     @property
     def budget(self):

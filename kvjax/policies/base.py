@@ -134,8 +134,7 @@ class PrefillStats:
 
     def global_index(self, size: int, axis: str | None):
         """[size] indices of this device's rows (or heads) among all devices' (axis: the mesh axis)."""
-        i = jnp.arange(size)
-        return i if axis is None else i + jax.lax.axis_index(axis) * size
+        return global_index(size, axis)
 
     def with_window(self, window: int, scale: float) -> "PrefillStats":
         """These stats with the attention of the last `window` queries filled in (needs q)."""
@@ -145,6 +144,12 @@ class PrefillStats:
             return dataclasses.replace(self, window_attn=None, window_valid=None)
         attn, valid = window_attention(self.q, self.k, self.lengths, window, scale)
         return dataclasses.replace(self, window_attn=attn, window_valid=valid)
+
+
+def global_index(size: int, axis: str | None):
+    """[size] indices of this device's rows (or heads) among all devices' (axis: the mesh axis, or None)."""
+    i = jnp.arange(size)
+    return i if axis is None else i + jax.lax.axis_index(axis) * size
 
 
 def reduce_group(x, how: str, axis: int = 2):
@@ -223,6 +228,10 @@ class Scorer:
     needs_colsq: ClassVar[bool] = False
     #: one index set per layer (all heads keep the same positions)
     layer_shared: ClassVar[bool] = False
+    #: the running statistics follow the attention each token receives (`decode_update`); False: a
+    #: token's statistics are fixed when it enters the cache (`new_token_stats`), and decode needs no
+    #: attention probabilities
+    attention_running: ClassVar[bool] = True
 
     def prefill_scores(self, stats: PrefillStats):
         """-> [B, H, T] float32, higher = keep."""
@@ -241,6 +250,17 @@ class Scorer:
         token's position). Returns (score, score2).
         """
         return score, score2
+
+    def new_token_stats(self, k_new, v_new, positions, layer, model_axis):
+        """Running statistics of tokens as they enter the cache while decoding (and in chunked extend).
+
+        k_new, v_new [B, H, N, D] (keys after RoPE at `positions`, values); positions [B, N] int;
+        layer: the (traced) layer index; model_axis: inside a mesh program, the axis the KV heads are
+        split over (`PrefillStats.global_index`). Returns (score, score2) [B, H, N] float32; by
+        default zeros (the statistics then come from the attention the token receives).
+        """
+        z = jnp.zeros(k_new.shape[:3], jnp.float32)
+        return z, z
 
     #: scorers whose running statistics are sums over queries also define
     #: `increments(probs) -> (d_score, d_score2)` (what one query adds), so a chunk of queries
