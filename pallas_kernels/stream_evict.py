@@ -119,6 +119,9 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos
                 heads, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks):
     h = pl.program_id(1)
     j = jax.lax.broadcasted_iota(jnp.int32, (wp,), 0)
+    # the logits' column 0 as a traced value: Pallas checks windows with static starts against the
+    # array's bounds, and the last taps' windows overhang it (masked: nothing is read there)
+    col0 = col0 + 0 * pl.program_id(0)
     start = start_ref[0, h]
     n = len_ref[0, h]
     n0 = len0_ref[0, h]
@@ -182,13 +185,10 @@ def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_
     wp = _pow2(width)
     col0 = logits_offset
     pad = pool_kernel // 2 if pool_kernel > 1 else 0
-    # the pooling taps read `pad` columns before offset 0 and past offset W' - 1; every load's
-    # window must lie inside the array (masked loads do not read, but the windows are checked)
-    left = max(pad - col0, 0)
-    right = max(col0 + left + (pool_kernel - 1 - pad if pool_kernel > 1 else 0) + wp - (logits.shape[-1] + left), 0)
-    if left or right:  # a copy: pass the attention kernel's raw buffer, which has room on both sides
-        logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (left, right)))
-        col0 += left
+    if col0 < pad:  # the pooling taps read `pad` columns before offset 0 (a copy: the attention
+        # kernel's raw buffer has room)
+        logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (pad - col0, 0)))
+        col0 = pad
     kernel = functools.partial(_gpu_kernel, heads=h, g=g, width=width, wp=wp, col0=col0, update=update,
                                group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
                                recent=recent, sinks=sinks)
