@@ -184,9 +184,11 @@ def test_a_budget_covering_prompt_and_new_tokens_evicts_nothing(tiny, scorer):
 
 
 def test_pallas_path_keeps_the_xla_paths_positions(monkeypatch, tiny, scorer):
-    """implementation="pallas" (the kernel writes the new key/value; interpret mode on CPU)."""
+    """implementation="pallas" (the kernel writes the new key/value; interpret mode on CPU), with each
+    layer's weights in their own buffers (the unrolled layer loop), as on GPU."""
     import kvjax.pallas_kernels.ragged_decode_attention as rda
     from kvjax.decode import decode_step
+    from kvjax.models import unstack_layers
 
     original = rda.ragged_decode_attention_pallas
     calls = []
@@ -200,6 +202,7 @@ def test_pallas_path_keeps_the_xla_paths_positions(monkeypatch, tiny, scorer):
     pol = _policy(scorer, budget=20)
     pre = kvjax.prefill(tiny, prompts, pol, max_new_tokens=8)
     caches = {impl: pre.cache for impl in ("xla", "pallas")}
+    weights = {"xla": tiny.weights, "pallas": unstack_layers(tiny.weights)}
     steps = {impl: jax.jit(functools.partial(decode_step, config=tiny.config, plan=pre.plan, implementation=impl))
              for impl in caches}
     tokens = jnp.asarray([5, 9])
@@ -207,7 +210,7 @@ def test_pallas_path_keeps_the_xla_paths_positions(monkeypatch, tiny, scorer):
         active = jnp.asarray([True, step < 5])
         out = {impl: None for impl in caches}
         for impl in caches:
-            caches[impl], out[impl] = steps[impl](tiny.weights, caches[impl], tokens, pre.policy, active)
+            caches[impl], out[impl] = steps[impl](weights[impl], caches[impl], tokens, pre.policy, active)
         np.testing.assert_allclose(np.asarray(out["pallas"]), np.asarray(out["xla"]), atol=2e-4)
         tokens = jnp.argmax(out["xla"], axis=-1).astype(jnp.int32)
     assert calls and not any(calls)  # the kernel ran, and hands back no logits: the scorer reads none
@@ -250,18 +253,19 @@ def test_a_prefilled_context_answers_questions_within_the_budget(tiny, scorer):
     (dict(decode=True, recent=-1), "recent must be an int >= 0, got -1"),
     (dict(decode=True, recent=2.5), "recent must be an int >= 0, got 2.5"),
     (dict(recent=4), "recent=4: .*only with decode=True"),
-    (dict(decode=True, recent=23), "recent \\+ sinks \\(23 \\+ 2\\) exceed the budget \\(24\\)"),
+    (dict(decode=True, recent=5), "recent=5: must be at most window \\(4\\)"),
+    (dict(decode=True, recent=0, window=23), "window \\+ sinks \\(25\\) exceed the budget \\(24\\)"),
 ])
 def test_bad_options_are_errors_naming_them(scorer, kwargs, match):
     with pytest.raises(P.PolicyError, match=match):
-        P.Learned(scorer, budget=BUDGET, window=WINDOW, sinks=SINKS, **kwargs)
+        P.Learned(scorer, **dict(dict(budget=BUDGET, window=WINDOW, sinks=SINKS), **kwargs))
 
 
 def test_adakv_over_decode_eviction_is_an_error_naming_the_option(scorer):
     with pytest.raises(P.PolicyError, match="Learned with decode=False"):
         P.AdaKV(_policy(scorer))
     assert isinstance(P.AdaKV(_policy(scorer, decode=False, recent=None)), P.AdaKV)
-    made = P.make("learned", source=scorer, budget=40, decode=True, recent=8)
+    made = P.make("learned", source=scorer, budget=40, window=8, decode=True, recent=8)
     assert made.decode_eviction == P.DecodeEviction(every=1, recent=8, sinks=4)
     assert P.Learned(scorer, 40, window=6, decode=True).decode_eviction.recent == 6  # recent defaults to window
 

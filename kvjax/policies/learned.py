@@ -97,7 +97,7 @@ class Learned(Policy):
     a trained scorer, uniform budgets by default; `allocator_` takes any layer allocator
     (`Pyramid(...)`, or `PerLayer(b)` with the same array as `budget`), and `AdaKV(Learned(...))`
     makes heads adaptive (prefill only). `decode=True` evicts while decoding (module docstring),
-    the last `recent` positions protected (default: `window`). The source is read once, here:
+    the last `recent` positions protected (0 <= recent <= window; default: `window`). The source is read once, here:
     afterwards `source` is the scorer's ScorerMeta and `weights` its params."""
 
     source: Any = static_field(None)
@@ -123,11 +123,11 @@ class Learned(Policy):
             if not self.decode:
                 raise PolicyError(f"recent={self.recent!r}: the protected recent window of decode-time eviction "
                                   "applies only with decode=True (leave it None otherwise)")
-        b = self.budget
-        if self.decode and isinstance(b, (int, np.integer)) and not isinstance(b, bool):
-            if self.recent_window + self.sinks > b:
-                raise PolicyError(f"recent + sinks ({self.recent_window} + {self.sinks}) exceed the budget ({b}): "
-                                  "a full stream would have no token to evict; raise the budget or shrink recent")
+            if self.recent > self.window:
+                # the budget checks (here and against each prompt) cover window + sinks: with recent <= window
+                # a full stream always has a token to evict
+                raise PolicyError(f"recent={self.recent!r}: must be at most window ({self.window}), the recent "
+                                  "prompt tokens prefill keeps; raise window to protect more")
         self._validate()
 
     @property
