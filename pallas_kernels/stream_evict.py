@@ -22,11 +22,13 @@ looks at its first W offsets (its *view*):
    score, score2) and shrinks by one;
 4. pos, score and score2 of the stream's slots go back into the pools; other slots are untouched.
 
-The GPU (Triton) kernel runs one program per stream, grid (B, H); the pools are whole-array refs
+The GPU (Triton) kernel runs one program per stream (or per `heads_per_program` streams of a
+sequence), grid (B, H / heads_per_program); the pools are whole-array refs
 aliased in and out (updated in place), read with masked `pl.ds` loads of W' = next power of two
 >= W slots. The statistics never leave registers: a victim's replacement comes from the view by a
 masked max, not from memory. Layer-shared probabilities (TOVA) make each program read every head's
-logits of its sequence (from L2: the layer's logits are a few MB). Pooling (CAKE) re-reads the
+logits of its sequence (from L2: the layer's logits are a few MB; `heads_per_program` > 1 reads
+them once for several streams). Pooling (CAKE) re-reads the
 logits at the k shifted offsets (so `logits_offset` >= k // 2: the wrapper pads when needed).
 Streams must satisfy start + length <= P and length <= W.
 `stream_evict_reference` is the same math in plain jnp over gathered views (the XLA fallback and
@@ -70,16 +72,15 @@ def _reduce_group(terms, how: str):
     return acc / len(terms) if how == "mean" else acc
 
 
-def _layer_mean(per_head, inside_per_head, inside):
+def _layer_mean(per_head, inside_per_head):
     """TOVA: per_head / inside_per_head lists of [..., W'] (each head's p, 0 outside its stream) ->
-    the mean over the heads holding each offset, 0 outside `inside`."""
+    the mean over the heads holding each offset (the caller zeroes it outside each stream)."""
     total = jnp.where(inside_per_head[0], per_head[0], 0.0)
     count = inside_per_head[0].astype(jnp.int32)
     for p, ins in zip(per_head[1:], inside_per_head[1:]):
         total = total + jnp.where(ins, p, 0.0)
         count = count + ins.astype(jnp.int32)
-    mean = total / jnp.maximum(count, 1).astype(jnp.float32)
-    return jnp.where(inside, mean, 0.0)
+    return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
 def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, update, recent, sinks):
@@ -116,16 +117,11 @@ def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, up
 def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos_ref, logits_ref, lse_ref,
                 pos_ref, score_ref, score2_ref, k_ref, v_ref,
                 pos_out, score_out, score2_out, k_out, v_out, len_out, *,
-                heads, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks):
-    h = pl.program_id(1)
+                heads, hb, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks):
     j = jax.lax.broadcasted_iota(jnp.int32, (wp,), 0)
     # the logits' column 0 as a traced value: Pallas checks windows with static starts against the
     # array's bounds, and the last taps' windows overhang it (masked: nothing is read there)
     col0 = col0 + 0 * pl.program_id(0)
-    start = start_ref[0, h]
-    n = len_ref[0, h]
-    n0 = len0_ref[0, h]
-    budget = budget_ref[0, h]
     act = act_ref[0, 0] != 0
     due = due_ref[0, 0] != 0
     npos = npos_ref[0, 0]
@@ -140,46 +136,55 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos
             terms.append(jnp.where(ok, jnp.exp(lg - lse_ref[0, hh, gi]), 0.0))
         return _reduce_group(terms, group_reduce)
 
-    inside = (j < n) & (j < width)
-    if layer_mean:
+    if layer_mean:  # once per program, for its `hb` streams
         lens = [len_ref[0, hh] for hh in range(heads)]
-        p = _layer_mean([probs(hh, lens[hh]) for hh in range(heads)],
-                        [(j < lens[hh]) & (j < width) for hh in range(heads)], inside)
-    elif pool_kernel > 1:
-        pad = pool_kernel // 2
-        p = jnp.zeros((wp,), jnp.float32)
-        for d in range(-pad, pool_kernel - pad):
-            p = p + probs(h, n, d)
-        p = jnp.where(inside, p / pool_kernel, 0.0)
-    else:
-        p = probs(h, n)
+        mean = _layer_mean([probs(hh, lens[hh]) for hh in range(heads)],
+                           [(j < lens[hh]) & (j < width) for hh in range(heads)])
 
-    view = lambda ref: ref.at[_i(0), pl.ds(start, wp)]  # noqa: E731
-    pos_w = pltriton.load(view(pos_ref), mask=inside, other=-1)
-    s = pltriton.load(view(score_ref), mask=inside, other=0.0)
-    s2 = pltriton.load(view(score2_ref), mask=inside, other=0.0)
-    pos_w = jnp.where(inside, pos_w, -1)
-    pos_w, s, s2, over, victim, last = _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2,
-                                                   update=update, recent=recent, sinks=sinks)
-    pltriton.store(view(pos_out), pos_w, mask=inside)
-    pltriton.store(view(score_out), s.astype(score_out.dtype), mask=inside)
-    pltriton.store(view(score2_out), s2.astype(score2_out.dtype), mask=inside)
+    for hi in range(hb):
+        h = pl.program_id(1) * hb + hi
+        start = start_ref[0, h]
+        n = len_ref[0, h]
+        inside = (j < n) & (j < width)
+        if layer_mean:
+            p = jnp.where(inside, mean, 0.0)
+        elif pool_kernel > 1:
+            pad = pool_kernel // 2
+            p = jnp.zeros((wp,), jnp.float32)
+            for d in range(-pad, pool_kernel - pad):
+                p = p + probs(h, n, d)
+            p = jnp.where(inside, p / pool_kernel, 0.0)
+        else:
+            p = probs(h, n)
 
-    @pl.when(over)
-    def _():
-        src, dst = start + last, start + victim
-        k_out[0, pl.ds(dst, 1), :] = k_ref[0, pl.ds(src, 1), :]
-        v_out[0, pl.ds(dst, 1), :] = v_ref[0, pl.ds(src, 1), :]
+        view = lambda ref: ref.at[_i(0), pl.ds(start, wp)]  # noqa: E731
+        pos_w = pltriton.load(view(pos_ref), mask=inside, other=-1)
+        s = pltriton.load(view(score_ref), mask=inside, other=0.0)
+        s2 = pltriton.load(view(score2_ref), mask=inside, other=0.0)
+        pos_w = jnp.where(inside, pos_w, -1)
+        pos_w, s, s2, over, victim, last = _evict_view(j, inside, n, len0_ref[0, h], budget_ref[0, h], act, due, npos,
+                                                       p, pos_w, s, s2, update=update, recent=recent, sinks=sinks)
+        pltriton.store(view(pos_out), pos_w, mask=inside)
+        pltriton.store(view(score_out), s.astype(score_out.dtype), mask=inside)
+        pltriton.store(view(score2_out), s2.astype(score2_out.dtype), mask=inside)
 
-    len_out[0, 0] = n - over.astype(jnp.int32)
+        @pl.when(over)
+        def _():
+            src, dst = start + last, start + victim
+            k_out[0, pl.ds(dst, 1), :] = k_ref[0, pl.ds(src, 1), :]
+            v_out[0, pl.ds(dst, 1), :] = v_ref[0, pl.ds(src, 1), :]
+
+        len_out[0, hi] = n - over.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("update", "group_reduce", "layer_mean", "pool_kernel", "recent",
-                                             "sinks", "width", "logits_offset", "interpret", "num_warps"))
+                                             "sinks", "width", "logits_offset", "interpret", "num_warps",
+                                             "heads_per_program"))
 def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score,
                          score2, k, v, *, update, group_reduce, layer_mean, pool_kernel, recent, sinks, width,
-                         logits_offset, interpret, num_warps):
+                         logits_offset, interpret, num_warps, heads_per_program):
     b, h = start.shape
+    hb = heads_per_program
     g = lse.shape[2]
     p, d = k.shape[1], k.shape[2]
     wp = _pow2(width)
@@ -189,7 +194,7 @@ def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_
         # kernel's raw buffer has room)
         logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (pad - col0, 0)))
         col0 = pad
-    kernel = functools.partial(_gpu_kernel, heads=h, g=g, width=width, wp=wp, col0=col0, update=update,
+    kernel = functools.partial(_gpu_kernel, heads=h, hb=hb, g=g, width=width, wp=wp, col0=col0, update=update,
                                group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
                                recent=recent, sinks=sinks)
     row = pl.BlockSpec((1, h), lambda i, j: (i, 0))
@@ -198,14 +203,14 @@ def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_
     in_specs = [row, row, row, row, one, one, one, per_seq(logits.shape[1:]), per_seq(lse.shape[1:]),
                 per_seq((p,)), per_seq((p,)), per_seq((p,)), per_seq((p, d)), per_seq((p, d))]
     out_specs = [per_seq((p,)), per_seq((p,)), per_seq((p,)), per_seq((p, d)), per_seq((p, d)),
-                 pl.BlockSpec((1, 1), lambda i, j: (i, j))]
+                 pl.BlockSpec((1, hb), lambda i, j: (i, j))]
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (pos, score, score2, k, v)] + [
         jax.ShapeDtypeStruct((b, h), jnp.int32)]
     i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
     col = lambda a: i32(a).reshape(b, 1)  # noqa: E731
     return pl.pallas_call(
         kernel,
-        grid=(b, h),
+        grid=(b, h // hb),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
@@ -250,7 +255,8 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
     inside = (j < n) & (j < width)
     if layer_mean:
         ph = probs(n)
-        p = _layer_mean([ph[:, hh:hh + 1] for hh in range(h)], [inside[:, hh:hh + 1] for hh in range(h)], inside)
+        p = jnp.where(inside, _layer_mean([ph[:, hh:hh + 1] for hh in range(h)], [inside[:, hh:hh + 1] for hh in range(h)]),
+                      0.0)
     elif pool_kernel > 1:
         p = jnp.zeros((b, h, wp), jnp.float32)
         for d in range(-pad, pool_kernel - pad):
@@ -285,11 +291,14 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
 def stream_evict(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score, score2, k, v,
                  *, update: str, group_reduce: str = "mean", layer_mean: bool = False, pool_kernel: int = 1,
                  recent: int = 0, sinks: int = 0, width: int | None = None, logits_offset: int = 0,
-                 implementation: str = "pallas", interpret=False, num_warps: int | None = None):
+                 implementation: str = "pallas", interpret=False, num_warps: int | None = None,
+                 heads_per_program: int = 1):
     """One layer's decode-time eviction (see module docstring). `implementation="pallas"`: the GPU
     (Triton) kernel (`interpret=True` runs it on CPU); "xla": `stream_evict_reference`.
     logits [B, H, G', C] with offset j of stream (b, h) at column `logits_offset + j` (C >=
     logits_offset + W; rows past G = lse.shape[2] ignored); width W defaults to C - logits_offset.
+    heads_per_program: streams per kernel program (a divisor of H; grid (B, H / it)): with
+    `layer_mean` each program reads every head's logits of its sequence once for all its streams.
     Returns (pos, score, score2, k, v, length [B, H] int32); the pools are updated in place on GPU."""
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -305,4 +314,7 @@ def stream_evict(start, length, length0, budget, active, step_due, next_pos, log
         return stream_evict_reference(*args, **kw)
     if implementation != "pallas":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
-    return tuple(_stream_evict_pallas(*args, **kw, interpret=interpret, num_warps=num_warps))
+    if heads_per_program < 1 or start.shape[1] % heads_per_program:
+        raise ValueError(f"heads_per_program must divide H = {start.shape[1]}, got {heads_per_program}")
+    return tuple(_stream_evict_pallas(*args, **kw, interpret=interpret, num_warps=num_warps,
+                                      heads_per_program=heads_per_program))

@@ -17,7 +17,7 @@ from kvjax.cache import Pools, Streams
 from kvjax.decode_attention import stream_probs
 from kvjax.evict import (evict_lowest, gather_streams, layer_mean, move_in_view, move_slot, scatter_streams,
                          stream_view, view_key, view_update)
-from kvjax.evict_fused import decode_evict_fused, kernel_rule, supports
+from kvjax.evict_fused import decode_evict_fused, kernel_rule, streams_per_program, supports
 from kvjax.pallas_kernels import _lowering_checks as lc
 from kvjax.policies.base import DecodeEviction
 from kvjax.policies.cake import CakeIndicator
@@ -148,8 +148,11 @@ def _run_all(name, shape, seed=0, step_due=None):
     return want, ref, kern, (pools, length)
 
 
-@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
-@pytest.mark.parametrize("name", list(SCORERS))
+ORACLE_RUNS = [(n, s) for s in ("llama-like", "smollm2-like") for n in SCORERS] + [
+    ("tova", "llama8b-heads"), ("cake", "llama8b-heads")]
+
+
+@pytest.mark.parametrize("name,shape", ORACLE_RUNS, ids=["-".join(r) for r in ORACLE_RUNS])
 def test_kernel_equals_reference_equals_decode_oracle(name, shape):
     want, ref, kern, (pools, length) = _run_all(name, SHAPES[shape])
     _assert_same(ref, want, "reference vs oracle")
@@ -190,7 +193,8 @@ def test_kernel_lowers_for_gpu_triton(name, w):
                   jnp.zeros((b, p), jnp.float32), jnp.zeros((b, p), jnp.float32))
     logits = jnp.zeros((b, h, 16, w + 64), jnp.float32)  # the attention kernel's raw buffer: G' rows, pad columns
     fn = lambda pools, st, length, logits, lse, active, due, next_pos: decode_evict_fused(  # noqa: E731
-        scorer, ev, pools, st, length, logits, lse, active, due, next_pos, w, logits_offset=32)
+        scorer, ev, pools, st, length, logits, lse, active, due, next_pos, w, logits_offset=32,
+        heads_per_program=h if scorer.layer_shared else None)
     try:
         n = lc.lower_for_gpu(fn, pools, st, length, logits, lse, active, due, next_pos)
     except lc.GpuLoweringUnavailable as e:
@@ -220,3 +224,17 @@ def test_eight_query_heads_per_group_match_up_to_summation_order():
             np.testing.assert_array_equal(np.asarray(getattr(got[0], n)), np.asarray(getattr(want[0], n)))
         np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
         np.testing.assert_allclose(np.asarray(got[0].score), np.asarray(want[0].score), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name,per_program", [("tova", 4), ("tova", 2), ("h2o-mean", 2)])
+def test_several_streams_per_program_equal_oracle(name, per_program):
+    scorer, ev = SCORERS[name]
+    b, h, g, d, w = SHAPES["llama-like"]
+    pools, st, length, logits, lse, active, due, next_pos = _state(b, h, g, d, w, 7)
+    probs = stream_probs(lse, logits, length, scorer.group_reduce)
+    want = _oracle(scorer, ev, pools, st, length, probs, active, due, next_pos, w)
+    got = decode_evict_fused(scorer, ev, pools, st, length, logits, lse, active, due, next_pos, w, interpret=True,
+                             heads_per_program=per_program)
+    _assert_same(got, want, f"{per_program} streams per program vs oracle")
+    assert streams_per_program(32, 8, True) == 2 and streams_per_program(8, 8, True) == 1
+    assert streams_per_program(32, 8, False) == 1
