@@ -23,13 +23,13 @@ looks at its first W offsets (its *view*):
 4. pos, score and score2 of the stream's slots go back into the pools; other slots are untouched.
 
 The GPU (Triton) kernel runs one program per stream (or per `heads_per_program` streams of a
-sequence), grid (B, H / heads_per_program); the pools are whole-array refs
-aliased in and out (updated in place), read with masked `pl.ds` loads of W' = next power of two
->= W slots. The statistics never leave registers: a victim's replacement comes from the view by a
-masked max, not from memory. Layer-shared probabilities (TOVA) make each program read every head's
-logits of its sequence (from L2: the layer's logits are a few MB; `heads_per_program` > 1 reads
-them once for several streams). Pooling (CAKE) re-reads the
-logits at the k shifted offsets (so `logits_offset` >= k // 2: the wrapper pads when needed).
+sequence), grid (B, H / heads_per_program); the pools are whole-array refs aliased in and out
+(updated in place), read with masked `pl.ds` loads of W' = next power of two >= W slots. The
+statistics never leave registers: a victim's replacement comes from the view by a masked max, not
+from memory. Layer-shared probabilities (TOVA) make each program read every head's logits of its
+sequence (from L2: a layer's logits are a few MB; `heads_per_program` > 1 reads them once for
+several streams). Pooling (CAKE) re-reads the logits at the k shifted offsets: `logits_offset` >=
+k // 2 avoids a padding copy (the attention kernel's raw buffer has room on both sides).
 Streams must satisfy start + length <= P and length <= W.
 `stream_evict_reference` is the same math in plain jnp over gathered views (the XLA fallback and
 the tests' reference); the order of every floating-point sum is the kernel's: over the group and
