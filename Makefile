@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PIP = $(VENV)/bin/python -m pip
+# test processes (pytest-xdist, one test file per process so a file's compiled programs are shared)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test notebooks clean qwen
 
@@ -10,7 +12,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/python -m kvjax.cli demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # executes notebooks/ top to bottom on the embedded model (a few minutes; CI runs it after `make test`)
 notebooks: $(VENV)/.installed
