@@ -184,10 +184,10 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
     validate.flag("chat", chat), validate.seed(seed), validate.implementation(implementation)
     seqs = prompts.encode(params, prompt, chat)
     q_seqs = prompts.encode_questions(params, question, len(seqs))
-    for pol in pols:
-        validate.window_fits(pol, [len(s) for s in seqs])
     longest = max(len(s) for s in seqs)
     q_longest = max((len(s) for s in q_seqs), default=0)
+    for pol in pols:
+        validate.window_fits(pol, [len(s) for s in seqs], q_longest + max_new_tokens)
     prompts.check_positions(params, longest + q_longest, max_new_tokens)
     bucket = prompts.length_bucket(longest, params.config.max_position_embeddings)
     q_bucket = 0 if not q_longest else prompts.new_tokens_bucket(q_longest)

@@ -39,13 +39,17 @@ def policy(value, config: ModelConfig) -> Policy:
     return value
 
 
-def window_fits(pol: Policy, lengths: Sequence[int]) -> None:
+def window_fits(pol: Policy, lengths: Sequence[int], new_tokens: int = 0) -> None:
     """A ratio budget must leave each prompt at least the tokens the policy always keeps (its window
-    and sinks, or the whole prompt when shorter): otherwise the window would be cut silently."""
+    and sinks, or the whole prompt when shorter): otherwise the window would be cut silently. A
+    policy that evicts while decoding must also be able to evict once a stream is full (prompt +
+    `new_tokens` above its budget): the budget must exceed the recent and sink tokens it never
+    evicts, or the stream would grow past its budget."""
     budget = pol.budget
     if pol.keeps_everything or not isinstance(budget, (float, np.floating)):
         return
     forced = pol.protected_window + pol.protected_sinks
+    ev = pol.decode_eviction
     for i, n in enumerate(lengths):
         keep = max(int(round(budget * n)), 1)
         need = min(int(n), forced)
@@ -54,6 +58,13 @@ def window_fits(pol: Policy, lengths: Sequence[int]) -> None:
                 f"budget={budget!r} keeps {keep} of prompt {i}'s {n} tokens, fewer than the {need} that "
                 f"{type(pol).__name__} always keeps (window {pol.protected_window} + sinks {pol.protected_sinks}): "
                 f"use a budget >= {math.ceil(need / n * 1000) / 1000} or a smaller window")
+        held = ev.recent + ev.sinks if ev is not None else 0
+        if ev is not None and keep < n + new_tokens and keep < held:
+            raise PolicyError(
+                f"budget={budget!r} holds {keep} tokens per stream for prompt {i} ({n} tokens), but "
+                f"{type(pol).__name__} never evicts its {ev.recent} most recent and {ev.sinks} first tokens, so "
+                f"with {new_tokens} new tokens a stream would grow past its budget: give prompts of at least "
+                f"{math.ceil(held / budget)} tokens, a token budget >= {held}, or a smaller recent window")
 
 
 def stop(value, vocab_size: int) -> tuple:

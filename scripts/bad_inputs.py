@@ -74,6 +74,8 @@ def cases(tiny, smol, tmp: pathlib.Path):
         ("SnapKV(budget=0.05) on 300 tokens (window 64)",
          lambda: kvjax.generate(tiny, [np.arange(300) % 200], policy=P.SnapKV(budget=0.05), max_new_tokens=2)),
         ("H2O(budget=256) on a 29-token prompt, 60 new tokens", lambda: covering(gen)),
+        ("H2O(budget=1.0) on a 5-token prompt, 8 new tokens (recent 32)",
+         lambda: kvjax.generate(tiny, [np.arange(5) + 3], policy=P.H2O(budget=1.0), max_new_tokens=8)),
         ("policy='snapkv'", lambda: gen(policy="snapkv")),
         # prompts
         ("prompt=[]", lambda: kvjax.generate(tiny, [], max_new_tokens=2)),

@@ -77,6 +77,17 @@ def test_a_ratio_budget_smaller_than_the_window_is_an_error_not_a_cut_window(par
     assert len(out.tokens[0]) == 2  # a ratio that leaves the window is fine
 
 
+def test_a_ratio_budget_an_evicting_policy_could_not_hold_is_an_error(params):
+    """H2O never evicts its `recent` newest tokens: a ratio budget of a short prompt below them would
+    let the stream grow past its budget while decoding (it held 12 of a budget of 5 before)."""
+    before = compile_counts()
+    with pytest.raises(PolicyError, match=r"budget=1.0 holds 5 tokens.*never evicts its 8 most recent"):
+        kvjax.generate(params, [_prompt(5)], policy=P.H2O(budget=1.0, recent=8), max_new_tokens=4)
+    assert compile_counts() == before
+    out = kvjax.generate(params, [_prompt(40)], policy=P.H2O(budget=0.25, recent=8), max_new_tokens=4)
+    assert int(np.max(np.asarray(out.cache.streams.length))) <= 10  # held at its budget
+
+
 # ---------------------------------------------------------------------------------------------
 # 4, 5, 9. prompts and sampling options
 
