@@ -32,7 +32,9 @@ Bytes per step = weights read (every matrix once; the embedding table is gathere
 read (mean stream length over the N steps). Roofline = bytes / measured copy bandwidth (x + 1 on a
 2 GiB bf16 array, read + write counted, as benchmarks/kernels_gpu.py); `% BW` = roofline / time.
 
-`variant` is always "library" (kvjax as installed). Runs 1-4 also timed proposed changes applied
+`variant` is "library" (kvjax as installed), or "xla_evict" for the decode-time eviction tier: the
+same policy with `decode_step(..., fused_eviction=False)` (eviction through kvjax/evict.py's XLA ops
+instead of the fused Pallas kernel), side by side. Runs 1-4 also timed proposed changes applied
 as run-time source patches; those changes have landed, the patch machinery is gone, and each of
 those runs' JSON keeps the diff it applied (meta.diffs). `--weights unstacked` gives per-layer
 weight buffers, as `kvjax.load` does on GPU. `--probe` times the weight path alone (no KV) with
@@ -121,7 +123,7 @@ class Spec:
     budget: int  # tokens per head (full: the context length)
     batch: int | str  # int or "max"
     impl: str
-    variant: str  # "library"
+    variant: str  # "library" or "xla_evict"
 
     @property
     def name(self):
@@ -193,6 +195,9 @@ class Bench:
         step_fn = importlib.import_module("kvjax.decode").decode_step
         cfg, n = self.config, self.n_steps
 
+        # variant "xla_evict": the eviction through kvjax/evict.py's XLA ops instead of the fused kernel
+        fused = dict(fused_eviction=False) if spec.variant == "xla_evict" else {}
+
         def run(weights, pools, meta, tok):
             *streams, next_pos = meta
             cache = Cache(Pools(*pools), Streams(*streams), next_pos, plan.layout)
@@ -200,7 +205,7 @@ class Bench:
             def body(i, carry):
                 cache, tok = carry
                 cache, logits = step_fn(weights, cache, tok, pol, None, config=cfg, plan=plan,
-                                        implementation=spec.impl)
+                                        implementation=spec.impl, **fused)
                 return cache, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
             cache, tok = jax.lax.fori_loop(0, n, body, (cache, tok))
@@ -392,6 +397,8 @@ def build_tiers(args, contexts, budgets, batches):
     for b in [b for b in (8, 32) if b in batches] or [batches[0]]:
         for layout in ("h2o", "tova", "roco", "cake_cascade"):
             t6 += [Job(Spec(lay, bmid, b, "pallas", "library"), lay, c32) for lay in (layout, layout + "_keep")]
+            if layout != "roco":  # the same policy with its eviction on the XLA path (kvjax/evict.py)
+                t6.append(Job(Spec(layout, bmid, b, "pallas", "xla_evict"), layout, c32))
     tiers.append(("decode-time eviction vs the same layout without it", t6))
     if args.only:
         rx = re.compile(args.only)

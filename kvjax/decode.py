@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kvjax.cache import Cache, Plan, Pools
 from kvjax.decode_attention import append_and_attend, decode_attention, region_to_streams, stream_probs
+from kvjax.evict_fused import decode_evict_fused, supports as evict_kernel_supports
 from kvjax.evict import (compact, evict_lowest, gather_streams, layer_mean, move_in_view, move_slot, scatter_streams,
                          smallest, stream_key, stream_mask, stream_view, view_key, view_update)
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
@@ -53,7 +54,7 @@ def _append(region, slot, value, active):
 
 
 def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=None, *, config: ModelConfig,
-                plan: Plan, implementation: str = "xla", parallel=None):
+                plan: Plan, implementation: str = "xla", parallel=None, fused_eviction: bool = True):
     """Feed one token per sequence. tokens [B] int, active [B] bool (inactive rows are untouched).
 
     implementation "pallas": the decode kernel appends the new key/value and attends over each
@@ -62,13 +63,16 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     "xla": dense over the layer region. Either way the eviction itself works on each stream's
     first W slots (W = the widest stream), never on the region or the pool.
     parallel: a `kvjax.mesh.Parallel`: each device runs this step on its sequences and KV heads.
+    fused_eviction: on the Pallas path on GPU, evict through one kernel per layer
+    (`kvjax.evict_fused`: H2O, TOVA, CAKE) where it supports the policy; False keeps kvjax/evict.py's
+    XLA ops (the same result, the benchmark's comparison).
     Returns (cache, logits [B, V] float32).
     """
     b = tokens.shape[0]
     active = jnp.ones((b,), bool) if active is None else active
     if parallel is not None:
         step = lambda w, c, t, pol, a, cfg: decode_step(w, c, t, pol, a, config=cfg, plan=plan,  # noqa: E731
-                                                        implementation=implementation)
+                                                        implementation=implementation, fused_eviction=fused_eviction)
         return parallel.decode(step, weights, config, cache, tokens, policy, active)
     h = config.num_kv_heads
     next_pos = cache.next_pos
@@ -83,6 +87,9 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
     min_pos = None if config.sliding_window is None else next_pos - config.sliding_window + 1
     take = lambda a, base: jax.lax.dynamic_slice_in_dim(a, base, span, axis=1)
     width = plan.stream_width
+    # one eviction kernel per layer, fed the attention kernel's per-stream logits (kvjax/evict_fused.py)
+    evict_kernel = fused and fused_eviction and need_probs and evict_kernel_supports(
+        scorer, ev, head_dim=config.head_dim, width=width, model_axis=config.model_axis)
 
     def layer_step(carry, xs):
         x, pools = carry
@@ -109,7 +116,9 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             p = Pools(k_pool, v_pool, p.pos, p.score, p.score2)
             length = st.length + active[:, None].astype(st.length.dtype)
             if fused:
-                if need_probs:
+                if evict_kernel:
+                    probs = tuple(rest)  # (lse, logits): the eviction kernel reduces them itself
+                elif need_probs:
                     probs = stream_probs(*rest, length, scorer.group_reduce)
             else:
                 out, region_probs = decode_attention(
@@ -124,7 +133,11 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             return out[:, :, :, None], (p, length, probs, new_stats)
 
         x, (pools, length, probs, new_stats) = decoder_layer(lw, x, positions, config, attend)
-        if ev is not None:
+        if evict_kernel:  # the scorer's new-token statistics are zeros, as the kernel sets them
+            lse, logits = probs
+            pools, length = decode_evict_fused(scorer, ev, pools, st, length, logits, lse, active, step_due,
+                                               next_pos, width, config.model_axis)
+        elif ev is not None:
             pools, length = _decode_evict(pools, length, probs, new_stats, st, step_due)
         return (x, pools), length
 

@@ -166,6 +166,18 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
         return original(*a, **{**k, "interpret": True, "backend": "gpu"})
 
     monkeypatch.setattr(rda, "ragged_decode_attention_pallas", interpreted)
+    # the eviction kernel (H2O, TOVA, CAKE: kvjax/evict_fused.py) as on GPU, interpreted
+    import kvjax.decode as dec
+
+    supports, fused = dec.evict_kernel_supports, dec.decode_evict_fused
+    evictions = []
+
+    def fused_interpreted(*a, **k):
+        evictions.append(1)
+        return fused(*a, **{**k, "interpret": True})
+
+    monkeypatch.setattr(dec, "evict_kernel_supports", lambda *a, **k: supports(*a, **{**k, "backend": "gpu"}))
+    monkeypatch.setattr(dec, "decode_evict_fused", fused_interpreted)
     model_type, extra, policy = _PALLAS_CASES[case]
     params = _tiny_params(model_type, **extra)
     prompts = [_prompt(n, seed=n) for n in (30, 17)]
@@ -189,6 +201,7 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
         tokens = jnp.argmax(out["xla"], axis=-1).astype(jnp.int32)
     assert calls, "the Pallas kernel was not used"
     assert ("logits" in calls) == (pre.policy.decode_eviction is not None)
+    assert bool(evictions) == (type(pre.policy).__name__ in ("H2O", "TOVA", "CAKE"))
     a, b = caches["xla"], caches["pallas"]
     np.testing.assert_array_equal(np.asarray(a.streams.length), np.asarray(b.streams.length))
     np.testing.assert_array_equal(np.asarray(a.pools.pos), np.asarray(b.pools.pos))
