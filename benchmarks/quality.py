@@ -39,7 +39,8 @@ import jax  # noqa: E402
 import kvjax  # noqa: E402
 from kvjax import prompts as kp  # noqa: E402
 from kvjax.eval import ruler  # noqa: E402
-from quality_grid import MODELS, MODES, POLICIES, RATIOS, chunked, groups, make_policy, needs_profile  # noqa: E402
+from quality_grid import EXTRA_POLICIES, MODELS, MODES, POLICIES, RATIOS, chunked, groups  # noqa: E402
+from quality_grid import make_policy, needs_profile  # noqa: E402
 from quality_grid import pool_bytes, window_for  # noqa: E402
 from quality_ppl import PPL_POLICIES, PPL_RATIOS, run_ppl  # noqa: E402
 from quality_profiles import get_profile  # noqa: E402
@@ -119,7 +120,7 @@ def run_retrieval(params, store: Store, args, log):
                                                                      folder=pathlib.Path(args.out) / "profiles")
                             store.profiles[f"{L}|{ratio}"] = info
                         prof = profiles[(L, ratio)]
-                    pol, why = make_policy(name, ratio, window=w, profile=prof)
+                    pol, why = make_policy(name, ratio, window=w, profile=prof, model=args.model)
                     if pol is None:
                         skipped[f"{name}|{ratio}|{L}"] = why
                         say(f"skip {name}@{ratio} at {L}: {why}")
@@ -251,7 +252,7 @@ def parse_args(argv=None):
     args.ppl_policies = _split_top(args.ppl_policies)
     args.modes = _split_top(args.modes)
     args.parts = _split_top(args.parts)
-    for name, values, known in (("--tasks", args.tasks, TASKS), ("--policies", args.policies, POLICIES),
+    for name, values, known in (("--tasks", args.tasks, TASKS), ("--policies", args.policies, POLICIES + EXTRA_POLICIES),
                                 ("--modes", args.modes, MODES), ("--parts", args.parts, ("retrieval", "ppl")),
                                 ("--ppl-policies", args.ppl_policies, PPL_POLICIES)):
         bad = [v for v in values if v not in known]

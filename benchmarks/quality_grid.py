@@ -10,11 +10,17 @@ policies (SnapKV, PyramidKV, Ada-KV, CAKE, Profiled, and H2O's recent window) sh
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import numpy as np
 
 from kvjax import policies as P
 from kvjax.compress import make_plan
+
+#: policies run only when asked for (--policies): the learned scorer needs a trained model per model
+EXTRA_POLICIES = ("Learned", "AdaKV(Learned)")
+#: the trained scorers of `Learned` rows (scripts/train_scorer.py), one folder per model name
+SCORERS = pathlib.Path(__file__).resolve().parents[1] / "configs" / "scorers"
 
 #: every policy of the study, in table order ("Full" is the reference, always run)
 POLICIES = ("StreamingLLM", "KNorm", "SnapKV", "PyramidKV(kvpress)", "PyramidKV(paper)", "H2O", "TOVA",
@@ -73,9 +79,11 @@ def base_name(name: str) -> str:
     return name[len("AdaKV("):-1] if name.startswith("AdaKV(") else name
 
 
-def make_policy(name: str, ratio: float, *, window: int, profile=None):
+def make_policy(name: str, ratio: float, *, window: int, profile=None, model: str | None = None):
     """The policy `name` at a ratio budget. `profile`: the BudgetProfile for Profiled (its total is
-    the ratio's total at this length). Returns (policy, None) or (None, why it cannot be built)."""
+    the ratio's total at this length); `model`: the model's name, for Learned's trained scorer
+    (SCORERS / model; not in POLICIES: ask for "Learned" or "AdaKV(Learned)" with --policies).
+    Returns (policy, None) or (None, why it cannot be built)."""
     if name == "Full":
         return P.Full(), None
     base = base_name(name)
@@ -95,6 +103,10 @@ def make_policy(name: str, ratio: float, *, window: int, profile=None):
             pol = P.H2O(budget=ratio, recent=window)
         elif base == "CAKE":
             pol = P.CAKE(budget=ratio, window=window)
+        elif base == "Learned":
+            if model is None or not (SCORERS / model).is_dir():
+                return None, f"no trained scorer for model {model!r} in {SCORERS}"
+            pol = P.Learned(SCORERS / model, budget=ratio, window=window)
         elif base == "Profiled":
             if profile is None:
                 return None, "no profile for this (length, ratio)"
