@@ -25,8 +25,7 @@ import jax.numpy as jnp
 from kvjax.cache import Cache, Plan, Pools
 from kvjax.decode_attention import append_and_attend, decode_attention, region_to_streams, stream_probs
 from kvjax.evict_fused import decode_evict_fused, supports as evict_kernel_supports
-from kvjax.evict import (compact, evict_lowest, gather_streams, layer_mean, move_in_view, move_slot, scatter_streams,
-                         smallest, stream_key, stream_mask, stream_view, view_key, view_update)
+from kvjax.evict import compact, decode_evict, smallest, stream_key, stream_mask
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.pallas_kernels.ragged_decode_attention import write_rows
@@ -138,42 +137,9 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             pools, length = decode_evict_fused(scorer, ev, pools, st, length, logits, lse, active, step_due,
                                                next_pos, width, config.model_axis)
         elif ev is not None:
-            pools, length = _decode_evict(pools, length, probs, new_stats, st, step_due)
+            pools, length = decode_evict(scorer, ev, pools, st, length, probs, new_stats, active, step_due, next_pos,
+                                         width, config.model_axis)
         return (x, pools), length
-
-    def _decode_evict(pools, length, probs, new_stats, st, step_due):
-        """Update the statistics and evict, on each stream's first `width` slots. probs [B, H, W]
-        (None: the scorer's statistics do not follow attention); new_stats: the new token's [B, H]."""
-        idx = stream_view(st.start, width, pools.pos.shape[1])
-        inside = jnp.arange(width) < length[..., None]  # [B, H, W], the new token included
-        pos_w = jnp.where(inside, gather_streams(pools.pos, idx), -1)
-        s_w, s2_w = gather_streams(pools.score, idx), gather_streams(pools.score2, idx)
-        # the new token's running statistics start at the scorer's (zeros by default)
-        fresh = (jnp.arange(width) == st.length[..., None]) & active[:, None, None]
-        s_w, s2_w = (jnp.where(fresh, n[..., None], jnp.where(inside, o, 0.0)) for n, o in zip(new_stats, (s_w, s2_w)))
-        if probs is not None:
-            probs = jnp.where(inside, probs, 0.0)
-            if scorer.layer_shared:
-                probs = layer_mean(probs, inside, config.model_axis)
-            updated = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
-            s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(updated, (s_w, s2_w)))
-        written = inside
-        new_pos = next_pos[:, None, None]
-        target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
-        k_pool, v_pool = pools.k, pools.v
-        for _ in range(ev.every):
-            inside = jnp.arange(width) < length[..., None]
-            protected = (pos_w > new_pos - ev.recent) | (pos_w < ev.sinks)
-            cand = inside & ~protected
-            key = view_key(scorer, s_w, s2_w, pos_w, next_pos + 1, cand, st.budget, length - st.budget)
-            victim, last, over = evict_lowest(key, length, target, cand.any(axis=-1))
-            k_pool, v_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool))
-            pos_w, s_w, s2_w = (move_in_view(a, last, victim, over) for a in (pos_w, s_w, s2_w))
-            length = length - over.astype(length.dtype)
-        # the views go back in three scatters; slots past the new length keep stale values
-        pos, score, score2 = (scatter_streams(a, idx, written, w) for a, w in
-                              ((pools.pos, pos_w), (pools.score, s_w), (pools.score2, s2_w)))
-        return Pools(k_pool, v_pool, pos, score, score2), length
 
     # each sequence evicts on its own schedule (its own position), so a batch behaves like its rows alone
     step_due = jnp.ones((b,), bool)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvjax.cache import Pools
+
 
 def stream_mask(rel_start, length, span: int):
     """[B, H, S] bool: slot s of the region belongs to head h's used stream."""
@@ -139,3 +141,42 @@ def layer_mean(p, inside, model_axis: str | None = None):
         total, count = jax.lax.psum(total, model_axis), jax.lax.psum(count, model_axis)
     mean = total / jnp.maximum(count, 1)  # [B, W]
     return jnp.where(inside, mean[:, None, :], 0.0)
+
+
+def decode_evict(scorer, ev, pools, st, length, probs, new_stats, active, step_due, next_pos, width: int,
+                 model_axis: str | None = None):
+    """One layer's decode-time eviction (the XLA ops; kvjax/evict_fused.py is the GPU kernel): update
+    the statistics and evict, on each stream's first `width` slots. pools after the append; st the
+    layer's streams (length before the append); length [B, H] after it; probs [B, H, W] (None: the
+    scorer's statistics do not follow attention); new_stats: the new token's (score, score2) [B, H];
+    active, step_due [B]; next_pos [B]. Returns (pools, length)."""
+    idx = stream_view(st.start, width, pools.pos.shape[1])
+    inside = jnp.arange(width) < length[..., None]  # [B, H, W], the new token included
+    pos_w = jnp.where(inside, gather_streams(pools.pos, idx), -1)
+    s_w, s2_w = gather_streams(pools.score, idx), gather_streams(pools.score2, idx)
+    # the new token's running statistics start at the scorer's (zeros by default)
+    fresh = (jnp.arange(width) == st.length[..., None]) & active[:, None, None]
+    s_w, s2_w = (jnp.where(fresh, n[..., None], jnp.where(inside, o, 0.0)) for n, o in zip(new_stats, (s_w, s2_w)))
+    if probs is not None:
+        probs = jnp.where(inside, probs, 0.0)
+        if scorer.layer_shared:
+            probs = layer_mean(probs, inside, model_axis)
+        updated = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
+        s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(updated, (s_w, s2_w)))
+    written = inside
+    new_pos = next_pos[:, None, None]
+    target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
+    k_pool, v_pool = pools.k, pools.v
+    for _ in range(ev.every):
+        inside = jnp.arange(width) < length[..., None]
+        protected = (pos_w > new_pos - ev.recent) | (pos_w < ev.sinks)
+        cand = inside & ~protected
+        key = view_key(scorer, s_w, s2_w, pos_w, next_pos + 1, cand, st.budget, length - st.budget)
+        victim, last, over = evict_lowest(key, length, target, cand.any(axis=-1))
+        k_pool, v_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool))
+        pos_w, s_w, s2_w = (move_in_view(a, last, victim, over) for a in (pos_w, s_w, s2_w))
+        length = length - over.astype(length.dtype)
+    # the views go back in three scatters; slots past the new length keep stale values
+    pos, score, score2 = (scatter_streams(a, idx, written, w) for a, w in
+                          ((pools.pos, pos_w), (pools.score, s_w), (pools.score2, s2_w)))
+    return Pools(k_pool, v_pool, pos, score, score2), length

@@ -15,8 +15,7 @@ import pytest
 
 from kvjax.cache import Pools, Streams
 from kvjax.decode_attention import stream_probs
-from kvjax.evict import (evict_lowest, gather_streams, layer_mean, move_in_view, move_slot, scatter_streams,
-                         stream_view, view_key, view_update)
+from kvjax.evict import decode_evict
 from kvjax.evict_fused import decode_evict_fused, kernel_rule, streams_per_program, supports
 from kvjax.pallas_kernels import _lowering_checks as lc
 from kvjax.policies.base import DecodeEviction
@@ -28,34 +27,10 @@ POISON_POS = -7777
 
 
 def _oracle(scorer, ev, pools, st, length, probs, active, step_due, next_pos, width, model_axis=None):
-    """kvjax/decode.py `_decode_evict`, copied (config.model_axis -> model_axis)."""
-    idx = stream_view(st.start, width, pools.pos.shape[1])
-    inside = jnp.arange(width) < length[..., None]
-    pos_w = jnp.where(inside, gather_streams(pools.pos, idx), -1)
-    s_w, s2_w = gather_streams(pools.score, idx), gather_streams(pools.score2, idx)
-    probs = jnp.where(inside, probs, 0.0)
-    if scorer.layer_shared:
-        probs = layer_mean(probs, inside, model_axis)
-    blank = ~inside | ((jnp.arange(width) == st.length[..., None]) & active[:, None, None])
-    s_w, s2_w = jnp.where(blank, 0.0, s_w), jnp.where(blank, 0.0, s2_w)
-    new_stats = view_update(scorer, s_w, s2_w, probs, pos_w, next_pos)
-    s_w, s2_w = (jnp.where(inside & active[:, None, None], n, o) for n, o in zip(new_stats, (s_w, s2_w)))
-    written = inside
-    new_pos = next_pos[:, None, None]
-    target = jnp.where((step_due & active)[:, None], st.budget, jnp.iinfo(jnp.int32).max)
-    k_pool, v_pool = pools.k, pools.v
-    for _ in range(ev.every):
-        inside = jnp.arange(width) < length[..., None]
-        protected = (pos_w > new_pos - ev.recent) | (pos_w < ev.sinks)
-        cand = inside & ~protected
-        key = view_key(scorer, s_w, s2_w, pos_w, next_pos + 1, cand, st.budget, length - st.budget)
-        victim, last, over = evict_lowest(key, length, target, cand.any(axis=-1))
-        k_pool, v_pool = (move_slot(a, st.start, last, victim, over) for a in (k_pool, v_pool))
-        pos_w, s_w, s2_w = (move_in_view(a, last, victim, over) for a in (pos_w, s_w, s2_w))
-        length = length - over.astype(length.dtype)
-    pos, score, score2 = (scatter_streams(a, idx, written, w) for a, w in
-                          ((pools.pos, pos_w), (pools.score, s_w), (pools.score2, s2_w)))
-    return Pools(k_pool, v_pool, pos, score, score2), length
+    """The XLA eviction decode_step runs (kvjax.evict.decode_evict), the new token's statistics zero."""
+    zeros = jnp.zeros(st.start.shape, jnp.float32)
+    return decode_evict(scorer, ev, pools, st, length, probs, (zeros, zeros), active, step_due, next_pos, width,
+                        model_axis)
 
 
 def _state(b, h, g, d, width, seed, *, tail_short=True):
