@@ -41,19 +41,55 @@ def fused_available(q) -> bool:
     return _cudnn_flash_ok(q)
 
 
-def fused_causal_attention(q, k, v, *, scale: float, sliding_window: int | None = None):
+def _cudnn_attention_with_stats():
+    """jax's cuDNN attention entry point that returns the softmax statistics in float32 ([B, N, T]),
+    or None. `jax.nn.dot_product_attention(..., return_residual=True)` casts them to the output's
+    dtype: in bfloat16 an lse near 10 is off by up to 0.03, each probability by up to 3%."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
+    except ImportError:  # private module moved
+        return None
+    return dot_product_attention, MaskType
+
+
+def float32_lse_available(q) -> bool:
+    """Whether `fused_causal_attention(q, ..., return_lse=True)` gets cuDNN's float32 log-sum-exp."""
+    return _cudnn_flash_ok(q) and _cudnn_attention_with_stats() is not None
+
+
+def fused_causal_attention(q, k, v, *, scale: float, sliding_window: int | None = None, return_lse: bool = False,
+                           lse_api: str = "auto"):
     """Causal attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU: no
     [T, T] in memory; 17x faster than the chunked pass at 32K tokens on an H100). Same arguments and
     output as `causal_attention`; right-padded prompts need no mask here, because a valid query only
-    sees earlier positions, all of them valid."""
+    sees earlier positions, all of them valid.
+
+    return_lse: also return each query's log-sum-exp of its scaled logits, lse [B, KV, G, T] float32
+    (what `prompt_column_sums_pallas(lse=...)` takes; rows of padding queries are meaningless).
+    lse_api: "auto" takes it from jax's cuDNN entry point in float32 where cuDNN runs, else from
+    the public `return_residual=True`, which returns it in the output's dtype ("public" forces that)."""
+    if lse_api not in ("auto", "public"):
+        raise ValueError(f"lse_api must be 'auto' or 'public', got {lse_api!r}")
     b, kv, g, t, d = q.shape
     qf = q.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g, d)  # query head kv * G + g uses KV head kv
     kf, vf = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     window = None if sliding_window is None else (sliding_window - 1, 0)
     impl = "cudnn" if _cudnn_flash_ok(q) else None
-    out = jax.nn.dot_product_attention(qf, kf, vf, scale=scale, is_causal=True, local_window_size=window,
-                                       implementation=impl)
-    return out.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+    private = _cudnn_attention_with_stats() if impl == "cudnn" and lse_api == "auto" else None
+    if return_lse and private is not None:
+        attend, mask_type = private
+        out, lse = attend(qf, kf, vf, scale=scale, mask_type=mask_type.CAUSAL, sliding_window_length=sliding_window,
+                          return_residual=True)  # lse [B, N, T] float32
+        lse = lse.astype(jnp.float32).reshape(b, kv, g, t)
+    elif return_lse:
+        out, lse = jax.nn.dot_product_attention(qf, kf, vf, scale=scale, is_causal=True, local_window_size=window,
+                                                implementation=impl, return_residual=True)  # lse [B, T, N]
+        lse = lse.astype(jnp.float32).transpose(0, 2, 1).reshape(b, kv, g, t)
+    else:
+        out = jax.nn.dot_product_attention(qf, kf, vf, scale=scale, is_causal=True, local_window_size=window,
+                                           implementation=impl)
+    out = out.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
+    return (out, lse) if return_lse else out
 
 
 def query_chunks(q, chunk: int):
@@ -81,6 +117,7 @@ def causal_attention(
     column_squares: bool = False,
     group_reduce: str = "mean",
     fused: bool | None = None,
+    stats_lse: str = "cudnn",
 ):
     """Softmax attention of every prompt token over the prompt.
 
@@ -93,19 +130,28 @@ def causal_attention(
     tracks the variance of the KV head's attention, not of each query head's.
     `fused`: use `fused_causal_attention` (True), the chunked XLA pass (False), or the fused one where
     `fused_available` says it is fast (None). Column statistics on a GPU come with the fused path from
-    the column-sums kernels (kvjax/pallas_kernels/prompt_column_sums.py: two more passes over the
-    logits, nothing [T, T] in memory); elsewhere from the chunked pass.
+    the column-sums kernels (kvjax/pallas_kernels/prompt_column_sums.py, nothing [T, T] in memory);
+    elsewhere from the chunked pass. `stats_lse`: "cudnn" takes each query's log-sum-exp from cuDNN's
+    attention (float32 softmax statistics) where it has them, so the kernels make one pass over the
+    logits (one query head per program without the squares); "kernel": the kernels' own two passes.
     """
     b, kv, g, t, d = q.shape
     stats = column_sums or column_squares
+    if stats_lse not in ("cudnn", "kernel"):
+        raise ValueError(f"stats_lse must be 'cudnn' or 'kernel', got {stats_lse!r}")
     if (fused if fused is not None else fused_available(q)) and (not stats or jax.default_backend() == "gpu"):
-        out = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
         if not stats:
-            return out
+            return fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
         from kvjax.pallas_kernels.prompt_column_sums import prompt_column_sums
 
-        res = prompt_column_sums(q, k, lengths, scale=scale, sliding_window=sliding_window,
-                                 column_squares=column_squares, group_reduce=group_reduce, implementation="pallas")
+        kw = dict(scale=scale, sliding_window=sliding_window, column_squares=column_squares, group_reduce=group_reduce,
+                  implementation="pallas")
+        if stats_lse == "cudnn" and float32_lse_available(q):
+            out, lse = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window, return_lse=True)
+            res = prompt_column_sums(q, k, lengths, lse=lse, **kw)
+        else:  # the log-sum-exp pass, then the grouped column sums (the kernels before cuDNN's lse)
+            out = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
+            res = prompt_column_sums(q, k, lengths, per_head=False, **kw)
         return (out, *res) if column_squares else (out, res)
     q_chunks, chunk = query_chunks(q, chunk)
     n_chunks = q_chunks.shape[0]

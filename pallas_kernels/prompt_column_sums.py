@@ -10,12 +10,17 @@ the attention key j received (H2O's accumulated attention). colsq[b, kv, j] = su
 right-padded prompts (`lengths`), an optional sliding window. The attention output itself comes
 from a flash kernel (cuDNN) beside this: these sums need only the logits.
 
-GPU kernels (Pallas lowered through Triton), two passes over the logits:
+GPU kernels (Pallas lowered through Triton), passes over the logits:
 1. `_lse_kernel`: grid (sequence, KV head, query block); the G query heads of the group walk the
    key blocks up to the diagonal with a running max and sum: each query's log-sum-exp [B, KV, G, T].
-2. `_colsum_kernel`: grid (sequence, KV head, key block); walks the query blocks from the diagonal
-   to the sequence's end, adding exp(logit - lse) down each column, per query head (and the
-   squared group-reduced value).
+   Skipped when the caller has the log-sum-exp already (`lse=`: cuDNN's flash attention returns it,
+   `kvjax.models.prompt_attention.fused_causal_attention(..., return_lse=True)`).
+2. `_colsum_head_kernel` (column sums alone, H2O): grid (key block, sequence, query head); one query
+   head's tiles per program (128 rows fit the shared memory), walking the query blocks from the
+   diagonal to the sequence's end and adding exp(logit - lse) down each column; masks only on the
+   diagonal block and the blocks that padding or the window cut.
+   `_colsum_kernel` (with the squares, RoCo): grid (sequence, KV head, key block); the G heads of a
+   group together, for the squared group-reduced value (64-row tiles).
 Each pass costs about one QK^T; nothing [T, T] is written. `prompt_column_sums_reference` is the
 dense jnp version (tests; small T). Elsewhere than on a GPU the chunked XLA pass of
 `kvjax.models.prompt_attention` computes the same statistics.
@@ -24,6 +29,7 @@ dense jnp version (tests; small T). Elsewhere than on a GPU the chunked XLA pass
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +38,7 @@ from jax.experimental import pallas as pl
 from . import _common
 
 _NEG = -1e30
+_LOG2E = 1.4426950408889634
 
 
 def _visible(q_pos, k_pos, length, window):
@@ -42,6 +49,7 @@ def _visible(q_pos, k_pos, length, window):
     return vis
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "column_squares", "group_reduce"))
 def prompt_column_sums_reference(q, k, lengths, *, scale: float, sliding_window: int | None = None,
                                  column_squares: bool = False, group_reduce: str = "mean"):
     """Dense: builds the [B, KV, G, T, T] probabilities (tests, small prompts)."""
@@ -126,34 +134,139 @@ def _colsum_kernel(len_ref, q_ref, k_ref, lse_ref, *out_refs, scale, block, g, w
         out_refs[1][:] = sq[0]
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "column_squares", "group_reduce", "block",
-                                             "interpret", "num_warps", "num_stages"))
-def prompt_column_sums_pallas(q, k, lengths, *, scale: float, sliding_window: int | None = None,
-                              column_squares: bool = False, group_reduce: str = "mean", block: int | None = None,
-                              interpret=False, num_warps: int | None = None, num_stages: int | None = None):
-    """The GPU kernels (see the module docstring). block: query and key rows per tile (default 64;
-    32 for float32, whose tiles would not fit the shared memory)."""
-    b, kv, g, t, d = q.shape
-    block = block or (32 if jnp.dtype(q.dtype).itemsize > 2 else 64)
-    # 8 warps, 3 stages: the fastest of the sweep on an H200 (benchmarks/results/column_sums_h200.md)
-    num_warps, num_stages = num_warps or 8, num_stages or 3
-    tp = -(-t // block) * block
-    if tp != t:  # whole blocks (prompt buckets of >= 192 tokens are multiples of 64 already)
-        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
-        k = jnp.pad(k, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
-    n = tp // block
-    lengths = lengths.astype(jnp.int32)
-    kw = dict(interpret=interpret, **_common.triton_kwargs(interpret, num_warps, num_stages))
+def _colsum_head_kernel(len_ref, q_ref, k_ref, lse_ref, out_ref, *, scale, block, window, key_axis):
+    """One query head, one key block: colsum over the query blocks from the diagonal to the end.
+    The tile is transposed ([keys, queries] = K Q^T) so the column sum is a row sum, which stays
+    inside a warp (as flash attention's row sums do) instead of crossing warps every step."""
+    j = pl.program_id(key_axis)
+    length = len_ref[0, 0]
+    k = k_ref[pl.ds(j * block, block), :]  # [K, D]
+    k_pos = j * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+    c = scale * _LOG2E  # exp(x) = exp2(x * log2(e)): one multiply-add and one ex2 per logit
+
+    def tile(masked):
+        def body(i, acc):
+            q = q_ref[pl.ds(i * block, block), :]  # [Q, D]
+            lse2 = lse_ref[pl.ds(i * block, block)][None, :] * _LOG2E  # [1, Q]
+            s = jax.lax.dot_general(k, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            p = jnp.exp2(s * c - lse2)  # [K, Q]
+            if masked:
+                q_pos = i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+                p = jnp.where(_visible(q_pos, k_pos, length, window), p, 0.0)
+            return acc + jnp.sum(p, axis=1, keepdims=True)
+        return body
+
+    last = (length + block - 1) // block  # query blocks holding a valid query
+    full = length // block  # ... holding only valid queries
+    if window is not None:
+        last = jnp.minimum(last, (j * block + block - 1 + window - 1) // block + 1)
+        full = jnp.minimum(full, j + window // block)  # the whole block inside every key's window
+    inner_end = jnp.maximum(full, j + 1)
+    acc = jnp.zeros((block, 1), jnp.float32)
+    acc = jax.lax.fori_loop(j, jnp.minimum(last, j + 1), tile(True), acc)  # the diagonal block
+    acc = jax.lax.fori_loop(j + 1, inner_end, tile(False), acc)  # below it: every entry visible
+    acc = jax.lax.fori_loop(inner_end, jnp.maximum(last, inner_end), tile(True), acc)  # padding, window edge
+    out_ref[:] = acc[:, 0]
+
+
+def _lse_call(q, k, lengths, scale, window, block, kw):
+    """`_lse_kernel` over whole blocks: q [B, KV, G, Tp, D], k [B, KV, Tp, D], lengths [B, 1] int32."""
+    b, kv, g, tp, d = q.shape
     whole = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, h, x: (i, h) + (0,) * len(shape))
-    lens = pl.BlockSpec((1, 1), lambda i, h, x: (i, 0))
-    lse = pl.pallas_call(
-        functools.partial(_lse_kernel, scale=scale, block=block, g=g, window=sliding_window),
-        grid=(b, kv, n),
-        in_specs=[lens, whole(g, tp, d), whole(tp, d)],
+    return pl.pallas_call(
+        functools.partial(_lse_kernel, scale=scale, block=block, g=g, window=window),
+        grid=(b, kv, tp // block),
+        in_specs=[pl.BlockSpec((1, 1), lambda i, h, x: (i, 0)), whole(g, tp, d), whole(tp, d)],
         out_specs=pl.BlockSpec((None, None, g, block), lambda i, h, x: (i, h, 0, x)),
         out_shape=jax.ShapeDtypeStruct((b, kv, g, tp), jnp.float32),
         name="prompt_lse_gpu", **kw,
-    )(lengths.reshape(b, 1), q, k)
+    )(lengths, q, k)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "block", "interpret", "num_warps",
+                                             "num_stages"))
+def prompt_lse_pallas(q, k, lengths, *, scale: float, sliding_window: int | None = None, block: int | None = None,
+                      interpret=False, num_warps: int | None = None, num_stages: int | None = None):
+    """`_lse_kernel` alone: each query's log-sum-exp [B, KV, G, T] float32 (natural log, `scale`
+    included; +inf for queries at or past `lengths`). For checks and timings."""
+    t = q.shape[3]
+    block = block or _default_block(q.dtype, False)
+    tp = -(-t // block) * block
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+    kw = dict(interpret=interpret, **_common.triton_kwargs(interpret, num_warps or 8, num_stages or 3))
+    lengths = lengths.astype(jnp.int32).reshape(-1, 1)
+    return _lse_call(q, k, lengths, scale, sliding_window, block, kw)[..., :t]
+
+
+def _default_block(dtype, per_head: bool) -> int:
+    """Rows per tile: what fits the shared memory (the grouped kernels hold G query heads' tiles)."""
+    wide = jnp.dtype(dtype).itemsize > 2
+    return (64 if wide else 128) if per_head else (32 if wide else 64)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "sliding_window", "column_squares", "group_reduce", "block",
+                                             "interpret", "num_warps", "num_stages", "per_head", "order"))
+def prompt_column_sums_pallas(q, k, lengths, lse=None, *, scale: float, sliding_window: int | None = None,
+                              column_squares: bool = False, group_reduce: str = "mean", block: int | None = None,
+                              interpret=False, num_warps: int | None = None, num_stages: int | None = None,
+                              per_head: bool | None = None, order: str = "keys"):
+    """The GPU kernels (see the module docstring).
+
+    lse: None (computed by `_lse_kernel`) or each query's log-sum-exp of its scaled logits,
+      [B, KV, G, T] (e.g. cuDNN's softmax statistics from `fused_causal_attention(..., return_lse=True)`);
+      natural log, `scale` included; rows of queries at or past `lengths` are never read.
+    per_head: the column sums by `_colsum_head_kernel` (one query head per program); None: when
+      `column_squares` is off (the squares need the G heads of a group together).
+    block: rows per tile; default 128 per head, 64 grouped (halved for float32: the shared memory).
+    order: per-head grid order, "keys" (key blocks vary fastest: the programs running together read
+      the same query head, which stays in L2) or "heads" (sequence, then head, fastest).
+    num_warps, num_stages: Triton settings (default 8 and 3)."""
+    b, kv, g, t, d = q.shape
+    per_head = (not column_squares) if per_head is None else per_head
+    if per_head and column_squares:
+        raise ValueError("per_head=True computes no column squares (they reduce over the G heads of a group)")
+    if order not in ("keys", "heads"):
+        raise ValueError(f"order must be 'keys' or 'heads', got {order!r}")
+    block = block or _default_block(q.dtype, per_head)
+    # 8 warps, 3 stages: the grouped kernels' fastest in the sweep on an H200 (benchmarks/results/
+    # column_sums_h200.md); not yet measured for the per-head kernel
+    num_warps, num_stages = num_warps or 8, num_stages or 3
+    lse_block = None if lse is not None else min(block, _default_block(q.dtype, False))
+    whole_blocks = math.lcm(block, lse_block or 1)
+    tp = -(-t // whole_blocks) * whole_blocks
+    if tp != t:  # whole blocks (prompt buckets of >= 192 tokens are multiples of 64 already)
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, 0), (0, tp - t), (0, 0)))
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
+        if lse is not None:
+            lse = jnp.pad(lse, ((0, 0), (0, 0), (0, 0), (0, tp - t)))
+    n = tp // block
+    lengths = lengths.astype(jnp.int32).reshape(b, 1)
+    kw = dict(interpret=interpret, **_common.triton_kwargs(interpret, num_warps, num_stages))
+    whole = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, h, x: (i, h) + (0,) * len(shape))
+    lens = pl.BlockSpec((1, 1), lambda i, h, x: (i, 0))
+    lse = _lse_call(q, k, lengths, scale, sliding_window, lse_block, kw) if lse is None else lse.astype(jnp.float32)
+    if per_head:
+        hq = kv * g
+        # grid (key block, sequence, query head) or (sequence, query head, key block); axis 0 varies fastest
+        if order == "keys":
+            grid, idx = (n, b, hq), lambda x, i, h: (i, h, x)
+        else:
+            grid, idx = (b, hq, n), lambda i, h, x: (i, h, x)
+        spec = lambda shape, f: pl.BlockSpec(shape, lambda *a: f(*idx(*a)))
+        out = pl.pallas_call(
+            functools.partial(_colsum_head_kernel, scale=scale, block=block, window=sliding_window,
+                              key_axis=0 if order == "keys" else 2),
+            grid=grid,
+            in_specs=[spec((1, 1), lambda i, h, x: (i, 0)),
+                      spec((None, None, tp, d), lambda i, h, x: (i, h, 0, 0)),
+                      spec((None, None, tp, d), lambda i, h, x: (i, h // g, 0, 0)),
+                      spec((None, None, tp), lambda i, h, x: (i, h, 0))],
+            out_specs=spec((None, None, block), lambda i, h, x: (i, h, x)),
+            out_shape=jax.ShapeDtypeStruct((b, hq, tp), jnp.float32),
+            name="prompt_column_sums_head_gpu", **kw,
+        )(lengths, q.reshape(b, hq, tp, d), k, lse.reshape(b, hq, tp))
+        return out.reshape(b, kv, g, tp)[..., :t]
     out_specs = [pl.BlockSpec((None, None, g, block), lambda i, h, x: (i, h, 0, x))]
     out_shape = [jax.ShapeDtypeStruct((b, kv, g, tp), jnp.float32)]
     if column_squares:
@@ -167,16 +280,17 @@ def prompt_column_sums_pallas(q, k, lengths, *, scale: float, sliding_window: in
         out_specs=out_specs,
         out_shape=out_shape,
         name="prompt_column_sums_gpu", **kw,
-    )(lengths.reshape(b, 1), q, k, lse)
+    )(lengths, q, k, lse)
     colsum = res[0][..., :t]
     return (colsum, res[1][..., :t]) if column_squares else colsum
 
 
 def prompt_column_sums(q, k, lengths, *, scale: float, sliding_window: int | None = None,
                        column_squares: bool = False, group_reduce: str = "mean", implementation: str = "xla",
-                       interpret=False, block: int | None = None):
+                       interpret=False, block: int | None = None, lse=None, per_head: bool | None = None):
     """See the module docstring. implementation "pallas": the GPU kernels (in interpret mode anywhere
-    with `interpret=True`); "xla": the dense reference."""
+    with `interpret=True`; `lse`, `per_head`: see `prompt_column_sums_pallas`); "xla": the dense
+    reference (which ignores `lse`)."""
     if q.ndim != 5 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[3:] != k.shape[2:]:
         raise ValueError(f"q must be [B, KV, G, T, D] and k [B, KV, T, D] of the same B, KV, T, D; got {q.shape}, "
                          f"{k.shape}")
@@ -184,9 +298,11 @@ def prompt_column_sums(q, k, lengths, *, scale: float, sliding_window: int | Non
         raise ValueError(f"lengths must be [B] = ({q.shape[0]},), got {lengths.shape}")
     if group_reduce not in ("mean", "max"):
         raise ValueError(f"group_reduce must be 'mean' or 'max', got {group_reduce!r}")
+    if lse is not None and lse.shape != q.shape[:4]:
+        raise ValueError(f"lse must be [B, KV, G, T] = {q.shape[:4]}, got {lse.shape}")
     kw = dict(scale=scale, sliding_window=sliding_window, column_squares=column_squares, group_reduce=group_reduce)
     if implementation == "pallas":
-        return prompt_column_sums_pallas(q, k, lengths, block=block, interpret=interpret, **kw)
+        return prompt_column_sums_pallas(q, k, lengths, lse, block=block, interpret=interpret, per_head=per_head, **kw)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     return prompt_column_sums_reference(q, k, lengths, **kw)
