@@ -221,7 +221,7 @@ def prompt_column_sums_pallas(q, k, lengths, lse=None, *, scale: float, sliding_
     block: rows per tile; default 128 per head, 64 grouped (halved for float32: the shared memory).
     order: per-head grid order, "keys" (key blocks vary fastest: the programs running together read
       the same query head, which stays in L2) or "heads" (sequence, then head, fastest).
-    num_warps, num_stages: Triton settings (default 8 and 3)."""
+    num_warps, num_stages: Triton settings (default 4 and 2 per head, 8 and 3 grouped)."""
     b, kv, g, t, d = q.shape
     per_head = (not column_squares) if per_head is None else per_head
     if per_head and column_squares:
@@ -229,9 +229,9 @@ def prompt_column_sums_pallas(q, k, lengths, lse=None, *, scale: float, sliding_
     if order not in ("keys", "heads"):
         raise ValueError(f"order must be 'keys' or 'heads', got {order!r}")
     block = block or _default_block(q.dtype, per_head)
-    # 8 warps, 3 stages: the grouped kernels' fastest in the sweep on an H200 (benchmarks/results/
-    # column_sums_h200.md); not yet measured for the per-head kernel
-    num_warps, num_stages = num_warps or 8, num_stages or 3
+    # the fastest of each kernel's sweep (benchmarks/results/column_sums_*.md): per head 4 warps, 2 stages
+    # (block 128, H100: 23.4 ms per layer at 8 x 16K against 29.5 ms at 8 and 3); grouped 8 and 3 (H200)
+    num_warps, num_stages = num_warps or (4 if per_head else 8), num_stages or (2 if per_head else 3)
     lse_block = None if lse is not None else min(block, _default_block(q.dtype, False))
     whole_blocks = math.lcm(block, lse_block or 1)
     tp = -(-t // whole_blocks) * whole_blocks
