@@ -244,10 +244,10 @@ def compare(args):
             a["mean_jaccard"] = round(a.pop("jaccard") / a["streams"], 4)
         else:
             a.pop("jaccard")
-    table = _report(summary, data, args)
+    table = _report(summary, [data[i] for i in sorted(by_sample)], args)
     print(table)
     result = dict(summary=summary, prompts=per_prompt, length=len(data[0]["ids"]) if data else 0,
-                  samples=len(data), tasks=sorted({d["task"] for d in data}), kvpress="0.5.5")
+                  samples=len(by_sample), tasks=sorted({data[i]["task"] for i in by_sample}), kvpress="0.5.5")
     (work / "agreement.json").write_text(json.dumps(result, indent=1))
     if args.report:
         rep = pathlib.Path(args.report)
