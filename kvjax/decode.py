@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kvjax.cache import Cache, Plan, Pools
 from kvjax.decode_attention import append_and_attend, decode_attention, region_to_streams, stream_probs
 from kvjax.evict_fused import decode_evict_fused, supports as evict_kernel_supports
-from kvjax.evict import compact, decode_evict, smallest, stream_key, stream_mask
+from kvjax.evict import compact_views, decode_evict, smallest, stream_mask, view_key
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.pallas_kernels.ragged_decode_attention import write_rows
@@ -271,13 +271,14 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
             reg = dataclasses.replace(reg, score=jnp.where(mine, s_new, reg.score),
                                       score2=jnp.where(mine, s2_new, reg.score2))
         peak = length
-        if ev is not None and evict:
-            protected = (reg.pos > newest[:, None] - ev.recent) | (reg.pos < ev.sinks)
-            cand = owner & ~protected[:, None, :]
+        if ev is not None and evict:  # on the streams' views [B, H, W], not the region [B, H, S]
+            pos_v, score_v, score2_v = (gather(a) for a in (reg.pos, reg.score, reg.score2))
+            protected = (pos_v > newest[:, None, None] - ev.recent) | (pos_v < ev.sinks)
+            cand = inside & ~protected
             excess = jnp.maximum(length - st.budget, 0)
-            key = stream_key(scorer, reg.score, reg.score2, reg.pos, seen, cand, st.budget, excess)
-            victims = smallest(key, excess, c)
-            reg = Pools(*compact((reg.k, reg.v, reg.pos, reg.score, reg.score2), rel, owner, victims))
+            victims = smallest(view_key(scorer, score_v, score2_v, pos_v, seen, cand, st.budget, excess), excess, c)
+            reg = Pools(*compact_views((reg.k, reg.v, reg.pos, reg.score, reg.score2), idx, inside,
+                                       inside & ~victims))
             length = length - victims.sum(axis=-1).astype(length.dtype)
         return (x, pools.put_region(reg, base)), (length, peak)
 

@@ -2,13 +2,12 @@
 
     key = stream_key(scorer, score, score2, pos, seen, candidates, budget, excess)   # lower = evicted first
     victim, last, over = evict_lowest(key, length, target, has_candidate)   # decode: one slot per stream
-    victims = smallest(key, count, k_max); regions = compact(regions, rel_start, owner, victims)  # chunk
+    victims = smallest(view_key(...), count, k_max); regions = compact_views(regions, idx, inside, keep)  # chunk
 
-Decode works on per-stream views ([B, H, W]: each stream's first W slots, `stream_view`), so its
-cost follows the streams, not the layer region or (CAKE's cascade) the whole pool; chunked prefill
-works on the layer region. Every stream stays packed at the front of its segment: decode moves the
-stream's last slot into the victim's (`move_slot`, `move_in_view`), `compact` drops the victims and
-shifts the kept slots forward in order.
+Decode works on per-stream views ([B, H, W]: each stream's first W slots, `stream_view`), and so does chunked prefill:
+the cost follows the streams, not the layer region or (CAKE's cascade) the whole pool. Every stream stays packed at the front of its segment: decode moves the
+stream's last slot into the victim's (`move_slot`, `move_in_view`), `compact_views` drops the victims
+and shifts the kept slots forward in order.
 """
 
 from __future__ import annotations
@@ -73,9 +72,9 @@ def gather_streams(a, idx):
 
 
 def scatter_streams(a, idx, valid, values):
-    """a [B, P] with values [B, H, W] written at the stream slots idx [B, H, W] where valid (in place;
-    one scatter with unique indices: the others go to distinct out-of-range slots and are dropped)."""
-    b, p = a.shape
+    """a [B, P, ...] with values [B, H, W, ...] written at the stream slots idx [B, H, W] where valid (in
+    place; one scatter with unique indices: the others go to distinct out-of-range slots and are dropped)."""
+    b, p = a.shape[:2]
     spare = p + jnp.arange(idx[0].size).reshape(idx.shape[1:])  # distinct, out of range
     dest = jnp.where(valid, idx, spare)
     return a.at[jnp.arange(b)[:, None, None], dest].set(values.astype(a.dtype), mode="drop", unique_indices=True)
@@ -109,25 +108,41 @@ def move_in_view(a, src, dst, do):
 
 
 def smallest(key, count, k_max: int):
-    """[B, H, S] bool: the `count` [B, H] lowest finite keys of each stream (ties: lower slot), at most k_max."""
+    """[B, H, W] bool: the `count` [B, H] lowest finite keys of each stream (ties: lower offset), at most k_max."""
     b, h, s = key.shape
     neg, idx = jax.lax.top_k(-key, min(k_max, s))  # [B, H, k]
     take = (jnp.arange(idx.shape[-1]) < count[..., None]) & (neg > -jnp.inf)
     return jnp.zeros(key.shape, bool).at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], idx].set(take)
 
 
-def compact(regions, rel_start, owner, victims):
-    """Drop the victim slots [B, H, S] of every stream, packing the kept ones (in order) at its front.
+def compact_order(keep):
+    """keep [B, H, W] bool (each stream's slots to keep, in its view) -> src [B, H, W] int32: the view
+    offset each offset takes its value from, so the kept slots end up packed at the front in order;
+    offsets past the new length take their own value (stale, as after `evict_one`)."""
+    b, h, w = keep.shape
+    own = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), keep.shape)
+    dest = jnp.where(keep, jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1, w)  # w = dropped
+    return own.at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], dest].set(own, mode="drop")
 
-    regions: tuple of [B, S, ...] arrays moved together; owner [B, H, S] the streams' used slots.
-    Slots past a stream's new length keep stale values, as after `evict_one`.
+
+def compact_views(regions, idx, inside, keep):
+    """Drop every stream's unkept slots, packing the kept ones (in order) at the front of the stream.
+
+    regions: tuple of [B, S, ...] arrays moved together (a layer region); idx [B, H, W] each stream's
+    region slots (its view), inside [B, H, W] its used slots, keep [B, H, W] those it keeps. Gathers
+    the views, reorders them inside each stream and writes the used slots back with one
+    unique-index scatter per array: the work follows the streams, not the region.
     """
-    b, _, s = owner.shape
-    keep = owner & ~victims
-    dest = rel_start[:, :, None] + jnp.cumsum(keep, axis=-1) - 1  # [B, H, S]
-    dest = jnp.where(keep, dest, 0).sum(axis=1) + jnp.where(keep.any(axis=1), 0, s)  # [B, S]; s = drop
-    rows = jnp.arange(b)[:, None]
-    return tuple(r.at[rows, dest].set(r, mode="drop") for r in regions)
+    src = compact_order(keep)
+    s = regions[0].shape[1]
+    at = jnp.minimum(idx, s - 1)
+
+    def one(r):
+        view = gather_streams(r, at)  # [B, H, W, ...]
+        moved = jnp.take_along_axis(view, src.reshape(src.shape + (1,) * (view.ndim - 3)), axis=2)
+        return scatter_streams(r, idx, inside, moved)
+
+    return tuple(one(r) for r in regions)
 
 
 def layer_mean(p, inside, model_axis: str | None = None):
