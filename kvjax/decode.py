@@ -108,7 +108,8 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
                 out, k_pool, v_pool, *rest = append_and_attend(
                     q[:, :, :, 0], p.k, p.v, st.start, st.length, p.pos, min_pos, kn[:, :, 0], vn[:, :, 0],
                     jnp.where(active[:, None], slot, -1), scale=scale, region_slots=span,
-                    skewed=plan.adaptive_heads, stream_logits=width if need_probs else None)
+                    skewed=plan.adaptive_heads, stream_logits=width if need_probs else None,
+                    raw_logits=evict_kernel)
             else:
                 k_pool = _append(p.k, slot, kn[:, :, 0].astype(p.k.dtype), active)
                 v_pool = _append(p.v, slot, vn[:, :, 0].astype(p.v.dtype), active)
@@ -116,7 +117,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             length = st.length + active[:, None].astype(st.length.dtype)
             if fused:
                 if evict_kernel:
-                    probs = tuple(rest)  # (lse, logits): the eviction kernel reduces them itself
+                    probs = tuple(rest)  # (lse, raw logits, column): the eviction kernel reduces them itself
                 elif need_probs:
                     probs = stream_probs(*rest, length, scorer.group_reduce)
             else:
@@ -133,9 +134,9 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
 
         x, (pools, length, probs, new_stats) = decoder_layer(lw, x, positions, config, attend)
         if evict_kernel:  # the scorer's new-token statistics are zeros, as the kernel sets them
-            lse, logits = probs
+            lse, logits, column = probs  # the attention kernel's own buffer: no copy of the logits
             pools, length = decode_evict_fused(scorer, ev, pools, st, length, logits, lse, active, step_due,
-                                               next_pos, width, config.model_axis)
+                                               next_pos, width, config.model_axis, logits_offset=column)
         elif ev is not None:
             pools, length = decode_evict(scorer, ev, pools, st, length, probs, new_stats, active, step_due, next_pos,
                                          width, config.model_axis)

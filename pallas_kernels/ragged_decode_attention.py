@@ -273,7 +273,7 @@ def _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, sp
 
 
 def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_scale, block_kv, num_splits,
-              use_pos, interpret, num_warps, num_stages, g, logits_width=None):
+              use_pos, interpret, num_warps, num_stages, g, logits_width=None, raw_logits=False):
     b, h, gp, d = qp.shape
     p = k_pool.shape[1]
     block_kv = min(block_kv, 1 << (p.bit_length() - 1))  # a power of two no larger than the pool
@@ -319,10 +319,17 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
         name="ragged_decode_attention_gpu",
         **_common.triton_kwargs(interpret, num_warps, num_stages),
     )(start, length, min_pos.reshape(b, 1), qp, k_pool, v_pool, pos, *extra)
-    if logits:
+    if logits and not raw_logits:  # the defined part: a copy of [B, H, G, W] (raw: the buffer itself)
         pad = _logits_pad(block_kv)
         res = list(res[:-1]) + [res[-1][:, :, :g, pad:pad + logits_width]]
     return res
+
+
+def stream_logits_column(p: int, block_kv: int) -> int:
+    """The column of a stream's offset 0 in the GPU kernel's raw logits buffer (`raw_stream_logits`),
+    for a pool of `p` slots and the kernel's `block_kv`: the columns before it (at least `block_kv`)
+    and the block after the stream's W offsets are unspecified."""
+    return _logits_pad(min(block_kv, 1 << (p.bit_length() - 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,12 +475,13 @@ def append_tokens(k_pool, v_pool, length, append):
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
-                                             "num_warps", "num_stages", "return_lse", "stream_logits"))
+                                             "num_warps", "num_stages", "return_lse", "stream_logits",
+                                             "raw_stream_logits"))
 def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None, *,
                                    sm_scale: float, block_kv: int | None = None, num_splits: int | None = None,
                                    interpret=False, backend: str | None = None, num_warps: int | None = None,
                                    num_stages: int | None = None, return_lse: bool = False,
-                                   stream_logits: int | None = None):
+                                   stream_logits: int | None = None, raw_stream_logits: bool = False):
     """The Pallas kernel (see module docstring); arguments as `ragged_decode_attention`."""
     b, h, g, d = q.shape
     p = k_pool.shape[1]
@@ -496,7 +504,7 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
             k_new, v_new, slot = append
             new = (k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype), slot.astype(jnp.int32))
         res = _gpu_call(*args, new, **kw, num_warps=num_warps, num_stages=num_stages, g=g,
-                        logits_width=stream_logits)
+                        logits_width=stream_logits, raw_logits=raw_stream_logits)
         out, m, l = res[:3]
         # the kernel normalised a single split itself
         out = out[:, :, 0, :g] if num_splits == 1 else _merge_splits(out, m, l, g, q.dtype)
@@ -504,6 +512,8 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
         if stream_logits is not None:
             logits = (res[-1],)
     else:
+        if raw_stream_logits:
+            raise ValueError("raw_stream_logits: only the GPU kernel stores the logits (backend 'gpu')")
         n_after = length
         if append is not None:
             k_pool, v_pool, n_after = append_tokens(k_pool, v_pool, length, append)
@@ -522,7 +532,7 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
                             implementation: Literal["pallas", "xla"] = "xla", interpret=False,
                             block_kv: int | None = None, num_splits: int | None = None,
                             backend: Literal["gpu", "tpu"] | None = None, append=None, return_lse: bool = False,
-                            stream_logits: int | None = None):
+                            stream_logits: int | None = None, raw_stream_logits: bool = False):
     """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
@@ -541,7 +551,9 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     (+inf for an empty stream). `stream_logits=W`: also return logits [B, H, G, W] float32, each
     query head's scaled q.k at offset j of its stream (with `append`, the new token at offset
     `length`); only offsets inside the stream (after the append) are defined, hidden ones hold a
-    large negative value, the rest is unspecified. The last returned, after lse."""
+    large negative value, the rest is unspecified. The last returned, after lse.
+    `raw_stream_logits` (the GPU kernel only): the kernel's own buffer instead, [B, H, G', C] with
+    offset j at column `stream_logits_column(P, block_kv) + j` and rows past G unspecified: no copy."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
     b, h, g, d = q.shape
@@ -569,9 +581,11 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
         return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append,
                                               sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
                                               interpret=interpret, backend=backend, return_lse=return_lse,
-                                              stream_logits=stream_logits)
+                                              stream_logits=stream_logits, raw_stream_logits=raw_stream_logits)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
+    if raw_stream_logits:
+        raise ValueError("raw_stream_logits: only the Pallas GPU kernel stores the logits")
     if append is not None:
         k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
     out = ragged_decode_attention_reference(q, k_pool, v_pool, start, length, sm_scale=sm_scale, pos=pos,

@@ -72,6 +72,28 @@ def test_kernel_probabilities_equal_per_stream_softmax_with_the_new_token(reduce
     np.testing.assert_allclose(np.asarray(stream_probs(ref[3], ref[4], n_after, reduce)), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_raw_logits_buffer_holds_the_same_logits_at_its_column(num_splits):
+    # what the eviction kernel reads without a copy: the GPU kernel's own buffer, offset j of a
+    # stream at column `stream_logits_column(P, block_kv) + j`, rows past G unspecified
+    q, k, v, start, length, kn = _case([[40, 0, 77], [5, 64, 20]], tail=0, gap=1)
+    slot = jnp.where(jnp.asarray([[True, True, True], [True, True, False]]), start + length, -1)
+    kw = dict(sm_scale=0.3, implementation="pallas", interpret=True, backend="gpu", block_kv=16,
+              num_splits=num_splits, append=(kn, kn * 0.5, slot), return_lse=True, stream_logits=96)
+    *_, lse, logits = rda.ragged_decode_attention(q, k, v, start, length, **kw)
+    *_, lse_raw, raw = rda.ragged_decode_attention(q, k, v, start, length, raw_stream_logits=True, **kw)
+    col = rda.stream_logits_column(k.shape[1], 16)
+    assert raw.shape[2] >= q.shape[2] and raw.shape[3] >= col + 96
+    n_after = np.asarray(length + (slot >= 0))
+    inside = np.arange(96)[None, None, None, :] < n_after[:, :, None, None]
+    got = np.asarray(raw)[:, :, : q.shape[2], col:col + 96]
+    np.testing.assert_array_equal(np.where(inside, got, 0), np.where(inside, np.asarray(logits), 0))
+    np.testing.assert_array_equal(np.asarray(lse_raw), np.asarray(lse))
+    with pytest.raises(ValueError, match="raw_stream_logits"):
+        rda.ragged_decode_attention(q, k, v, start, length, raw_stream_logits=True,
+                                    **{**kw, "backend": "tpu"})
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_sliding_window_hides_slots(backend):
     q, k, v, start, length, _ = _case([[50, 30], [12, 60]], seed=3)
