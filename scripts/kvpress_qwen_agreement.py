@@ -250,10 +250,10 @@ def compare(args):
                   samples=len(by_sample), tasks=sorted({data[i]["task"] for i in by_sample}), kvpress="0.5.5")
     (work / "agreement.json").write_text(json.dumps(result, indent=1))
     if args.report:
-        rep = pathlib.Path(args.report)
-        rep.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        rep.with_suffix(".md").write_text(table)
-        print(f"wrote {rep.with_suffix('.md')} and .json")
+        rep = pathlib.Path(args.report)  # not with_suffix: "qwen2.5-0.5b" has a dot
+        (rep.parent / (rep.name + ".json")).write_text(json.dumps(result, indent=1))
+        (rep.parent / (rep.name + ".md")).write_text(table)
+        print(f"wrote {rep}.md and .json")
 
 
 def _report(summary: dict, data: list, args) -> str:
@@ -262,7 +262,7 @@ def _report(summary: dict, data: list, args) -> str:
     lines = [
         "# kvjax against NVIDIA kvpress 0.5.5 on Qwen2.5-Coder-0.5B-Instruct (CPU, float32)",
         "",
-        f"{len(data)} RULER-style prompts of {lengths[0]}-{lengths[-1]} tokens (Paul Graham's essays; tasks: "
+        f"{len(data)} RULER-style prompts of {_span(lengths)} tokens (Paul Graham's essays; tasks: "
         f"{', '.join(tasks)}), the question inside the compressed prompt, greedy answers. Both sides read the "
         "same token ids; kvpress on transformers' float32 load of the hash-checked GGUF, kvjax on its own "
         "load of the same file; kvjax's budget is kvpress's own kept count. Made by "
@@ -278,6 +278,10 @@ def _report(summary: dict, data: list, args) -> str:
                      f"{a.get('equal_share', '—')} | {a.get('mean_jaccard', '—')} | "
                      f"{a['kvjax_right']}/{n} / {a['kvpress_right']}/{n} |")
     return "\n".join(lines) + "\n"
+
+
+def _span(lengths: list[int]) -> str:
+    return f"{lengths[0]:,}" if lengths[0] == lengths[-1] else f"{lengths[0]:,}-{lengths[-1]:,}"
 
 
 def _names(arg: str) -> list[str]:
