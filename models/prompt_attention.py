@@ -146,8 +146,14 @@ def causal_attention(
 
         kw = dict(scale=scale, sliding_window=sliding_window, column_squares=column_squares, group_reduce=group_reduce,
                   implementation="pallas")
+        lse = None
         if stats_lse == "cudnn" and float32_lse_available(q):
-            out, lse = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window, return_lse=True)
+            try:
+                out, lse = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window,
+                                                  return_lse=True)
+            except TypeError:  # jax's private cuDNN entry point changed its signature: the kernels' own pass
+                lse = None
+        if lse is not None:
             res = prompt_column_sums(q, k, lengths, lse=lse, **kw)
         else:  # the log-sum-exp pass, then the grouped column sums (the kernels before cuDNN's lse)
             out = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window)
