@@ -60,7 +60,7 @@ class Store:
             self.timings = old.get("timings", [])
             self.extra = old.get("extra", {})
             # lists of what was asked grow with each resumed run (the report shows what is present)
-            for k in ("lengths", "tasks", "ratios", "policies", "modes"):
+            for k in ("lengths", "tasks", "ratios", "policies", "modes", "ppl_policies", "ppl_ratios"):
                 if k in old["meta"] and k in self.meta:
                     self.meta[k] = _union(old["meta"][k], self.meta[k])
 
