@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from kvjax.cache import Cache, Plan, Pools
 from kvjax.decode_attention import append_and_attend, decode_attention, region_to_streams, stream_probs
 from kvjax.evict_fused import decode_evict_fused, supports as evict_kernel_supports
-from kvjax.evict import compact_views, decode_evict, smallest, stream_mask, view_key
+from kvjax.evict import compact_views, decode_evict, gather_streams, smallest, stream_mask, view_key
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.pallas_kernels.ragged_decode_attention import write_rows
@@ -225,12 +225,11 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
         rel = st.start - base
         slots = jnp.where(q_valid[:, None, :], (rel + st.length)[:, :, None] + q_idx, span)  # [B, H, C]; span = drop
         length = st.length + n_valid[:, None].astype(st.length.dtype)
-        owner = stream_mask(rel, length, span)  # [B, H, S]
         # attend per stream (C queries make a region-wide matmul H times too costly): gather each
         # stream's first W slots, W = the most any stream holds
         inside = jnp.arange(width) < length[:, :, None]  # [B, H, W]
         idx = jnp.where(inside, rel[:, :, None] + jnp.arange(width), span)  # span = outside
-        gather = lambda a: a[rows3, jnp.minimum(idx, span - 1)]
+        gather = lambda a: gather_streams(a, jnp.minimum(idx, span - 1))  # [B, H, W, ...]
 
         def attend(q, kn, vn):  # q [B, H, G, C, D], kn/vn [B, H, C, D]
             write = lambda a, val: a.at[rows3, slots].set(val.astype(a.dtype), mode="drop")
@@ -268,18 +267,18 @@ def extend_step(weights: Weights, cache: Cache, tokens, n_valid, policy: Policy,
 
             (s_new, s2_new), _ = jax.lax.scan(one_query, (reg.score, reg.score2),
                                               (p.swapaxes(0, 1), positions.T, q_valid.T))
-            mine = owner.any(axis=1)  # only this layer's streams: layers may share one region
+            mine = stream_mask(rel, length, span).any(axis=1)  # only this layer's streams: layers may share a region
             reg = dataclasses.replace(reg, score=jnp.where(mine, s_new, reg.score),
                                       score2=jnp.where(mine, s2_new, reg.score2))
         peak = length
         if ev is not None and evict:  # on the streams' views [B, H, W], not the region [B, H, S]
-            pos_v, score_v, score2_v = (gather(a) for a in (reg.pos, reg.score, reg.score2))
-            protected = (pos_v > newest[:, None, None] - ev.recent) | (pos_v < ev.sinks)
+            views = reg.map(lambda a, _: gather(a))  # k, v: the gathers the attention made
+            protected = (views.pos > newest[:, None, None] - ev.recent) | (views.pos < ev.sinks)
             cand = inside & ~protected
             excess = jnp.maximum(length - st.budget, 0)
-            victims = smallest(view_key(scorer, score_v, score2_v, pos_v, seen, cand, st.budget, excess), excess, c)
-            reg = Pools(*compact_views((reg.k, reg.v, reg.pos, reg.score, reg.score2), idx, inside,
-                                       inside & ~victims))
+            key = view_key(scorer, views.score, views.score2, views.pos, seen, cand, st.budget, excess)
+            victims = smallest(key, excess, c)
+            reg = compact_views(reg, views, idx, inside, inside & ~victims)
             length = length - victims.sum(axis=-1).astype(length.dtype)
         return (x, pools.put_region(reg, base)), (length, peak)
 

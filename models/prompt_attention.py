@@ -152,7 +152,7 @@ def causal_attention(
                 out, lse = fused_causal_attention(q, k, v, scale=scale, sliding_window=sliding_window,
                                                   return_lse=True)
             except TypeError:  # jax's private cuDNN entry point changed its signature: the kernels' own pass
-                lse = None
+                pass
         if lse is not None:
             res = prompt_column_sums(q, k, lengths, lse=lse, **kw)
         else:  # the log-sum-exp pass, then the grouped column sums (the kernels before cuDNN's lse)

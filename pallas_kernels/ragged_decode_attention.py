@@ -276,7 +276,7 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
               use_pos, interpret, num_warps, num_stages, g, logits_width=None, raw_logits=False):
     b, h, gp, d = qp.shape
     p = k_pool.shape[1]
-    block_kv = min(block_kv, 1 << (p.bit_length() - 1))  # a power of two no larger than the pool
+    block_kv = _gpu_block_kv(block_kv, p)
     cdtype = _compute_dtype(qp.dtype, k_pool.dtype, v_pool.dtype)
     normalize = num_splits == 1
     append = new is not None
@@ -325,11 +325,14 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
     return res
 
 
+def _gpu_block_kv(block_kv: int, p: int) -> int:  # a power of two no larger than the pool
+    return min(block_kv, 1 << (p.bit_length() - 1))
+
+
 def stream_logits_column(p: int, block_kv: int) -> int:
-    """The column of a stream's offset 0 in the GPU kernel's raw logits buffer (`raw_stream_logits`),
-    for a pool of `p` slots and the kernel's `block_kv`: the columns before it (at least `block_kv`)
-    and the block after the stream's W offsets are unspecified."""
-    return _logits_pad(min(block_kv, 1 << (p.bit_length() - 1)))
+    """Column of a stream's offset 0 in the GPU kernel's raw logits buffer (`raw_stream_logits`), pool
+    of `p` slots, the kernel's `block_kv`; the columns before it and the block after W are unspecified."""
+    return _logits_pad(_gpu_block_kv(block_kv, p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,18 +545,16 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     `pltpu.InterpretParams`. `backend`: which kernel ("gpu" Triton, "tpu" Mosaic; None = by the
     default backend).
 
-    `append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int)`: first write each stream's new
-    token at `slot` (= start + length; -1 writes nothing) and attend over the stream with it; returns
-    (out, k_pool, v_pool). The new token is always visible (with `pos`, it must be the newest
-    position, as in a decode step). The GPU kernel does the write itself, in place (no separate scatter), and
-    takes the new token from registers; elsewhere an XLA scatter runs first.
+    `append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int)`: first write each stream's new token at
+    `slot` (= start + length; -1 writes nothing) and attend over the stream with it; returns (out, k_pool,
+    v_pool). The new token is always visible (with `pos`, it must be the newest position, as in a decode
+    step). The GPU kernel writes it itself, in place, from registers; elsewhere an XLA scatter runs first.
     `return_lse`: also return each query head's log-sum-exp over its stream, lse [B, H, G] float32
     (+inf for an empty stream). `stream_logits=W`: also return logits [B, H, G, W] float32, each
     query head's scaled q.k at offset j of its stream (with `append`, the new token at offset
     `length`); only offsets inside the stream (after the append) are defined, hidden ones hold a
-    large negative value, the rest is unspecified. The last returned, after lse.
-    `raw_stream_logits` (the GPU kernel only): the kernel's own buffer instead, [B, H, G', C] with
-    offset j at column `stream_logits_column(P, block_kv) + j` and rows past G unspecified: no copy."""
+    large negative value, the rest is unspecified. The last returned, after lse. `raw_stream_logits` (GPU
+    kernel only): its own buffer, no copy: [B, H, G', C], offset j at `stream_logits_column(P, block_kv) + j`."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
     b, h, g, d = q.shape
