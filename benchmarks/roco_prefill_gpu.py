@@ -48,6 +48,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import decode_tuning as T  # noqa: E402  (the trace summary: _trace_events, summarize_trace)
+from kernels_gpu import wall_ms  # noqa: E402  (median wall ms of timed calls)
 
 LOOP_STEPS = 4  # extend steps per timed / traced loop call
 
@@ -70,15 +71,6 @@ def chunk_steps(weights, cache, chunks, n, policy, *, config, plan, evict):
         return new, logits[:, 0]
 
     return jax.lax.fori_loop(0, n, body, (cache, jnp.zeros((b, config.vocab_size), jnp.float32)))
-
-
-def _median_s(fn, reps):
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def _cost(compiled):
@@ -265,7 +257,7 @@ def measure(ctx, args, parts, res, write, log, elapsed, out):
         return res["errors"].append(f"prefix compile: {prog}")
     run_prefix = lambda: prog(weights, tok, n_pre, policy, key)[0]  # noqa: E731
     cache0 = jax.block_until_ready(run_prefix())
-    res["prefix"] = dict(compile_s=comp_s, steady_s=_median_s(run_prefix, args.reps), cost=_cost(prog),
+    res["prefix"] = dict(compile_s=comp_s, steady_s=wall_ms(run_prefix, iters=args.reps, warmup=0) / 1e3, cost=_cost(prog),
                          stream_lengths=sorted({int(x) for x in np.unique(np.asarray(cache0.streams.length))})[:8],
                          next_pos=np.asarray(cache0.next_pos).tolist())
     log(f"prefix {json.dumps(res['prefix'])}")
@@ -289,8 +281,8 @@ def measure(ctx, args, parts, res, write, log, elapsed, out):
                     return logits
 
                 jax.block_until_ready(call(1))
-                row["call_ms"] = _median_s(lambda: call(1), args.reps + 2) * 1e3
-                row["step_ms"] = _median_s(lambda: call(LOOP_STEPS), args.reps) * 1e3 / LOOP_STEPS
+                row["call_ms"] = wall_ms(call, 1, iters=args.reps + 2, warmup=0)
+                row["step_ms"] = wall_ms(call, LOOP_STEPS, iters=args.reps, warmup=0) / LOOP_STEPS
                 row["lengths_after"] = sorted({int(x) for x in np.unique(np.asarray(state[0].streams.length))})[:8]
                 row["predicted_prefill_s"] = res["prefix"]["steady_s"] + row["n_steps"] * row["step_ms"] / 1e3
                 if "profile" in parts:
