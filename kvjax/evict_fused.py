@@ -12,10 +12,11 @@ The XLA path runs ~10 kernels per layer for this (a reduction, six scatters, a f
 kernel is one program per stream that reads its view once and writes it back once.
 
 Supported: the scorers whose decode update and eviction key the kernel knows (H2O's
-`AccumulatedAttention`, TOVA's `LastQueryAttention`, CAKE's `CakeIndicator`, exact types, with the
-default `eviction_key`), `every == 1`, a head dimension that is a power of two, views of at most
-`MAX_WIDTH` slots, no mesh axis for TOVA (its layer mean would need a psum across devices).
-Anything else (RoCo's per-stream ranking, learned scorers, `every > 1`) stays on the XLA path.
+`AccumulatedAttention`, TOVA's `LastQueryAttention`, CAKE's `CakeIndicator` with the default
+`eviction_key`, RoCo's `RobustAttention` with its per-stream rule; exact types), `every == 1`, a
+head dimension that is a power of two, views of at most `MAX_WIDTH` slots, no mesh axis for TOVA
+(its layer mean would need a psum across devices). Anything else (learned scorers, `every > 1`,
+RoCo's `stride > 1`) stays on the XLA path.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from kvjax.cache import Pools
 from kvjax.pallas_kernels.stream_evict import stream_evict
 from kvjax.policies.base import Scorer
 from kvjax.policies.cake import CakeIndicator
+from kvjax.policies.roco import RobustAttention, scope_size
 from kvjax.policies.scorers import AccumulatedAttention, LastQueryAttention
 
 #: the widest view the kernel takes (registers: a handful of [W'] vectors per program)
@@ -36,6 +38,8 @@ def kernel_rule(scorer) -> dict | None:
     """The kernel's static options for this scorer (`stream_evict`'s update, group_reduce,
     layer_mean, pool_kernel), or None if the kernel does not know its math."""
     t = type(scorer)
+    if t is RobustAttention:
+        return dict(update="add", group_reduce=scorer.group_reduce, robust=True)
     if t.eviction_key is not Scorer.eviction_key or getattr(scorer, "stream_eviction_key", None) is not None:
         return None
     if t is AccumulatedAttention:
@@ -96,6 +100,8 @@ def decode_evict_fused(scorer, ev, pools: Pools, st, length, logits, lse, active
         raise ValueError(f"decode_evict_fused does not support {type(scorer).__name__} with {ev}: check supports()")
     if rule.get("layer_mean") and model_axis is not None:
         raise ValueError("decode_evict_fused: a layer-shared scorer under a mesh needs a psum across devices")
+    if rule.get("robust"):  # RoCo: the candidates in scope, from the budget and the excess over it
+        rule = dict(rule, scope=scope_size(st.budget, length - st.budget, scorer.recent_ratio, scorer.sinks))
     pos, score, score2, k, v, new_length = stream_evict(
         st.start, length, st.length, st.budget, active, step_due, next_pos, logits, lse, pools.pos, pools.score,
         pools.score2, pools.k, pools.v, recent=int(ev.recent), sinks=int(ev.sinks), width=width,

@@ -83,22 +83,76 @@ def _layer_mean(per_head, inside_per_head):
     return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
-def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, update, recent, sinks):
+def _moments(s, s2, pos_w, npos):
+    """RoCo's mean and standard deviation of each slot's attention over the queries that saw it
+    (kvjax.policies.roco.running_moments with seen = npos + 1)."""
+    count = jnp.maximum(npos + 1 - pos_w, 1).astype(jnp.float32)
+    mu = s / count
+    return mu, jnp.sqrt(jnp.maximum(s2 / count - mu * mu, 0.0))
+
+
+def _robust_victim_search(j, cand, mu, sigma, n_volatile):
+    """RoCo's victim on one view (the kernel: scalars and [W'] vectors): the candidate with the lowest
+    mu (ties: lowest offset) among those at least `n_volatile` candidates are more volatile than
+    (sigma larger, or equal at a lower offset). Walks the candidates in (mu, offset) order until one
+    is not volatile: the lowest-mu slots have little attention and so a small sigma, so it is
+    usually the first."""
+    def more_volatile(v, sv):
+        return jnp.sum((cand & ((sigma > sv) | ((sigma == sv) & (j < v)))).astype(jnp.int32))
+
+    def step(carry):
+        _, m_prev, v_prev = carry
+        after = cand & ((mu > m_prev) | ((mu == m_prev) & (j > v_prev)))
+        v = jax.lax.argmin(jnp.where(after, mu, jnp.inf), 0, jnp.int32)
+        at = j == v
+        m, sv = jnp.max(jnp.where(at, mu, -jnp.inf)), jnp.max(jnp.where(at, sigma, -jnp.inf))
+        left = jnp.sum(after.astype(jnp.int32)) > 0
+        return left & (more_volatile(v, sv) < n_volatile), m, v
+
+    init = (jnp.sum(cand.astype(jnp.int32)) > 0, jnp.float32(-jnp.inf), jnp.int32(-1))
+    _, _, victim = jax.lax.while_loop(lambda carry: carry[0], step, init)
+    return jnp.maximum(victim, 0)
+
+
+def _robust_key_sorted(cand, mu, sigma, n_volatile):
+    """The reference's RoCo key [..., W']: mu on the candidates outside the `n_volatile` [..., 1] most
+    volatile ones (stable sort of -sigma: ties, the lower offset is more volatile), +inf elsewhere."""
+    order = jnp.argsort(-jnp.where(cand, sigma, -jnp.inf), axis=-1, stable=True)
+    first = jnp.arange(cand.shape[-1]) < n_volatile
+    idx = tuple(jnp.indices(cand.shape, sparse=True)[:-1]) + (order,)
+    volatile = jnp.zeros(cand.shape, bool).at[idx].set(first) & cand
+    return jnp.where(cand & ~volatile, mu, jnp.inf)
+
+
+def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, update, recent, sinks,
+                robust=False, scope=None):
     """Statistics and victim on a stream view. j [W'] offsets; inside [..., W']; n, n0, budget,
     act, due, npos scalars (or [..., 1]); p the probabilities (0 outside); pos_w (-1 outside), s, s2
-    the loaded views. Returns (pos_w, s, s2, over, victim, last) after the swap-remove."""
+    the loaded views; robust (RoCo): score2 accumulates p * p and the victim follows RoCo's rule
+    with `scope` candidates in scope. Returns (pos_w, s, s2, over, victim, last) after the swap-remove."""
     blank = ~inside | ((j == n0) & act)
     s, s2 = jnp.where(blank, 0.0, s), jnp.where(blank, 0.0, s2)
     new = s + p if update == "add" else p
     s = jnp.where(inside & act, new, s)
+    if robust:
+        s2 = jnp.where(inside & act, s2 + p * p, s2)
     protected = (pos_w > npos - recent) | (pos_w < sinks)
     cand = inside & ~protected
-    key = jnp.where(cand, s, jnp.inf)
     target = jnp.where(due & act, budget, _INT_MAX)
-    keep = (lambda x: x[..., None]) if key.ndim > 1 else (lambda x: x)  # noqa: E731  (scalars in the kernel)
-    has = keep(jnp.sum(cand.astype(jnp.int32), axis=-1)) > 0
+    keep = (lambda x: x[..., None]) if inside.ndim > 1 else (lambda x: x)  # noqa: E731  (scalars in the kernel)
+    count = keep(jnp.sum(cand.astype(jnp.int32), axis=-1))
+    has = count > 0
     over = (n > target) & has
-    victim = keep(jax.lax.argmin(key, key.ndim - 1, jnp.int32))
+    if robust:
+        mu, sigma = _moments(s, s2, pos_w, npos)
+        n_volatile = jnp.maximum(count - scope, 0)
+        if inside.ndim > 1:
+            victim = keep(jnp.argmin(_robust_key_sorted(cand, mu, sigma, n_volatile), axis=-1).astype(jnp.int32))
+        else:
+            victim = _robust_victim_search(j, cand, mu, sigma, n_volatile)
+    else:
+        key = jnp.where(cand, s, jnp.inf)
+        victim = keep(jax.lax.argmin(key, key.ndim - 1, jnp.int32))
     last = jnp.maximum(n - 1, 0)
     src = j == last
     here = (j == victim) & over
@@ -114,10 +168,11 @@ def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, up
 # GPU (Triton) kernel
 
 
-def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos_ref, logits_ref, lse_ref,
+def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, scope_ref, act_ref, due_ref, npos_ref, logits_ref, lse_ref,
                 pos_ref, score_ref, score2_ref, k_ref, v_ref,
-                pos_out, score_out, score2_out, k_out, v_out, len_out, *,
-                heads, hb, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks):
+                pos_out, score_out, score2_out, k_out, v_out, len_out, pooled_ref, *,
+                heads, hb, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks, robust,
+                interpret):
     j = jax.lax.broadcasted_iota(jnp.int32, (wp,), 0)
     # the logits' column 0 as a traced value: Pallas checks windows with static starts against the
     # array's bounds, and the last taps' windows overhang it (masked: nothing is read there)
@@ -149,10 +204,18 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos
         if layer_mean:
             p = jnp.where(inside, mean, 0.0)
         elif pool_kernel > 1:
+            # the group's probabilities once, through a scratch row (pad columns either side, never
+            # read: masked), then the taps as shifted reloads from L1/L2
             pad = pool_kernel // 2
+            row = lambda at: pooled_ref.at[_i(0), _i(hi), pl.ds(_i(at), wp)]  # noqa: E731
+            pltriton.store(row(pad), probs(h, n), mask=inside)
+            if not interpret:
+                pltriton.debug_barrier()  # the row's stores are visible to every thread of the program
             p = jnp.zeros((wp,), jnp.float32)
             for d in range(-pad, pool_kernel - pad):
-                p = p + probs(h, n, d)
+                o = j + d
+                ok = (o >= 0) & (o < n) & (o < width)
+                p = p + pltriton.load(row(pad + d), mask=ok, other=0.0)
             p = jnp.where(inside, p / pool_kernel, 0.0)
         else:
             p = probs(h, n)
@@ -163,7 +226,8 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos
         s2 = pltriton.load(view(score2_ref), mask=inside, other=0.0)
         pos_w = jnp.where(inside, pos_w, -1)
         pos_w, s, s2, over, victim, last = _evict_view(j, inside, n, len0_ref[0, h], budget_ref[0, h], act, due, npos,
-                                                       p, pos_w, s, s2, update=update, recent=recent, sinks=sinks)
+                                                       p, pos_w, s, s2, update=update, recent=recent, sinks=sinks,
+                                                       robust=robust, scope=scope_ref[0, h])
         pltriton.store(view(pos_out), pos_w, mask=inside)
         pltriton.store(view(score_out), s.astype(score_out.dtype), mask=inside)
         pltriton.store(view(score2_out), s2.astype(score2_out.dtype), mask=inside)
@@ -178,10 +242,10 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, act_ref, due_ref, npos
 
 
 @functools.partial(jax.jit, static_argnames=("update", "group_reduce", "layer_mean", "pool_kernel", "recent",
-                                             "sinks", "width", "logits_offset", "interpret", "num_warps",
+                                             "sinks", "robust", "width", "logits_offset", "interpret", "num_warps",
                                              "heads_per_program"))
-def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score,
-                         score2, k, v, *, update, group_reduce, layer_mean, pool_kernel, recent, sinks, width,
+def _stream_evict_pallas(start, length, length0, budget, scope, active, step_due, next_pos, logits, lse, pos, score,
+                         score2, k, v, *, update, group_reduce, layer_mean, pool_kernel, recent, sinks, robust, width,
                          logits_offset, interpret, num_warps, heads_per_program):
     b, h = start.shape
     hb = heads_per_program
@@ -194,32 +258,33 @@ def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_
         # kernel's raw buffer has room)
         logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (pad - col0, 0)))
         col0 = pad
+    wpad = wp + 2 * pad if pool_kernel > 1 else 1  # the pooling scratch rows (unused without pooling)
     kernel = functools.partial(_gpu_kernel, heads=h, hb=hb, g=g, width=width, wp=wp, col0=col0, update=update,
                                group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
-                               recent=recent, sinks=sinks)
+                               recent=recent, sinks=sinks, robust=robust, interpret=interpret)
     row = pl.BlockSpec((1, h), lambda i, j: (i, 0))
     one = pl.BlockSpec((1, 1), lambda i, j: (i, 0))
     per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j: (i,) + (0,) * len(shape))  # noqa: E731
-    in_specs = [row, row, row, row, one, one, one, per_seq(logits.shape[1:]), per_seq(lse.shape[1:]),
+    in_specs = [row, row, row, row, row, one, one, one, per_seq(logits.shape[1:]), per_seq(lse.shape[1:]),
                 per_seq((p,)), per_seq((p,)), per_seq((p,)), per_seq((p, d)), per_seq((p, d))]
     out_specs = [per_seq((p,)), per_seq((p,)), per_seq((p,)), per_seq((p, d)), per_seq((p, d)),
-                 pl.BlockSpec((1, hb), lambda i, j: (i, j))]
+                 pl.BlockSpec((1, hb), lambda i, j: (i, j)), pl.BlockSpec((1, hb, wpad), lambda i, j: (i, j, 0))]
     out_shape = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (pos, score, score2, k, v)] + [
-        jax.ShapeDtypeStruct((b, h), jnp.int32)]
+        jax.ShapeDtypeStruct((b, h), jnp.int32), jax.ShapeDtypeStruct((b, h, wpad), jnp.float32)]
     i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
     col = lambda a: i32(a).reshape(b, 1)  # noqa: E731
-    return pl.pallas_call(
+    return pl.pallas_call(  # the results but the scratch rows
         kernel,
         grid=(b, h // hb),
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        input_output_aliases={9: 0, 10: 1, 11: 2, 12: 3, 13: 4},
+        input_output_aliases={10: 0, 11: 1, 12: 2, 13: 3, 14: 4},
         interpret=interpret,
         name="stream_evict_gpu",
         **_common.triton_kwargs(interpret, num_warps),
-    )(i32(start), i32(length), i32(length0), i32(budget), col(active), col(step_due), col(next_pos),
-      logits.astype(jnp.float32), lse.astype(jnp.float32), i32(pos), score, score2, k, v)
+    )(i32(start), i32(length), i32(length0), i32(budget), i32(scope), col(active), col(step_due), col(next_pos),
+      logits.astype(jnp.float32), lse.astype(jnp.float32), i32(pos), score, score2, k, v)[:6]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,9 +294,9 @@ def _stream_evict_pallas(start, length, length0, budget, active, step_due, next_
 def stream_evict_reference(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score,
                            score2, k, v, *, update: str, group_reduce: str = "mean", layer_mean: bool = False,
                            pool_kernel: int = 1, recent: int = 0, sinks: int = 0, width: int | None = None,
-                           logits_offset: int = 0):
-    """The kernel's math on gathered views [B, H, W'] (XLA: gathers, a select per statistic, scatters).
-    Arguments and results as `stream_evict`."""
+                           logits_offset: int = 0, robust: bool = False, scope=None):
+    """The kernel's math on gathered views [B, H, W'] (XLA: gathers, a select per statistic, scatters;
+    RoCo's volatile set from a sort). Arguments and results as `stream_evict`."""
     b, h = start.shape
     g = lse.shape[2]
     pool_size = pos.shape[1]
@@ -270,7 +335,8 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
     s = jnp.where(inside, score[rows, idx], 0.0)
     s2 = jnp.where(inside, score2[rows, idx], 0.0)
     pos_w, s, s2, over, victim, last = _evict_view(j, inside, n, n0, bud, act, due, npos, p, pos_w, s, s2,
-                                                   update=update, recent=recent, sinks=sinks)
+                                                   update=update, recent=recent, sinks=sinks, robust=robust,
+                                                   scope=None if scope is None else scope.astype(jnp.int32)[..., None])
     dest = jnp.where(inside, idx, pool_size + jnp.arange(h * wp).reshape(1, h, wp))  # distinct, dropped
     put = lambda a, w: a.at[rows, dest].set(w.astype(a.dtype), mode="drop", unique_indices=True)  # noqa: E731
     over, victim, last = over[..., 0], victim[..., 0], last[..., 0]
@@ -291,14 +357,16 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
 def stream_evict(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score, score2, k, v,
                  *, update: str, group_reduce: str = "mean", layer_mean: bool = False, pool_kernel: int = 1,
                  recent: int = 0, sinks: int = 0, width: int | None = None, logits_offset: int = 0,
-                 implementation: str = "pallas", interpret=False, num_warps: int | None = None,
-                 heads_per_program: int = 1):
+                 robust: bool = False, scope=None, implementation: str = "pallas", interpret=False,
+                 num_warps: int | None = None, heads_per_program: int = 1):
     """One layer's decode-time eviction (see module docstring). `implementation="pallas"`: the GPU
     (Triton) kernel (`interpret=True` runs it on CPU); "xla": `stream_evict_reference`.
     logits [B, H, G', C] with offset j of stream (b, h) at column `logits_offset + j` (C >=
     logits_offset + W; rows past G = lse.shape[2] ignored); width W defaults to C - logits_offset.
     heads_per_program: streams per kernel program (a divisor of H; grid (B, H / it)): with
     `layer_mean` each program reads every head's logits of its sequence once for all its streams.
+    robust (RoCo, with update="add"): score2 accumulates p * p and the victim is RoCo's, with scope
+    [B, H] int32 the candidates in scope per stream (`kvjax.policies.roco.scope_size`).
     Returns (pos, score, score2, k, v, length [B, H] int32); the pools are updated in place on GPU."""
     if update not in UPDATES:
         raise ValueError(f"update must be one of {UPDATES}, got {update!r}")
@@ -306,12 +374,16 @@ def stream_evict(start, length, length0, budget, active, step_due, next_pos, log
         raise ValueError(f"group_reduce must be 'mean' or 'max', got {group_reduce!r}")
     if layer_mean and (pool_kernel > 1 or update != "set"):
         raise ValueError("layer_mean goes with update='set' and no pooling (TOVA)")
+    if robust and (update != "add" or layer_mean or pool_kernel > 1 or scope is None):
+        raise ValueError("robust (RoCo) goes with update='add', no layer mean, no pooling and a scope [B, H]")
     width = logits.shape[-1] - logits_offset if width is None else width
     kw = dict(update=update, group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
-              recent=recent, sinks=sinks, width=width, logits_offset=logits_offset)
-    args = (start, length, length0, budget, active, step_due, next_pos, logits, lse, pos, score, score2, k, v)
+              recent=recent, sinks=sinks, width=width, logits_offset=logits_offset, robust=robust)
     if implementation == "xla":
-        return stream_evict_reference(*args, **kw)
+        return stream_evict_reference(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos,
+                                      score, score2, k, v, scope=scope, **kw)
+    scope = jnp.zeros(start.shape, jnp.int32) if scope is None else scope
+    args = (start, length, length0, budget, scope, active, step_due, next_pos, logits, lse, pos, score, score2, k, v)
     if implementation != "pallas":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     if heads_per_program < 1 or start.shape[1] % heads_per_program:

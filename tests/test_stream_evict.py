@@ -97,6 +97,7 @@ SCORERS = {
     "h2o-max-sinks": (AccumulatedAttention(group_reduce="max"), DecodeEviction(recent=1, sinks=2)),
     "tova": (LastQueryAttention(), DecodeEviction()),
     "cake": (CakeIndicator(window=8, kernel=5), DecodeEviction(recent=8)),
+    "roco": (RobustAttention(recent_ratio=0.25, sinks=2), DecodeEviction(recent=4, sinks=2)),
 }
 SHAPES = {"llama-like": (3, 4, 4, 16, 32), "smollm2-like": (2, 3, 3, 8, 24),  # B, H, G, D, W (24: padded to 32)
           "llama8b-heads": (3, 8, 4, 16, 64)}
@@ -130,7 +131,7 @@ def _run_all(name, shape, seed=0, step_due=None):
 
 
 ORACLE_RUNS = [(n, s) for s in ("llama-like", "smollm2-like") for n in SCORERS] + [
-    ("tova", "llama8b-heads"), ("cake", "llama8b-heads")]
+    ("tova", "llama8b-heads"), ("cake", "llama8b-heads"), ("roco", "llama8b-heads")]
 
 
 @pytest.mark.parametrize("name,shape", ORACLE_RUNS, ids=["-".join(r) for r in ORACLE_RUNS])
@@ -160,10 +161,10 @@ def test_supports_the_known_scorers_only():
         assert not supports(scorer, ev, head_dim=128, width=1024, backend="tpu")
     assert not supports(LastQueryAttention(), DecodeEviction(), model_axis="model", **kw)
     assert supports(AccumulatedAttention(), DecodeEviction(), model_axis="model", **kw)
-    assert kernel_rule(RobustAttention()) is None
+    assert kernel_rule(RobustAttention())["robust"]
 
 
-@pytest.mark.parametrize("name,w", [("h2o-mean", 1024), ("tova", 1024), ("cake", 1040)])
+@pytest.mark.parametrize("name,w", [("h2o-mean", 1024), ("tova", 1024), ("cake", 1040), ("roco", 1040)])
 def test_kernel_lowers_for_gpu_triton(name, w):
     # w = 1040: a plan's narrowed width (budget 1024 + headroom 16), not a power of two: 2048 lanes, masked
     scorer, ev = SCORERS[name]
@@ -219,3 +220,20 @@ def test_several_streams_per_program_equal_oracle(name, per_program):
     _assert_same(got, want, f"{per_program} streams per program vs oracle")
     assert streams_per_program(32, 8, True) == 2 and streams_per_program(8, 8, True) == 1
     assert streams_per_program(32, 8, False) == 1
+
+
+def test_roco_scope_decides_the_victim():
+    # the kernel follows RoCo's volatile set, not the lowest mean alone: a wider scope (recent_ratio 0)
+    # evicts other slots on this state, and the kernel still equals the oracle with it
+    b, h, g, d, w = SHAPES["llama8b-heads"]
+    pools, st, length, logits, lse, active, due, next_pos = _state(b, h, g, d, w, 0)
+    probs = stream_probs(lse, logits, length, "mean")
+    ev = SCORERS["roco"][1]
+    runs = []
+    for ratio in (0.25, 0.0):
+        scorer = RobustAttention(recent_ratio=ratio, sinks=2)
+        want = _oracle(scorer, ev, pools, st, length, probs, active, due, next_pos, w)
+        got = decode_evict_fused(scorer, ev, pools, st, length, logits, lse, active, due, next_pos, w, interpret=True)
+        _assert_same(got, want, f"recent_ratio {ratio}: kernel vs oracle")
+        runs.append(np.asarray(got[0].pos))
+    assert (runs[0] != runs[1]).any()
