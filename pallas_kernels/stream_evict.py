@@ -91,26 +91,71 @@ def _moments(s, s2, pos_w, npos):
     return mu, jnp.sqrt(jnp.maximum(s2 / count - mu * mu, 0.0))
 
 
-def _robust_victim_search(j, cand, mu, sigma, n_volatile):
+#: candidates RoCo's kernel tries in mean order before it searches the volatile set exactly
+ROBUST_WALK = 4
+
+
+_DIGIT = 3  # bits decided per pass of the searches below: 8 counts at once, a [8, W'] reduction
+
+
+def _digit_search(counts_at, accept, bits: int):
+    """The largest t in [0, 2^bits) with accept(counts_at(t)), for an `accept` that holds for every t
+    up to the answer and for none above it, decided `_DIGIT` bits per pass from the top: counts_at
+    maps thresholds [K, 1] to counts [K] (one 2D reduction per pass)."""
+    d = jax.lax.broadcasted_iota(jnp.int32, (1 << _DIGIT, 1), 0)
+    t = jnp.int32(0)
+    for shift in reversed(range(0, bits, _DIGIT)):
+        ok = accept(counts_at(t + (d << shift))) & (d[:, 0] < (1 << min(_DIGIT, bits - shift)))
+        t = t + ((jnp.sum(ok.astype(jnp.int32)) - 1) << shift)
+    return t
+
+
+def _robust_threshold_victim(j, cand, mu, sigma, n_volatile):
+    """RoCo's victim by an exact search of the volatile set at a fixed cost (11 + 5 passes): the
+    n_volatile-th largest sigma among the candidates, by its bits (sigma >= 0, so the int32 bits
+    order as the values), then how many of the slots tied at it count as volatile, from the lowest
+    offset."""
+    bits = jnp.maximum(jax.lax.bitcast_convert_type(sigma, jnp.int32), 0)[None, :]
+    c2 = cand[None, :]
+    thr = _digit_search(lambda t: jnp.sum((c2 & (bits >= t)).astype(jnp.int32), axis=1), lambda c: c >= n_volatile,
+                        31)
+    above = cand & (bits[0] > thr)
+    tie = cand & (bits[0] == thr)
+    need = n_volatile - jnp.sum(above.astype(jnp.int32))
+    width = j.shape[-1]
+    # the tied slots below offset `cut` are volatile: cut - 1 = the largest c with fewer than `need`
+    # tied slots below it
+    t2, j2 = tie[None, :], j[None, :]
+    last = _digit_search(lambda c: jnp.sum((t2 & (j2 < c)).astype(jnp.int32), axis=1), lambda c: c < need,
+                         width.bit_length() + 1)
+    cut = jnp.where(need > 0, last + 1, 0)
+    volatile = above | (tie & (j < cut))
+    return jax.lax.argmin(jnp.where(cand & ~volatile, mu, jnp.inf), 0, jnp.int32)
+
+
+def _robust_victim_search(j, cand, mu, sigma, n_volatile, walk: int = ROBUST_WALK):
     """RoCo's victim on one view (the kernel: scalars and [W'] vectors): the candidate with the lowest
     mu (ties: lowest offset) among those at least `n_volatile` candidates are more volatile than
-    (sigma larger, or equal at a lower offset). Walks the candidates in (mu, offset) order until one
-    is not volatile: the lowest-mu slots have little attention and so a small sigma, so it is
-    usually the first."""
+    (sigma larger, or equal at a lower offset). First walks up to `walk` candidates in (mu, offset)
+    order until one is not volatile (the lowest-mu slots have little attention and so, on real
+    attention, a small sigma: usually the first); if all of those are volatile, searches the
+    volatile set exactly (`_robust_threshold_victim`)."""
     def more_volatile(v, sv):
         return jnp.sum((cand & ((sigma > sv) | ((sigma == sv) & (j < v)))).astype(jnp.int32))
 
     def step(carry):
-        _, m_prev, v_prev = carry
+        _, m_prev, v_prev, tries = carry
         after = cand & ((mu > m_prev) | ((mu == m_prev) & (j > v_prev)))
         v = jax.lax.argmin(jnp.where(after, mu, jnp.inf), 0, jnp.int32)
         at = j == v
         m, sv = jnp.max(jnp.where(at, mu, -jnp.inf)), jnp.max(jnp.where(at, sigma, -jnp.inf))
         left = jnp.sum(after.astype(jnp.int32)) > 0
-        return left & (more_volatile(v, sv) < n_volatile), m, v
+        return left & (more_volatile(v, sv) < n_volatile), m, v, tries + 1
 
-    init = (jnp.sum(cand.astype(jnp.int32)) > 0, jnp.float32(-jnp.inf), jnp.int32(-1))
-    _, _, victim = jax.lax.while_loop(lambda carry: carry[0], step, init)
+    init = (jnp.sum(cand.astype(jnp.int32)) > 0, jnp.float32(-jnp.inf), jnp.int32(-1), jnp.int32(0))
+    unresolved, _, walked, _ = jax.lax.while_loop(lambda c: c[0] & (c[3] < walk), step, init)
+    victim = jax.lax.cond(unresolved, lambda: _robust_threshold_victim(j, cand, mu, sigma, n_volatile),
+                          lambda: walked)
     return jnp.maximum(victim, 0)
 
 

@@ -237,3 +237,23 @@ def test_roco_scope_decides_the_victim():
         _assert_same(got, want, f"recent_ratio {ratio}: kernel vs oracle")
         runs.append(np.asarray(got[0].pos))
     assert (runs[0] != runs[1]).any()
+
+
+@pytest.mark.parametrize("walk", [0, 1, 4])
+def test_roco_victim_search_equals_the_sorted_rule(walk):
+    # the kernel's victim search (a walk in mean order, then the exact threshold search) on single
+    # views, against the reference's sort: ties in sigma and mu, no volatile slot, all but one volatile
+    from kvjax.pallas_kernels.stream_evict import _robust_key_sorted, _robust_victim_search
+    rng = np.random.default_rng(11)
+    w = 64
+    j = jnp.arange(w)
+    search = jax.jit(functools.partial(_robust_victim_search, walk=walk))
+    for trial in range(40):
+        cand = rng.random(w) < 0.8
+        sigma = rng.integers(0, 6, size=w) / 7.0 if trial % 2 else rng.random(w)
+        mu = rng.integers(0, 4, size=w) / 5.0 if trial % 3 else sigma * 0.5 + rng.random(w) * 0.1
+        n_cand = int(cand.sum())
+        n_vol = [0, n_cand - 1, n_cand // 10, int(rng.integers(0, n_cand))][trial % 4]
+        args = (jnp.asarray(cand), jnp.asarray(mu, jnp.float32), jnp.asarray(sigma, jnp.float32), jnp.int32(n_vol))
+        want = int(jnp.argmin(_robust_key_sorted(*args[:3], args[3])))
+        assert int(search(j, *args)) == want, (trial, walk)
