@@ -92,43 +92,42 @@ def _moments(s, s2, pos_w, npos):
 
 
 #: candidates RoCo's kernel tries in mean order before it searches the volatile set exactly
-ROBUST_WALK = 4
+ROBUST_WALK = 2
 
 
-_DIGIT = 3  # bits decided per pass of the searches below: 8 counts at once, a [8, W'] reduction
+def _bisect_last(lo, hi, ok):
+    """The largest t in [lo, hi] with ok(t), for an ok that holds at lo and for every t up to the
+    answer and for none above it: bisection with a data-dependent trip count (log2 of the range)."""
+    def step(carry):
+        lo, hi = carry
+        mid = lo + (hi - lo + 1) // 2
+        good = ok(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid - 1)
 
-
-def _digit_search(counts_at, accept, bits: int):
-    """The largest t in [0, 2^bits) with accept(counts_at(t)), for an `accept` that holds for every t
-    up to the answer and for none above it, decided `_DIGIT` bits per pass from the top: counts_at
-    maps thresholds [K, 1] to counts [K] (one 2D reduction per pass)."""
-    d = jax.lax.broadcasted_iota(jnp.int32, (1 << _DIGIT, 1), 0)
-    t = jnp.int32(0)
-    for shift in reversed(range(0, bits, _DIGIT)):
-        ok = accept(counts_at(t + (d << shift))) & (d[:, 0] < (1 << min(_DIGIT, bits - shift)))
-        t = t + ((jnp.sum(ok.astype(jnp.int32)) - 1) << shift)
-    return t
+    lo, _ = jax.lax.while_loop(lambda c: c[0] < c[1], step, (lo, hi))
+    return lo
 
 
 def _robust_threshold_victim(j, cand, mu, sigma, n_volatile):
-    """RoCo's victim by an exact search of the volatile set at a fixed cost (11 + 5 passes): the
-    n_volatile-th largest sigma among the candidates, by its bits (sigma >= 0, so the int32 bits
-    order as the values), then how many of the slots tied at it count as volatile, from the lowest
-    offset."""
-    bits = jnp.maximum(jax.lax.bitcast_convert_type(sigma, jnp.int32), 0)[None, :]
-    c2 = cand[None, :]
-    thr = _digit_search(lambda t: jnp.sum((c2 & (bits >= t)).astype(jnp.int32), axis=1), lambda c: c >= n_volatile,
-                        31)
-    above = cand & (bits[0] > thr)
-    tie = cand & (bits[0] == thr)
-    need = n_volatile - jnp.sum(above.astype(jnp.int32))
+    """RoCo's victim by an exact search of the volatile set (n_volatile >= 1): the n_volatile-th
+    largest sigma among the candidates, bisected on its bits between the candidates' smallest and
+    largest (sigma >= 0, so the int32 bits order as the values); then, if the slots tied at it are
+    not all volatile, the offset below which they are (the lower offset counts as more volatile)."""
+    def count(mask):
+        return jnp.sum(mask.astype(jnp.int32))
+
+    bits = jnp.maximum(jax.lax.bitcast_convert_type(sigma, jnp.int32), 0)
+    lo = jnp.min(jnp.where(cand, bits, _INT_MAX))
+    hi = jnp.max(jnp.where(cand, bits, 0))
+    thr = _bisect_last(lo, jnp.maximum(hi, lo), lambda t: count(cand & (bits >= t)) >= n_volatile)
+    above = cand & (bits > thr)
+    tie = cand & (bits == thr)
+    need = n_volatile - count(above)
     width = j.shape[-1]
-    # the tied slots below offset `cut` are volatile: cut - 1 = the largest c with fewer than `need`
-    # tied slots below it
-    t2, j2 = tie[None, :], j[None, :]
-    last = _digit_search(lambda c: jnp.sum((t2 & (j2 < c)).astype(jnp.int32), axis=1), lambda c: c < need,
-                         width.bit_length() + 1)
-    cut = jnp.where(need > 0, last + 1, 0)
+    # cut - 1 = the largest c with fewer than `need` tied slots below it (all tied: cut = W')
+    start = jnp.where(need >= count(tie), jnp.int32(width), jnp.int32(0))
+    cut = _bisect_last(start, jnp.int32(width), lambda c: count(tie & (j < c)) < need)
+    cut = jnp.where(need >= count(tie), width, cut + 1)
     volatile = above | (tie & (j < cut))
     return jax.lax.argmin(jnp.where(cand & ~volatile, mu, jnp.inf), 0, jnp.int32)
 
@@ -146,10 +145,11 @@ def _robust_victim_search(j, cand, mu, sigma, n_volatile, walk: int = ROBUST_WAL
     def step(carry):
         _, m_prev, v_prev, tries = carry
         after = cand & ((mu > m_prev) | ((mu == m_prev) & (j > v_prev)))
-        v = jax.lax.argmin(jnp.where(after, mu, jnp.inf), 0, jnp.int32)
+        key = jnp.where(after, mu, jnp.inf)
+        v = jax.lax.argmin(key, 0, jnp.int32)
         at = j == v
-        m, sv = jnp.max(jnp.where(at, mu, -jnp.inf)), jnp.max(jnp.where(at, sigma, -jnp.inf))
-        left = jnp.sum(after.astype(jnp.int32)) > 0
+        m, sv = jnp.max(jnp.where(at, key, -jnp.inf)), jnp.max(jnp.where(at, sigma, -jnp.inf))
+        left = m < jnp.inf  # a candidate was left to try
         return left & (more_volatile(v, sv) < n_volatile), m, v, tries + 1
 
     init = (jnp.sum(cand.astype(jnp.int32)) > 0, jnp.float32(-jnp.inf), jnp.int32(-1), jnp.int32(0))
