@@ -15,11 +15,15 @@ looks at its first W offsets (its *view*):
    `layer_mean`: p = the mean over the layer's heads of the heads holding offset j (TOVA);
    `pool_kernel` k > 1: p = avg-pool of p with k taps inside the stream, zero padded (CAKE);
 2. statistics: the new token's (offset length0, active rows) start at 0; then on active rows
-   score = score + p (`update="add"`, H2O) or score = p (`update="set"`, TOVA, CAKE); score2 stays;
+   score = score + p (`update="add"`, H2O) or score = p (`update="set"`, TOVA, CAKE); score2 stays,
+   except with `robust` (RoCo): score2 = score2 + p * p;
 3. eviction: candidates are the stream's slots with sinks <= pos <= next_pos - recent; a stream
    longer than its budget (rows with step_due & active; never otherwise) with a candidate evicts
    its lowest-score candidate (ties: the lowest offset) by moving its last slot into it (k, v, pos,
-   score, score2) and shrinks by one;
+   score, score2) and shrinks by one; `robust`: the lowest mean attention mu among the candidates
+   outside the n_volatile = max(#candidates - scope, 0) with the largest standard deviation sigma
+   (ties: the lower offset is more volatile), mu and sigma over the npos + 1 - pos queries that saw
+   the slot (kvjax/policies/roco.py);
 4. pos, score and score2 of the stream's slots go back into the pools; other slots are untouched.
 
 The GPU (Triton) kernel runs one program per stream (or per `heads_per_program` streams of a
@@ -28,12 +32,15 @@ sequence), grid (B, H / heads_per_program); the pools are whole-array refs alias
 statistics never leave registers: a victim's replacement comes from the view by a masked max, not
 from memory. Layer-shared probabilities (TOVA) make each program read every head's logits of its
 sequence (from L2: a layer's logits are a few MB; `heads_per_program` > 1 reads them once for
-several streams). Pooling (CAKE) re-reads the logits at the k shifted offsets: `logits_offset` >=
-k // 2 avoids a padding copy (the attention kernel's raw buffer has room on both sides).
-Streams must satisfy start + length <= P and length <= W.
+several streams). Pooling (CAKE) exponentiates each offset once: the group's probabilities go to
+a scratch row of the program, and the k taps reload it shifted (masked; from L1/L2). RoCo's victim:
+up to `ROBUST_WALK` candidates in mean order, each checked by counting the candidates more volatile
+than it; if none is outside the volatile set, an exact search (bisection on sigma's bits, then on
+the offset among ties). Streams must satisfy start + length <= P and length <= W.
 `stream_evict_reference` is the same math in plain jnp over gathered views (the XLA fallback and
-the tests' reference); the order of every floating-point sum is the kernel's: over the group and
-the heads in index order, the pooling taps from left to right.
+the tests' reference; RoCo's volatile set from a stable sort); the order of every floating-point
+sum is the kernel's: over the group and the heads in index order, the pooling taps from left to
+right.
 """
 
 from __future__ import annotations
@@ -220,19 +227,18 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, scope_ref, act_ref, du
                 interpret):
     j = jax.lax.broadcasted_iota(jnp.int32, (wp,), 0)
     # the logits' column 0 as a traced value: Pallas checks windows with static starts against the
-    # array's bounds, and the last taps' windows overhang it (masked: nothing is read there)
+    # array's bounds, and a window of W' lanes may overhang it (masked: nothing is read there)
     col0 = col0 + 0 * pl.program_id(0)
     act = act_ref[0, 0] != 0
     due = due_ref[0, 0] != 0
     npos = npos_ref[0, 0]
 
-    def probs(hh, n_hh, shift=0):
-        """Head hh's group-reduced probabilities at offsets j + shift (0 outside [0, n_hh) and W)."""
-        o = j + shift
-        ok = (o >= 0) & (o < n_hh) & (o < width)
+    def probs(hh, n_hh):
+        """Head hh's group-reduced probabilities at offsets j (0 outside [0, n_hh) and W)."""
+        ok = (j < n_hh) & (j < width)
         terms = []
         for gi in range(g):
-            lg = pltriton.load(logits_ref.at[_i(0), _i(hh), _i(gi), pl.ds(col0 + shift, wp)], mask=ok, other=0.0)
+            lg = pltriton.load(logits_ref.at[_i(0), _i(hh), _i(gi), pl.ds(col0, wp)], mask=ok, other=0.0)
             terms.append(jnp.where(ok, jnp.exp(lg - lse_ref[0, hh, gi]), 0.0))
         return _reduce_group(terms, group_reduce)
 
@@ -299,10 +305,6 @@ def _stream_evict_pallas(start, length, length0, budget, scope, active, step_due
     wp = _pow2(width)
     col0 = logits_offset
     pad = pool_kernel // 2 if pool_kernel > 1 else 0
-    if col0 < pad:  # the pooling taps read `pad` columns before offset 0 (a copy: the attention
-        # kernel's raw buffer has room)
-        logits = jnp.pad(logits, ((0, 0), (0, 0), (0, 0), (pad - col0, 0)))
-        col0 = pad
     wpad = wp + 2 * pad if pool_kernel > 1 else 1  # the pooling scratch rows (unused without pooling)
     kernel = functools.partial(_gpu_kernel, heads=h, hb=hb, g=g, width=width, wp=wp, col0=col0, update=update,
                                group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
