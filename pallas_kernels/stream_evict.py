@@ -143,9 +143,9 @@ def _robust_victim_search(j, cand, mu, sigma, n_volatile, walk: int = ROBUST_WAL
     """RoCo's victim on one view (the kernel: scalars and [W'] vectors): the candidate with the lowest
     mu (ties: lowest offset) among those at least `n_volatile` candidates are more volatile than
     (sigma larger, or equal at a lower offset). First walks up to `walk` candidates in (mu, offset)
-    order until one is not volatile (the lowest-mu slots have little attention and so, on real
-    attention, a small sigma: usually the first); if all of those are volatile, searches the
-    volatile set exactly (`_robust_threshold_victim`)."""
+    order until one is not volatile (where a slot's mean and spread go together, the first is);
+    if all of those are volatile, searches the volatile set exactly (`_robust_threshold_victim`;
+    generate's random-weight states, the same token at every step, often get there)."""
     def more_volatile(v, sv):
         return jnp.sum((cand & ((sigma > sv) | ((sigma == sv) & (j < v)))).astype(jnp.int32))
 
