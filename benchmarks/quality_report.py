@@ -6,6 +6,8 @@ from __future__ import annotations
 import pathlib
 from collections import defaultdict
 
+from kvjax.eval import stats
+
 from quality_analysis import ALPHA, Index, comparisons, decision, kept_share, per_task, targets
 from quality_grid import COMPARISONS, MODES
 
@@ -171,11 +173,36 @@ def ppl_section(data):
                      " | ".join("—" if not c else f"{math.exp(sum(c) / len(c)):.3f}" for c in cells) + " |")
     for p, why in reasons.items():
         lines.append(f"| {p} | not measured: {why} |" + " |" * len(ratios))
+    lines += ppl_paired(rows, "RoCo", [p for p in pols if p != "RoCo"], ratios)
     v = data.get("extra", {}).get("ppl_verify")
     if v:
         lines += ["", f"Decode-step path checked against kvjax.perplexity(H2O, chunk=1) on {v['n_tokens']}-token texts "
                   f"at budget {v['budget']}: max |dNLL| {v['max_abs_nll_diff']:.2e} ({'OK' if v['ok'] else 'MISMATCH'})."]
     lines.append("")
+    return lines
+
+
+def ppl_paired(rows, seed_method, others, ratios):
+    """Sign tests of the seed method's per-text NLL against each other policy's on the same texts:
+    a win is a text where the seed method's NLL is lower; per ratio and pooled over ratios."""
+    nll = {(r["policy"], r["ratio"], r["seed"]): r["mean_nll"] for r in rows if r.get("supported", True)}
+    if not any(k[0] == seed_method for k in nll) or not others:
+        return []
+    lines = ["", f"Paired on the same texts (sign test, two-sided; a win = {seed_method}'s mean NLL lower). The "
+             "pooled column pairs every (text, ratio): the ratios share texts, so its p-value is optimistic.", "",
+             f"| {seed_method} vs | " + " | ".join(f"{r:g}: wins / losses, p" for r in ratios) + " | pooled |",
+             "|---|" + "---|" * (len(ratios) + 1)]
+    for other in others:
+        cells = []
+        for r in list(ratios) + [None]:
+            keys = [k for k in nll if k[0] == seed_method and (r is None or k[1] == r) and (other, k[1], k[2]) in nll]
+            if not keys:
+                cells.append("—")
+                continue
+            t = stats.sign_test([nll[(other, k[1], k[2])] for k in keys], [nll[k] for k in keys])
+            cells.append(f"{t.wins} / {t.losses}, p = {t.p_value:.2g}")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -206,6 +206,21 @@ def test_benchmark_cli_helpers():
     assert args.ratios == [0.1, 0.5]
 
 
+def test_perplexity_report_pairs_roco_with_each_policy_on_the_same_texts():
+    _quality_module()
+    import quality_report as R
+
+    rows = [dict(policy=p, ratio=r, seed=s, mean_nll=nll) for p, r, s, nll in
+            [("RoCo", 0.1, 1, 3.0), ("H2O", 0.1, 1, 3.5), ("RoCo", 0.1, 2, 2.0), ("H2O", 0.1, 2, 2.5),
+             ("RoCo", 0.5, 1, 3.0), ("H2O", 0.5, 1, 2.9), ("TOVA", 0.1, 1, 3.0)]]
+    lines = R.ppl_paired(rows, "RoCo", ["H2O", "TOVA", "CAKE"], [0.1, 0.5])
+    h2o = next(line for line in lines if line.startswith("| H2O"))
+    assert "| 2 / 0, p = 0.5 | 0 / 1, p = 1 | 2 / 1, p = 1 |" in h2o  # per ratio, then pooled
+    assert any(line.startswith("| TOVA | 0 / 0") for line in lines)  # a tie: no win, no loss
+    assert not any(line.startswith("| CAKE") for line in lines)  # never measured: no row
+    assert R.ppl_paired(rows, "Nope", ["H2O"], [0.1]) == []
+
+
 def _needs_essays():
     from kvjax.eval import haystack
 
