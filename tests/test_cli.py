@@ -51,7 +51,10 @@ def test_bad_option_values_are_refused_by_the_parser():
 
 def test_ctrl_c_interrupts_a_long_generation_within_about_a_second(tmp_path):
     script = textwrap.dedent("""
-        import sys, time
+        import signal, sys, time
+        # a process started with SIGINT ignored (as a test runner's worker may be) keeps ignoring it:
+        # Python then installs no KeyboardInterrupt handler, so install it here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, %r)
         import numpy as np, kvjax
         from test_generate import _tiny_params
