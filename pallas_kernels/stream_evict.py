@@ -131,10 +131,11 @@ def _robust_threshold_victim(j, cand, mu, sigma, n_volatile):
     tie = cand & (bits == thr)
     need = n_volatile - count(above)
     width = j.shape[-1]
-    # cut - 1 = the largest c with fewer than `need` tied slots below it (all tied: cut = W')
-    start = jnp.where(need >= count(tie), jnp.int32(width), jnp.int32(0))
+    all_tied = need >= count(tie)
+    # cut - 1 = the largest c with fewer than `need` tied slots below it (all tied: cut = W', no search)
+    start = jnp.where(all_tied, jnp.int32(width), jnp.int32(0))
     cut = _bisect_last(start, jnp.int32(width), lambda c: count(tie & (j < c)) < need)
-    cut = jnp.where(need >= count(tie), width, cut + 1)
+    cut = jnp.where(all_tied, width, cut + 1)
     volatile = above | (tie & (j < cut))
     return jax.lax.argmin(jnp.where(cand & ~volatile, mu, jnp.inf), 0, jnp.int32)
 
@@ -429,7 +430,7 @@ def stream_evict(start, length, length0, budget, active, step_due, next_pos, log
     if implementation == "xla":
         return stream_evict_reference(start, length, length0, budget, active, step_due, next_pos, logits, lse, pos,
                                       score, score2, k, v, scope=scope, **kw)
-    scope = jnp.zeros(start.shape, jnp.int32) if scope is None else scope
+    scope = budget if scope is None else scope  # read only with robust: no array made for it
     args = (start, length, length0, budget, scope, active, step_due, next_pos, logits, lse, pos, score, score2, k, v)
     if implementation != "pallas":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
