@@ -10,8 +10,11 @@ Ctrl-C, stop strings) and compiles nothing new.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import signal
+import threading
 import time
 
 import jax
@@ -114,6 +117,29 @@ def _stop_at_strings(state: DecodeState, stops: tuple[str, ...], decode, checked
     return dataclasses.replace(state, n_gen=put(n_gen, state.n_gen), done=put(done, state.done))
 
 
+@contextlib.contextmanager
+def _ctrl_c_is_never_lost():
+    """Ctrl-C during the loop always ends it with KeyboardInterrupt. Python raises it wherever the
+    main thread happens to be, and where that is a garbage-collector callback (JAX registers one)
+    the exception is printed as "ignored" and dropped: the handler also records the signal, and
+    the loop raises it itself at the next chunk. Only Python's own handler is wrapped."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    seen = []
+
+    def handler(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(seen)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def drive(weights, state: DecodeState, policy, max_new: int, stop_ids, *, config, plan, sampler, implementation,
           stop_strings: tuple[str, ...] = (), decode=None, seconds_per_call: float = 0.5, parallel=None) -> DecodeState:
     """Decode until every row is done or `max_new` tokens are sampled, a chunk of steps per call of
@@ -127,15 +153,20 @@ def drive(weights, state: DecodeState, policy, max_new: int, stop_ids, *, config
     if stop_strings:
         state = _stop_at_strings(state, stop_strings, decode, checked, parallel)
     steps, chunk = 1, 8
-    while steps < max_new and not bool(jnp.all(state.done)):
-        until = min(steps + chunk, max_new)
-        t0 = time.perf_counter()
-        state = run(weights, state, policy, jnp.int32(until), stop_ids, config=config, plan=plan, sampler=sampler,
-                    implementation=implementation, parallel=parallel)
-        jax.block_until_ready(state.step)
-        took = max(time.perf_counter() - t0, 1e-4)
-        chunk = int(min(max((until - steps) * seconds_per_call / took, 1), 4096))
-        steps = until
-        if stop_strings:
-            state = _stop_at_strings(state, stop_strings, decode, checked, parallel)
+    with _ctrl_c_is_never_lost() as interrupted:
+        while steps < max_new and not bool(jnp.all(state.done)):
+            if interrupted():
+                raise KeyboardInterrupt
+            until = min(steps + chunk, max_new)
+            t0 = time.perf_counter()
+            state = run(weights, state, policy, jnp.int32(until), stop_ids, config=config, plan=plan,
+                        sampler=sampler, implementation=implementation, parallel=parallel)
+            jax.block_until_ready(state.step)
+            took = max(time.perf_counter() - t0, 1e-4)
+            chunk = int(min(max((until - steps) * seconds_per_call / took, 1), 4096))
+            steps = until
+            if stop_strings:
+                state = _stop_at_strings(state, stop_strings, decode, checked, parallel)
+        if interrupted():
+            raise KeyboardInterrupt
     return state

@@ -80,3 +80,42 @@ def test_ctrl_c_interrupts_a_long_generation_within_about_a_second(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_ctrl_c_swallowed_where_it_landed_still_ends_the_generation(monkeypatch):
+    """Python raises KeyboardInterrupt wherever the main thread is; in a garbage-collector callback
+    (JAX registers one) it is printed as "ignored" and dropped. The loop must still stop."""
+    import numpy as np
+
+    import kvjax
+    from kvjax import loop
+    from test_generate import _tiny_params
+
+    params = _tiny_params()
+    real_runner, calls = loop.runner, []
+
+    def runner(batch):
+        run = real_runner(batch)
+
+        def chunk(*args, **kw):
+            calls.append(1)
+            if len(calls) == 2:  # the signal arrives and its exception dies in a callback
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass
+            return run(*args, **kw)
+        return chunk
+
+    monkeypatch.setattr(loop, "runner", runner)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        try:
+            kvjax.generate(params, [np.arange(1, 20, dtype=np.int32)], max_new_tokens=400)
+            ended = "finished"
+        except KeyboardInterrupt:
+            ended = "interrupted"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handler is gone
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert ended == "interrupted" and len(calls) == 2, (ended, len(calls))
