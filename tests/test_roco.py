@@ -231,7 +231,7 @@ def test_4k_prompt_never_holds_more_than_budget_plus_chunk(params):
 
 
 def test_chunk_of_one_equals_prefix_then_decode_steps(params):
-    """extend_step (chunk 1, compaction) and decode_step (swap-remove) apply the same rule."""
+    """The chunked prefill (chunk 1, compaction) and decode_step (swap-remove) apply the same rule."""
     prompt = _prompt(120, seed=2)
     policy = RoCo(budget=48, chunk=1)
     cache_a, last_a, _, plan = _encode(params, [prompt], policy, bucket=128)

@@ -7,10 +7,14 @@
 The prompt is not compressed at once: each row prefills its first K tokens (its stream budget)
 with ordinary causal attention, keeping all of them with their running statistics (the one-shot
 compression step with every token kept), then the rest streams through the cache `chunk` tokens
-per step (`kvjax.decode.extend_step`): the chunk attends over the kept tokens and itself, the
+per step (`kvjax.chunk_step.absorb_chunk`): the chunk attends over the kept tokens and itself, the
 statistics absorb its attention, and every stream is evicted back to K by the policy's rule. A
-stream never holds more than K + chunk tokens, so the pool is sized `budget + chunk` per stream and
-no prompt-sized KV ever exists beyond the first K tokens.
+stream never holds more than K + chunk tokens, so the pool is sized `budget + chunk` per stream;
+as in every prefill mode, one layer's prompt keys and values exist at a time.
+
+The work goes layer by layer: a layer's cache depends only on its own queries, keys and values,
+so each layer projects the whole prompt at once and walks the chunks only for attention and
+eviction; the result equals feeding the whole model one chunk at a time.
 
 Policies that stream: RoCo (its prefill in `kvjax.generate`), H2O (running sums, here chunked),
 and Full (no eviction: the full-cache reference, fed through the same chunks).
@@ -23,13 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvjax.cache import Plan, region_layout
-from kvjax.decode import extend_step
-from kvjax.models import ModelConfig, Weights, final_logits
+from kvjax.chunk_step import absorb_chunk
+from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
+from kvjax.policies.base import PrefillStats
 from kvjax.policies.allocators import Uniform
 from kvjax.policies.policy import Policy
 from kvjax.compress import oneshot
 from kvjax.compress.step import resolve_budget
-from kvjax.compress.prompt import prompt_pass
+from kvjax.compress.prompt import prompt_attend
 from kvjax.errors import InputError
 
 #: prompt tokens per step when neither the call nor the policy says
@@ -109,18 +114,16 @@ def _token_nll(weights: Weights, config: ModelConfig, x, targets, valid):
     return jnp.where(valid, nll, 0.0)
 
 
-def _logits_nll(logits, targets, valid):
-    """logits [B, C, V], targets/valid [B, C] -> [B, C] (0 where not valid)."""
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
-
-
 def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: ModelConfig, plan: Plan,
             chunk: int, prefix: int | None, with_nll: bool):
-    """Chunked prefill of right-padded prompts tokens [B, T], lengths [B].
+    """Chunked prefill of right-padded prompts tokens [B, T], lengths [B], layer by layer.
 
     prefix: static width of the first, all-at-once part (None: the stream bound, so each row
     prefills its first K tokens; Full in `perplexity` passes `chunk`, streaming nearly everything).
+    A layer's cache depends only on that layer's queries, keys and values, so each layer projects
+    every prompt token at once (one matmul over [B, T] rows, as any prefill) and only its attention
+    and eviction walk the chunks in order (`kvjax.chunk_step.absorb_chunk`): the same cache and
+    outputs as feeding the whole model a chunk at a time, without reading the weights per chunk.
     Returns (cache, logits of each row's last token [B, V], peak stream lengths [L, B, H] over the
     chunk steps, nll [B, T] of each next token (position t scores token t + 1; None unless with_nll)).
     """
@@ -133,39 +136,56 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
     # row's, at least the prefix), with the running statistics
     keep_all = jnp.broadcast_to(jnp.maximum(budgets, n_prefix)[:, None], (b, config.num_layers))
     comp = oneshot.compressor(policy, plan, n_prefix, config, weights.embed.dtype, "xla", layer_budgets=keep_all)
-    x, (pools,), (traces,) = prompt_pass(weights, tokens[:, :width], n_prefix, config, (comp,), rng)
-    cache = oneshot.finish(pools, traces, plan, n_prefix)
-    last = final_logits(weights, jnp.take_along_axis(x, (n_prefix - 1)[:, None, None], axis=1), config)[:, 0]
+    prefix_attend = prompt_attend(n_prefix, config, comp.colsum, comp.colsq, comp.group_reduce)
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    n_chunks = jnp.max(-(-(lengths - n_prefix) // chunk))  # rows finish at different chunks
+    rows = jnp.arange(b)[:, None]
+    span = plan.max_span
+
+    def layer_step(carry, xs):
+        x, pools = carry
+        lw, layer, per = xs
+        base = per[0]
+
+        def attend(q, k, v):  # every position: q [B, H, G, T, D], k/v [B, H, T, D]
+            qp, kp, vp = q[:, :, :, :width], k[:, :, :width], v[:, :, :width]
+            out_p, (_, _, _, cs, sq) = prefix_attend(qp, kp, vp)
+            stats = PrefillStats(qp, kp, vp, n_prefix, None, None, cs, sq, layer, rng, config.model_axis,
+                                 config.data_axis)
+            new_pools, (start, length, cap, budget) = comp.step(pools, stats, per)
+            rel = start - base
+            out = jnp.pad(out_p.astype(q.dtype), ((0, 0),) * 3 + ((0, t - width), (0, 0)))
+
+            def one_chunk(j, c):
+                reg, length, peak, out = c
+                first = n_prefix + j * chunk
+                pos = first[:, None] + jnp.arange(chunk)[None, :]  # [B, C]
+                n_valid = jnp.clip(lengths - first, 0, chunk).astype(jnp.int32)
+                at = jnp.minimum(pos, t - 1)
+                qc = jnp.moveaxis(q[rows, :, :, at], 1, 3)  # [B, H, G, C, D]
+                kc, vc = (jnp.moveaxis(a[rows, :, at], 1, 2) for a in (k, v))  # [B, H, C, D]
+                oc, reg, length, pk = absorb_chunk(reg, rel, length, budget, qc, kc, vc, pos, n_valid, layer,
+                                                   policy=policy, config=config, plan=plan)
+                dst = jnp.where(jnp.arange(chunk)[None, :] < n_valid[:, None], pos, t)  # t: dropped
+                out = out.at[rows, :, :, dst].set(jnp.moveaxis(oc, 3, 1).astype(out.dtype), mode="drop")
+                return reg, length, jnp.maximum(peak, pk), out
+
+            reg, length, peak, out = jax.lax.fori_loop(
+                0, n_chunks, one_chunk, (new_pools.region(base, span), length, length, out))
+            return out, (new_pools.put_region(reg, base), (start, length, cap, budget), peak)
+
+        x, (pools, trace, peak) = decoder_layer(lw, x, positions, config, attend)
+        return (x, pools), (trace, peak)
+
+    xs = (weights.layers, jnp.arange(config.num_layers, dtype=jnp.int32), comp.xs)
+    (x, pools), (traces, peak) = scan_layers(layer_step, (embed(weights, tokens), comp.state), xs)
+    cache = oneshot.finish(pools, traces, plan, lengths)
+    last = final_logits(weights, jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1), config)[:, 0]
     nll = None
     if with_nll:
-        pos = jnp.arange(width)[None, :]
-        targets = tokens[:, jnp.minimum(jnp.arange(width) + 1, t - 1)]
-        nll = _token_nll(weights, config, x, targets, (pos < n_prefix[:, None]) & (pos + 1 < lengths[:, None]))
-        nll = jnp.pad(nll, ((0, 0), (0, t - width)))
-    peak = cache.streams.length
-
-    def step(state):
-        cache, last, peak, nll = state
-        start = cache.next_pos
-        n_valid = jnp.clip(lengths - start, 0, chunk).astype(jnp.int32)
-        idx = start[:, None] + jnp.arange(chunk)[None, :]  # [B, C] positions fed
-        chunk_tokens = jnp.take_along_axis(tokens, jnp.minimum(idx, t - 1), axis=1)
-        cache, logits, pk = extend_step(weights, cache, chunk_tokens, n_valid, policy, config=config, plan=plan,
-                                        last_only=nll is None)
-        ends = (n_valid > 0) & (start + n_valid == lengths)
-        row_last = logits[:, 0] if nll is None else jnp.take_along_axis(
-            logits, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
-        last = jnp.where(ends[:, None], row_last, last)
-        if nll is not None:
-            fed = jnp.arange(chunk)[None, :] < n_valid[:, None]
-            targets = jnp.take_along_axis(tokens, jnp.minimum(idx + 1, t - 1), axis=1)
-            vals = _logits_nll(logits, targets, fed & (idx + 1 < lengths[:, None]))
-            nll = nll.at[jnp.arange(b)[:, None], jnp.where(fed, idx, t)].set(vals, mode="drop")
-        return cache, last, jnp.maximum(peak, pk), nll
-
-    # rows finish at different chunks; a finished row feeds nothing (n_valid 0) until all are done
-    state = jax.lax.while_loop(lambda s: jnp.any(s[0].next_pos < lengths), step, (cache, last, peak, nll))
-    return state
+        targets = tokens[:, jnp.minimum(jnp.arange(t) + 1, t - 1)]
+        nll = _token_nll(weights, config, x, targets, positions + 1 < lengths[:, None])
+    return cache, last, peak, nll
 
 
 encode = jax.jit(_encode, static_argnames=("config", "plan", "chunk", "prefix", "with_nll"))

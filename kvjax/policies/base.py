@@ -264,7 +264,7 @@ class Scorer:
 
     #: scorers whose running statistics are sums over queries also define
     #: `increments(probs) -> (d_score, d_score2)` (what one query adds), so a chunk of queries
-    #: updates them at once (kvjax.decode.extend_step) instead of query by query
+    #: updates them at once (kvjax.chunk_step.absorb_chunk) instead of query by query
 
     def eviction_key(self, score, score2, slot_pos, seen):
         """[B, S]: lower = evicted first. `seen` [B] = queries so far (tokens processed)."""
