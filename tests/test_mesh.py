@@ -47,7 +47,7 @@ def mesh_results():
     code = _SETUP.format(tests=str(TESTS)) + textwrap.dedent("""
         from kvjax.cache import kept_positions
         rows = []
-        for shape in [(2, 1), (1, 2), (2, 2)]:
+        for shape in [(1, 2), (2, 2)]:  # (2, 2) splits the sequences too; a data-only mesh adds no path
             mesh = jax.make_mesh(shape, ("data", "model"))
             sp = kvjax.shard(params, mesh)
             for name, make in POLICIES.items():
@@ -80,7 +80,7 @@ def mesh_results():
     return json.loads(line[len("RESULT "):])
 
 
-@pytest.mark.parametrize("shape", [[2, 1], [1, 2], [2, 2]], ids=["data2", "model2", "data2-model2"])
+@pytest.mark.parametrize("shape", [[1, 2], [2, 2]], ids=["model2", "data2-model2"])
 @pytest.mark.parametrize("policy", ["snapkv", "adakv", "cake", "h2o"])
 def test_a_mesh_gives_one_devices_tokens_and_splits_the_pool(mesh_results, shape, policy):
     row = next(r for r in mesh_results if r.get("shape") == shape and r.get("policy") == policy)
