@@ -44,7 +44,7 @@ def chunk_attention(q, k_s, v_s, visible, scale: float):
 
 
 def absorb_chunk(reg: Pools, rel, length, budget, q, kn, vn, positions, n_valid, layer, *, policy: Policy,
-                 config: ModelConfig, plan: Plan, evict: bool = True):
+                 config: ModelConfig, plan: Plan):
     """Feed one layer's streams a chunk of up to C tokens per row.
 
     reg: the layer's region of the pool (Pools [B, span, ...]); rel [B, H] each stream's first slot
@@ -112,7 +112,7 @@ def absorb_chunk(reg: Pools, rel, length, budget, q, kn, vn, positions, n_valid,
         reg = dataclasses.replace(reg, score=jnp.where(mine, s_new, reg.score),
                                   score2=jnp.where(mine, s2_new, reg.score2))
     peak = length
-    if ev is not None and evict:  # on the streams' views [B, H, W], not the region [B, H, S]
+    if ev is not None:  # on the streams' views [B, H, W], not the region [B, H, S]
         views = reg.map(lambda a, _: gather(a))  # k, v: the gathers the attention made
         protected = (views.pos > newest[:, None, None] - ev.recent) | (views.pos < ev.sinks)
         cand = inside & ~protected

@@ -8,8 +8,8 @@ key/value at the end of each of the sequence's streams, attend over each stream,
 that evict while decoding) give the new token its running statistics (`Scorer.new_token_stats`:
 zeros, or a learned score), update the others and evict (kvjax/evict.py). `decode_step`
 evicts the lowest-key candidate of any stream above its budget by moving the stream's last slot
-into it, so every stream stays packed at the front of its segment (a chunk of tokens at once, as
-the chunked prefill feeds them: kvjax/chunk_step.py).
+into it, so every stream stays packed at the front of its segment. (The chunked prefill feeds a
+chunk of tokens at once: kvjax/chunk_step.py.)
 
 The pool is the layer loop's carry, so XLA updates it in place; the streams' bookkeeping is
 layer-major, so the loop slices it.

@@ -47,7 +47,7 @@ def mesh_results():
     code = _SETUP.format(tests=str(TESTS)) + textwrap.dedent("""
         from kvjax.cache import kept_positions
         rows = []
-        for shape in [(1, 2), (2, 2)]:  # (2, 2) splits the sequences too; a data-only mesh adds no path
+        for shape in [(1, 2), (2, 2)]:  # (2, 2) splits the sequences over `data` too
             mesh = jax.make_mesh(shape, ("data", "model"))
             sp = kvjax.shard(params, mesh)
             for name, make in POLICIES.items():

@@ -29,12 +29,11 @@ import numpy as np
 from kvjax.cache import Plan, region_layout
 from kvjax.chunk_step import absorb_chunk
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
-from kvjax.policies.base import PrefillStats
 from kvjax.policies.allocators import Uniform
 from kvjax.policies.policy import Policy
 from kvjax.compress import oneshot
 from kvjax.compress.step import resolve_budget
-from kvjax.compress.prompt import prompt_attend
+from kvjax.compress.prompt import prompt_attend, prompt_stats
 from kvjax.errors import InputError
 
 #: prompt tokens per step when neither the call nor the policy says
@@ -150,8 +149,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
         def attend(q, k, v):  # every position: q [B, H, G, T, D], k/v [B, H, T, D]
             qp, kp, vp = q[:, :, :, :width], k[:, :, :width], v[:, :, :width]
             out_p, (_, _, _, cs, sq) = prefix_attend(qp, kp, vp)
-            stats = PrefillStats(qp, kp, vp, n_prefix, None, None, cs, sq, layer, rng, config.model_axis,
-                                 config.data_axis)
+            stats = prompt_stats(qp, kp, vp, n_prefix, cs, sq, layer, rng, config)
             new_pools, (start, length, cap, budget) = comp.step(pools, stats, per)
             rel = start - base
             out = jnp.pad(out_p.astype(q.dtype), ((0, 0),) * 3 + ((0, t - width), (0, 0)))

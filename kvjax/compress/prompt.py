@@ -49,6 +49,11 @@ def prompt_attend(lengths, config: ModelConfig, colsum: bool, colsq: bool, group
     return attend
 
 
+def prompt_stats(q, k, v, lengths, colsum, colsq, layer, rng, config: ModelConfig) -> PrefillStats:
+    """What one prompt layer hands the compressors (no observation window yet: `layer_stats`)."""
+    return PrefillStats(q, k, v, lengths, None, None, colsum, colsq, layer, rng, config.model_axis, config.data_axis)
+
+
 def prompt_pass(weights: Weights, tokens, lengths, config: ModelConfig, compressors: tuple[Compressor, ...], rng):
     """Run the prompt tokens [B, T] (right-padded, lengths [B]) through every layer, compressing as
     it goes. Returns (x [B, T, E] final hidden states, states, traces [L, ...] per compressor)."""
@@ -65,7 +70,7 @@ def prompt_pass(weights: Weights, tokens, lengths, config: ModelConfig, compress
         x, states = carry
         lw, layer, per = xs
         x, (q, k, v, cs, sq) = decoder_layer(lw, x, positions, config, attend)
-        stats = PrefillStats(q, k, v, lengths, None, None, cs, sq, layer, rng, config.model_axis, config.data_axis)
+        stats = prompt_stats(q, k, v, lengths, cs, sq, layer, rng, config)
         out = [c.step(s, stats, p) for c, s, p in zip(compressors, states, per)]
         return (x, tuple(s for s, _ in out)), tuple(tr for _, tr in out)
 
