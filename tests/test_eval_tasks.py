@@ -258,3 +258,30 @@ def test_bad_arguments_name_the_argument(tok):
         CommonWords(common_freq=3, uncommon_freq=3).sample(2048, tok)
     with pytest.raises(LengthError, match="target 40"):
         ruler.make_sample("niah_multiquery", 40, tok)
+
+
+class MergingPeriod:
+    """A tokenizer where a sentence-final period merges with the next newline (".\\n" is one token, as in
+    Qwen2's), known words are one token and other words one token per letter: past "again." every whole
+    word adds two tokens, so only a cut inside the last word kept ("again. ag\n" after "again. again.\n":
+    one more) lands on an even target."""
+
+    KNOWN = {"again", "Question"}
+
+    def encode(self, text):
+        out = []
+        for t in re.findall(r"\.\n|\n|\w+|\S", text):
+            out += [t] if (t in self.KNOWN or not t.isalpha()) else list(t)
+        return out
+
+
+def test_fitter_lands_on_a_target_that_whole_words_step_over():
+    from kvjax.eval.assemble import fit_haystack
+
+    enc = MergingPeriod()
+    span = H.Span("noise", "again. " * 400, None, 0.0)
+    question = "\nQuestion"
+    for target in (40, 100, 334):  # even: every whole-word cut gives an odd count
+        fitted = fit_haystack(target, enc, span, head="", items=[], question=question)
+        assert len(enc.encode(fitted.context + question)) == target == fitted.n_tokens
+        assert fitted.context.endswith(" ag")

@@ -7,8 +7,9 @@ starts at given depths, then the question.
 The haystack is a contiguous span of a corpus (kvjax.eval.haystack). Its length is searched in whole words
 (`fitting.largest_at_most`) until the measured text (the prompt, or the context alone for a query-agnostic
 target) has exactly `target` tokens. When no whole-word cut lands on the target, the span is started one
-sentence later (up to `variants` times), and as a last resort the haystack ends inside its next word (as the
-original needle test, which cuts its haystack at a token, does).
+sentence later (up to `variants` times), and as a last resort the haystack ends inside a word (the next
+one, the one after it, then the last one kept), as the original needle test, which cuts its haystack at a
+token, does.
 """
 
 from __future__ import annotations
@@ -146,13 +147,16 @@ def _fit_span(target, encoder, span: H.Span, head, items, question, fit, variant
         if n == target:
             return _done(build, encoder, cuts[i], question, span, start, text)
         shorts.append((build, measure, cuts, i, start, text, n))
-    for build, measure, cuts, i, start, text, _ in shorts:
-        # a cut inside the next word, then inside the one after it
-        cands = [c for j in (i + 1, i + 2) if j < len(cuts)
-                 for c in range(cuts[j - 1] + (2 if j > 1 else 1), cuts[j])]
-        c = first_exact(measure, target, cands)
-        if c is not None:
-            return _done(build, encoder, c, question, span, start, text)
+    # a cut inside the next word or the one after it; then inside the last word kept (where a
+    # sentence-final period merges with the question's newline, every whole word past it adds two
+    # tokens: "again.\n" -> "again. The\n"; "agai\n" may land between)
+    for words in ((1, 2), (0,)):
+        for build, measure, cuts, i, start, text, _ in shorts:
+            cands = [c for j in (i + w for w in words) if 0 < j < len(cuts)
+                     for c in range(cuts[j - 1] + (2 if j > 1 else 1), cuts[j])]
+            c = first_exact(measure, target, cands)
+            if c is not None:
+                return _done(build, encoder, c, question, span, start, text)
     raise LengthError(f"no haystack cut gives exactly {target} tokens (the nearest below has "
                       f"{max(s[-1] for s in shorts)}); try another seed")
 
