@@ -119,7 +119,8 @@ def verify_decode_path(params, window: int, n: int = 192, k: int = 64, seed: int
 
 def run_ppl(params, store, *, policies, ratios, n_tokens: int, n_texts: int, seed: int, window: int, chunk: int,
             log, progress=None):
-    """Every (policy, ratio) cell missing from the store, all texts in one batch; Full once."""
+    """Every (policy, ratio) cell missing from the store, its missing texts in one batch; Full once.
+    More texts (a larger n_texts on --resume) add only the new texts: the first ones are the same."""
     texts = essay_texts(params.tokenizer, n_texts, n_tokens, seed)
     tokens = np.asarray([ids for _, ids in texts], np.int32)
     seeds = [s for s, _ in texts]
@@ -131,12 +132,13 @@ def run_ppl(params, store, *, policies, ratios, n_tokens: int, n_texts: int, see
         store.save()
     cells = [("Full", None)] + [(p, r) for p in policies for r in ratios]
     for name, ratio in cells:
-        if all(store.ppl.get(f"{name}|{ratio}|{n_tokens}|{s}") for s in seeds):
+        todo = [i for i, s in enumerate(seeds) if not store.ppl.get(f"{name}|{ratio}|{n_tokens}|{s}")]
+        if not todo:
             if progress is not None:
                 progress.update(1)
             continue
         if name in UNSUPPORTED:
-            for s in seeds:
+            for s in (seeds[i] for i in todo):
                 store.add_ppl(dict(policy=name, ratio=ratio, length=n_tokens, seed=s, supported=False,
                                    reason=UNSUPPORTED[name]))
             store.save()
@@ -150,15 +152,15 @@ def run_ppl(params, store, *, policies, ratios, n_tokens: int, n_texts: int, see
             if store.extra.get("ppl_verify", {}).get("ok") is False:
                 log(f"perplexity: {name} skipped (the decode-step path did not match kvjax.perplexity)")
                 continue
-            nll, path = decode_step_nll(params, tokens, pol, k), "decode steps (benchmarks/quality_ppl.py)"
+            nll, path = decode_step_nll(params, tokens[todo], pol, k), "decode steps (benchmarks/quality_ppl.py)"
         else:
             c = chunk if pol is not None else max(chunk, 64)  # the full cache: the same NLL at any chunk
-            nll, path = library_nll(params, tokens, pol, c), f"kvjax.perplexity(chunk={c})"
+            nll, path = library_nll(params, tokens[todo], pol, c), f"kvjax.perplexity(chunk={c})"
         dt = time.perf_counter() - t0
-        for s, row in zip(seeds, nll):
+        for s, row in zip((seeds[i] for i in todo), nll):
             store.add_ppl(dict(policy=name, ratio=ratio, length=n_tokens, seed=s, supported=True, budget=k,
                                mean_nll=float(row.mean()), perplexity=float(np.exp(row.mean())), path=path))
-        store.time(kind="ppl", policy=name, ratio=ratio, length=n_tokens, texts=len(seeds), seconds=round(dt, 1))
+        store.time(kind="ppl", policy=name, ratio=ratio, length=n_tokens, texts=len(todo), seconds=round(dt, 1))
         store.save()
         log(f"perplexity {name}@{ratio}: {np.exp(nll.mean(axis=1)).round(2).tolist()} ({dt:.0f} s)")
         if progress is not None:
