@@ -176,7 +176,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
         return (x, pools), (trace, peak)
 
     xs = (weights.layers, jnp.arange(config.num_layers, dtype=jnp.int32), comp.xs)
-    (x, pools), (traces, peak) = scan_layers(layer_step, (embed(weights, tokens), comp.state), xs)
+    (x, pools), (traces, peak) = scan_layers(layer_step, (embed(weights, tokens), comp.state), xs, one_body=True)
     cache = oneshot.finish(pools, traces, plan, lengths)
     last = final_logits(weights, jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1), config)[:, 0]
     nll = None
