@@ -1,15 +1,17 @@
 """One layer's streams take a chunk of tokens at once: RoCo's (EasyKV's) chunked prefill and
 streaming perplexity (kvjax/compress/chunked.py calls it once per chunk, per layer).
 
-    out, region, length, peak = absorb_chunk(region, rel, length, budget, q, k, v, positions, n_valid, layer,
+    out, views, length, peak = absorb_chunk(views, length, budget, q, k, v, positions, n_valid, layer,
                                              policy=, config=, plan=)
 
-Every stream gets the chunk appended, each token with `Scorer.new_token_stats`; the chunk's
-queries attend over the stream and the chunk (causal by position); the running statistics take
-each query's attention in order, exactly as C decode steps would; then, if the policy evicts,
-every stream above its budget loses its whole excess at once: the lowest keys of `stream_key`
-(RoCo: the rule of kvjax/policies/roco.py with m = the excess), and the survivors are compacted.
-Streams need cap >= budget + C (the plan's headroom).
+The streams are dense views [B, H, W, ...] for the whole chunk loop (gathered from the layer's
+region once before it, written back once after): every stream gets the chunk appended, each
+token with `Scorer.new_token_stats`; the chunk's queries attend over the stream and the chunk
+(causal by position); the running statistics take each query's attention in order, exactly as C
+decode steps would; then, if the policy evicts, every stream above its budget loses its whole
+excess at once: the lowest keys of `stream_key` (RoCo: the rule of kvjax/policies/roco.py with
+m = the excess), and the survivors are compacted in place. Streams need cap >= budget + C (the
+plan's headroom).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache import Plan, Pools
-from kvjax.evict import compact_views, gather_streams, smallest, stream_mask, view_key
+from kvjax.evict import compact_order, smallest, view_key, view_update
 from kvjax.models import ModelConfig
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.policies.base import reduce_group
@@ -43,20 +45,22 @@ def chunk_attention(q, k_s, v_s, visible, scale: float):
     return out.reshape(b, h, g, c, d), probs
 
 
-def absorb_chunk(reg: Pools, rel, length, budget, q, kn, vn, positions, n_valid, layer, *, policy: Policy,
+def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, layer, *, policy: Policy,
                  config: ModelConfig, plan: Plan):
     """Feed one layer's streams a chunk of up to C tokens per row.
 
-    reg: the layer's region of the pool (Pools [B, span, ...]); rel [B, H] each stream's first slot
-    in it; length, budget [B, H]; q [B, H, G, C, D]; kn, vn [B, H, C, D] (after RoPE); positions
-    [B, C] the chunk's positions (consecutive, each row from its next position); n_valid [B] (row b
-    feeds its first n_valid[b] tokens; 0 leaves it as is); layer: scalar int.
-    Returns (out [B, H, G, C, D] float32, region, length [B, H] after eviction, peak [B, H] before it).
+    views: the layer's streams as dense views (Pools [B, H, W, ...]: stream h of row b at [b, h],
+    its used slots packed at the front; `gather_streams` of the layer's region before the chunk
+    loop, `scatter_streams` back after it); length, budget [B, H]; q [B, H, G, C, D]; kn, vn
+    [B, H, C, D] (after RoPE); positions [B, C] the chunk's positions (consecutive, each row from its
+    next position); n_valid [B] (row b feeds its first n_valid[b] tokens; 0 leaves it as is);
+    layer: scalar int.
+    Returns (out [B, H, G, C, D] float32, views, length [B, H] after eviction, peak [B, H] before it).
     """
     b, h, c = kn.shape[:3]
     if plan.headroom < c:
         raise ValueError(f"a chunk of {c} tokens needs a plan with headroom >= {c} (got {plan.headroom})")
-    span = reg.pos.shape[1]
+    width = views.pos.shape[2]
     q_idx = jnp.arange(c)
     q_valid = q_idx[None, :] < n_valid[:, None]  # [B, C]
     seen = positions[:, 0] + n_valid  # tokens processed after this chunk
@@ -65,60 +69,50 @@ def absorb_chunk(reg: Pools, rel, length, budget, q, kn, vn, positions, n_valid,
     scorer = policy.scorer
     if ev is not None and scorer.layer_shared:
         raise ValueError("a chunk cannot feed layer-shared scorers (TOVA): feed tokens with decode_step")
-    rows3 = jnp.arange(b)[:, None, None]
-    width = plan.stream_width
-    slots = jnp.where(q_valid[:, None, :], (rel + length)[:, :, None] + q_idx, span)  # [B, H, C]; span = drop
-    length = length + n_valid[:, None].astype(length.dtype)
-    # attend per stream (C queries make a region-wide matmul H times too costly): gather each
-    # stream's first W slots, W = the most any stream holds
-    inside = jnp.arange(width) < length[:, :, None]  # [B, H, W]
-    idx = jnp.where(inside, rel[:, :, None] + jnp.arange(width), span)  # span = outside
-    gather = lambda a: gather_streams(a, jnp.minimum(idx, span - 1))  # [B, H, W, ...]
-
-    write = lambda a, val: a.at[rows3, slots].set(val.astype(a.dtype), mode="drop")
+    rows3, heads3 = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    at = jnp.where(q_valid[:, None, :], length[:, :, None] + q_idx, width)  # [B, H, C]; width = dropped
+    write = lambda a, val: a.at[rows3, heads3, at].set(val.astype(a.dtype), mode="drop")  # noqa: E731
     if ev is not None:  # the chunk's tokens enter with the scorer's statistics (zeros by default)
         s_new, s2_new = scorer.new_token_stats(kn, vn, positions, layer, config.model_axis)
     else:
         s_new = s2_new = jnp.zeros((b, h, c))
-    reg = Pools(write(reg.k, kn), write(reg.v, vn), write(reg.pos, jnp.broadcast_to(positions[:, None, :], (b, h, c))),
-                write(reg.score, s_new), write(reg.score2, s2_new))
-    gap = positions[:, None, :, None] - gather(reg.pos)[:, :, None, :]  # [B, H, C, W]
+    views = Pools(write(views.k, kn), write(views.v, vn),
+                  write(views.pos, jnp.broadcast_to(positions[:, None, :], (b, h, c))),
+                  write(views.score, s_new), write(views.score2, s2_new))
+    length = length + n_valid[:, None].astype(length.dtype)
+    inside = jnp.arange(width) < length[:, :, None]  # [B, H, W]
+    gap = positions[:, None, :, None] - views.pos[:, :, None, :]  # [B, H, C, W]
     visible = inside[:, :, None, :] & (gap >= 0)
     if config.sliding_window is not None:
         visible &= gap < config.sliding_window
-    out, probs = chunk_attention(q, gather(reg.k), gather(reg.v), visible, config.attention_scale)
+    out, probs = chunk_attention(q, views.k, views.v, visible, config.attention_scale)
 
     increments = getattr(scorer, "increments", None)
     if ev is None or not scorer.attention_running:
         pass  # statistics fixed when the tokens entered (or none)
     elif increments is not None:  # sums over queries: the chunk's at once
         d1, d2 = increments(jnp.where(q_valid[:, None, :, None], reduce_group(probs, scorer.group_reduce), 0.0))
-        add = lambda a, d: a.at[rows3, idx].add(d.sum(axis=2), mode="drop")  # only this layer's streams
-        reg = dataclasses.replace(reg, score=add(reg.score, d1), score2=add(reg.score2, d2))
-    else:  # query by query, in order
+        views = dataclasses.replace(views, score=views.score + d1.sum(axis=2), score2=views.score2 + d2.sum(axis=2))
+    else:  # query by query, in order, each stream on its own (as decode steps update them)
         p_s = reduce_group(probs, scorer.group_reduce)  # [B, H, C, W]
-        p = jnp.zeros((b, c, span), jnp.float32).at[  # back to region slots: [B, C, S]
-            rows3[..., None], q_idx[None, :, None, None], idx[:, None]
-        ].set(p_s.swapaxes(1, 2), mode="drop")
 
         def one_query(stats, xs):
             p_c, pos_c, valid_c = xs
-            new = scorer.decode_update(stats[0], stats[1], p_c, reg.pos, pos_c)
-            return tuple(jnp.where(valid_c[:, None], n, o) for n, o in zip(new, stats)), None
+            new = view_update(scorer, stats[0], stats[1], p_c, views.pos, pos_c)
+            keep = (valid_c[:, None, None] & inside)
+            return tuple(jnp.where(keep, n, o) for n, o in zip(new, stats)), None
 
-        (s_new, s2_new), _ = jax.lax.scan(one_query, (reg.score, reg.score2),
-                                          (p.swapaxes(0, 1), positions.T, q_valid.T))
-        mine = stream_mask(rel, length, span).any(axis=1)  # only this layer's streams: layers may share a region
-        reg = dataclasses.replace(reg, score=jnp.where(mine, s_new, reg.score),
-                                  score2=jnp.where(mine, s2_new, reg.score2))
+        (s_new, s2_new), _ = jax.lax.scan(one_query, (views.score, views.score2),
+                                          (jnp.moveaxis(p_s, 2, 0), positions.T, q_valid.T))
+        views = dataclasses.replace(views, score=s_new, score2=s2_new)
     peak = length
-    if ev is not None:  # on the streams' views [B, H, W], not the region [B, H, S]
-        views = reg.map(lambda a, _: gather(a))  # k, v: the gathers the attention made
+    if ev is not None:
         protected = (views.pos > newest[:, None, None] - ev.recent) | (views.pos < ev.sinks)
         cand = inside & ~protected
         excess = jnp.maximum(length - budget, 0)
         key = view_key(scorer, views.score, views.score2, views.pos, seen, cand, budget, excess)
         victims = smallest(key, excess, c)
-        reg = compact_views(reg, views, idx, inside, inside & ~victims)
+        src = compact_order(inside & ~victims)
+        views = views.map(lambda a, _: jnp.take_along_axis(a, src.reshape(src.shape + (1,) * (a.ndim - 3)), axis=2))
         length = length - victims.sum(axis=-1).astype(length.dtype)
-    return out, reg, length, peak
+    return out, views, length, peak

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import Plan, region_layout
+from kvjax.cache import Plan, Pools, region_layout
+from kvjax.evict import gather_streams, scatter_streams
 from kvjax.chunk_step import absorb_chunk
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
 from kvjax.policies.allocators import Uniform
@@ -140,6 +141,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
     n_chunks = jnp.max(-(-(lengths - n_prefix) // chunk))  # rows finish at different chunks
     rows = jnp.arange(b)[:, None]
     span = plan.max_span
+    width_w = plan.stream_width
 
     def layer_step(carry, xs):
         x, pools = carry
@@ -154,23 +156,29 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
             rel = start - base
             out = jnp.pad(out_p.astype(q.dtype), ((0, 0),) * 3 + ((0, t - width), (0, 0)))
 
+            # the layer's streams as dense views for the whole loop: gathered once, written back once
+            idx = jnp.minimum(rel[:, :, None] + jnp.arange(width_w), span - 1)  # [B, H, W] region slots
+            region = new_pools.region(base, span)
+
             def one_chunk(j, c):
-                reg, length, peak, out = c
+                views, length, peak, out = c
                 first = n_prefix + j * chunk
                 pos = first[:, None] + jnp.arange(chunk)[None, :]  # [B, C]
                 n_valid = jnp.clip(lengths - first, 0, chunk).astype(jnp.int32)
                 at = jnp.minimum(pos, t - 1)
                 qc = jnp.moveaxis(q[rows, :, :, at], 1, 3)  # [B, H, G, C, D]
                 kc, vc = (jnp.moveaxis(a[rows, :, at], 1, 2) for a in (k, v))  # [B, H, C, D]
-                oc, reg, length, pk = absorb_chunk(reg, rel, length, budget, qc, kc, vc, pos, n_valid, layer,
-                                                   policy=policy, config=config, plan=plan)
+                oc, views, length, pk = absorb_chunk(views, length, budget, qc, kc, vc, pos, n_valid, layer,
+                                                     policy=policy, config=config, plan=plan)
                 dst = jnp.where(jnp.arange(chunk)[None, :] < n_valid[:, None], pos, t)  # t: dropped
                 out = out.at[rows, :, :, dst].set(jnp.moveaxis(oc, 3, 1).astype(out.dtype), mode="drop")
-                return reg, length, jnp.maximum(peak, pk), out
+                return views, length, jnp.maximum(peak, pk), out
 
-            reg, length, peak, out = jax.lax.fori_loop(
-                0, n_chunks, one_chunk, (new_pools.region(base, span), length, length, out))
-            return out, (new_pools.put_region(reg, base), (start, length, cap, budget), peak)
+            views, length, peak, out = jax.lax.fori_loop(
+                0, n_chunks, one_chunk, (region.map(lambda a, _: gather_streams(a, idx)), length, length, out))
+            used = jnp.arange(width_w) < length[:, :, None]
+            region = Pools(**{f: scatter_streams(getattr(region, f), idx, used, getattr(views, f)) for f in Pools.EMPTY})
+            return out, (new_pools.put_region(region, base), (start, length, cap, budget), peak)
 
         x, (pools, trace, peak) = decoder_layer(lw, x, positions, config, attend)
         return (x, pools), (trace, peak)
