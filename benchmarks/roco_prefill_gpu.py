@@ -10,8 +10,8 @@ once, then streams the rest `chunk` tokens at a time; kvjax does it layer by lay
 (`kvjax.compress.chunked`: each layer projects the whole prompt at once and walks the chunks only
 for attention and eviction, `kvjax.chunk_step.absorb_chunk`). For each chunk: `kvjax.prefill`'s
 first call (compile + run) and the median of the next calls, against SnapKV's prefill (measured
-first, so a deadline never loses the reference; the issue's target: <= 1.3x); for the first chunk, one traced call: GPU kernel time by family
-(benchmarks/decode_tuning.py's summary).
+first, so a deadline never loses the reference; the issue's target: <= 1.3x); for the first
+chunk, one traced call: GPU kernel time by family (benchmarks/decode_tuning.py's summary).
 
 Writes roco_prefill_<device>.json (after every measurement: a killed run keeps what it measured)
 and .md into --out, and the trace (json only) under trace_c<chunk>/.
