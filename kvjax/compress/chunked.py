@@ -14,7 +14,9 @@ as in every prefill mode, one layer's prompt keys and values exist at a time.
 
 The work goes layer by layer: a layer's cache depends only on its own queries, keys and values,
 so each layer projects the whole prompt at once and walks the chunks only for attention and
-eviction; the result equals feeding the whole model one chunk at a time.
+eviction, on its streams gathered into dense views [B, H, W] for the loop; the result equals
+feeding the whole model one chunk at a time. The layers are a real scan even with per-layer weight
+buffers (`scan_layers(one_body=True)`): one layer body to compile, not one per layer.
 
 Policies that stream: RoCo (its prefill in `kvjax.generate`), H2O (running sums, here chunked),
 and Full (no eviction: the full-cache reference, fed through the same chunks).
@@ -141,7 +143,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
     n_chunks = jnp.max(-(-(lengths - n_prefix) // chunk))  # rows finish at different chunks
     rows = jnp.arange(b)[:, None]
     span = plan.max_span
-    width_w = plan.stream_width
+    view_width = plan.stream_width
 
     def layer_step(carry, xs):
         x, pools = carry
@@ -157,7 +159,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
             out = jnp.pad(out_p.astype(q.dtype), ((0, 0),) * 3 + ((0, t - width), (0, 0)))
 
             # the layer's streams as dense views for the whole loop: gathered once, written back once
-            idx = jnp.minimum(rel[:, :, None] + jnp.arange(width_w), span - 1)  # [B, H, W] region slots
+            idx = jnp.minimum(rel[:, :, None] + jnp.arange(view_width), span - 1)  # [B, H, W] region slots
             region = new_pools.region(base, span)
 
             def one_chunk(j, c):
@@ -176,7 +178,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
 
             views, length, peak, out = jax.lax.fori_loop(
                 0, n_chunks, one_chunk, (region.map(lambda a, _: gather_streams(a, idx)), length, length, out))
-            used = jnp.arange(width_w) < length[:, :, None]
+            used = jnp.arange(view_width) < length[:, :, None]
             region = Pools(**{f: scatter_streams(getattr(region, f), idx, used, getattr(views, f)) for f in Pools.EMPTY})
             return out, (new_pools.put_region(region, base), (start, length, cap, budget), peak)
 
