@@ -138,6 +138,32 @@ def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
                                np.asarray(kvjax.forward(per_layer, prompts[0][None])), atol=1e-5)
 
 
+def test_scan_layers_one_body_equals_the_unrolled_loop_for_per_layer_weights():
+    """scan_layers(one_body=True) picks each layer's weights with a switch inside a real scan; it
+    must give the unrolled loop's carry and stacked outputs, and compile one layer body."""
+    import jax
+
+    from kvjax.models import decoder_layer, scan_layers, unstack_layers
+
+    params = _tiny_params()
+    cfg, weights = params.config, unstack_layers(params.weights).layers
+    x0 = jax.random.normal(jax.random.key(3), (2, 5, cfg.hidden_size), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    extra = jnp.arange(len(weights), dtype=jnp.float32) * 0.5
+
+    def step(x, xs):
+        lw, e = xs
+        y, _ = decoder_layer(lw, x, positions, cfg, lambda q, k, v: (q * v.mean(), None))
+        return y + e, y.sum() + e
+
+    run = lambda one: jax.jit(lambda w, x: scan_layers(step, x, (w, extra), one_body=one))  # noqa: E731
+    (xa, ya), (xb, yb) = run(False)(weights, x0), run(True)(weights, x0)
+    np.testing.assert_allclose(np.asarray(xa), np.asarray(xb), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(ya), np.asarray(yb), rtol=1e-6, atol=1e-5)
+    hlo = run(True).lower(weights, x0).as_text()
+    assert hlo.count("stablehlo.while") == 1 and hlo.count("stablehlo.case") == 1
+
+
 _WINDOW = {"sliding_window": 8}
 _PALLAS_CASES = {  # (model type, config extra, policy); the sliding window once with and without eviction
     "llama-snapkv": ("llama", {}, P.SnapKV(budget=12, window=4)),
