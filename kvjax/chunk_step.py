@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache import Plan, Pools
-from kvjax.evict import compact_order, smallest, view_key, view_update
+from kvjax.evict import compact_in_views, smallest, view_key, view_update
 from kvjax.models import ModelConfig
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.policies.base import reduce_group
@@ -99,7 +99,7 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
         def one_query(stats, xs):
             p_c, pos_c, valid_c = xs
             new = view_update(scorer, stats[0], stats[1], p_c, views.pos, pos_c)
-            keep = (valid_c[:, None, None] & inside)
+            keep = valid_c[:, None, None] & inside
             return tuple(jnp.where(keep, n, o) for n, o in zip(new, stats)), None
 
         (s_new, s2_new), _ = jax.lax.scan(one_query, (views.score, views.score2),
@@ -112,7 +112,6 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
         excess = jnp.maximum(length - budget, 0)
         key = view_key(scorer, views.score, views.score2, views.pos, seen, cand, budget, excess)
         victims = smallest(key, excess, c)
-        src = compact_order(inside & ~victims)
-        views = views.map(lambda a, _: jnp.take_along_axis(a, src.reshape(src.shape + (1,) * (a.ndim - 3)), axis=2))
+        views = compact_in_views(views, inside & ~victims)
         length = length - victims.sum(axis=-1).astype(length.dtype)
     return out, views, length, peak

@@ -2,12 +2,12 @@
 
     key = stream_key(scorer, score, score2, pos, seen, candidates, budget, excess)   # lower = evicted first
     victim, last, over = evict_lowest(key, length, target, has_candidate)   # decode: one slot per stream
-    victims = smallest(view_key(...), count, k_max); regions = compact_views(regions, views, idx, inside, keep)
+    victims = smallest(view_key(...), count, k_max); views = compact_in_views(views, keep)
 
 Decode and chunked prefill work on per-stream views ([B, H, W]: each stream's first W slots,
 `stream_view`), so the cost follows the streams, not the layer region or (CAKE's cascade) the whole
 pool. Every stream stays packed at the front of its segment: decode moves the stream's last slot
-into the victim's (`move_slot`, `move_in_view`), `compact_views` drops the victims and shifts the
+into the victim's (`move_slot`, `move_in_view`), `compact_in_views` drops the victims and shifts the
 kept slots forward in order.
 """
 
@@ -126,23 +126,15 @@ def compact_order(keep):
     return own.at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], dest].set(own, mode="drop")
 
 
-def compact_views(regions, views, idx, inside, keep):
+def compact_in_views(views, keep):
     """Drop every stream's unkept slots, packing the kept ones (in order) at the front of the stream.
 
-    regions: a pytree (`Pools`, a tuple) of [B, S, ...] arrays moved together (a layer region);
-    views: the same pytree at each stream's slots, [B, H, W, ...] (`gather_streams(r, idx)`, idx
-    clipped into the region); idx [B, H, W] those slots, inside [B, H, W] the used ones, keep
-    [B, H, W] those the stream keeps. Returns the regions' pytree.
-    Reorders the views inside each stream and writes the used slots back with one unique-index
-    scatter per array: the work follows the streams, not the region.
-    """
+    views: a pytree (`Pools`, a tuple) of per-stream views [B, H, W, ...] moved together; keep
+    [B, H, W] the slots each stream keeps. Returns the views' pytree; offsets past a stream's new
+    length hold stale values (as after `move_in_view`)."""
     src = compact_order(keep)
-
-    def one(r, view):
-        moved = jnp.take_along_axis(view, src.reshape(src.shape + (1,) * (view.ndim - 3)), axis=2)
-        return scatter_streams(r, idx, inside, moved)
-
-    return jax.tree.map(one, regions, views)
+    return jax.tree.map(lambda v: jnp.take_along_axis(v, src.reshape(src.shape + (1,) * (v.ndim - 3)), axis=2),
+                        views)
 
 
 def layer_mean(p, inside, model_axis: str | None = None):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.cache import Plan, Pools, region_layout
+from kvjax.cache import Plan, region_layout
 from kvjax.evict import gather_streams, scatter_streams
 from kvjax.chunk_step import absorb_chunk
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
@@ -179,7 +179,7 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
             views, length, peak, out = jax.lax.fori_loop(
                 0, n_chunks, one_chunk, (region.map(lambda a, _: gather_streams(a, idx)), length, length, out))
             used = jnp.arange(view_width) < length[:, :, None]
-            region = Pools(**{f: scatter_streams(getattr(region, f), idx, used, getattr(views, f)) for f in Pools.EMPTY})
+            region = jax.tree.map(lambda r, v: scatter_streams(r, idx, used, v), region, views)
             return out, (new_pools.put_region(region, base), (start, length, cap, budget), peak)
 
         x, (pools, trace, peak) = decoder_layer(lw, x, positions, config, attend)
