@@ -71,15 +71,6 @@ def _num_warps(width: int) -> int:
     return 4 if width <= 1024 else 8
 
 
-def streams_per_program(batch: int, heads: int, layer_shared: bool, programs: int = 128) -> int:
-    """Streams per kernel program: 1, except for a layer-shared scorer (TOVA), whose programs each
-    read all of their sequence's logits: then as many of a sequence's streams as keep >= `programs`
-    programs (about one per streaming multiprocessor), to read those logits fewer times."""
-    if not layer_shared:
-        return 1
-    return max([d for d in range(1, heads + 1) if heads % d == 0 and batch * heads // d >= programs] or [1])
-
-
 def decode_evict_fused(scorer, ev, pools: Pools, st, length, logits, lse, active, step_due, next_pos, width: int,
                        model_axis: str | None = None, *, logits_offset: int = 0, implementation: str = "pallas",
                        interpret=False, heads_per_program: int | None = None):
@@ -92,7 +83,7 @@ def decode_evict_fused(scorer, ev, pools: Pools, st, length, logits, lse, active
     (offset j at column `logits_offset + j`: pass the kernel's raw buffer with its offset to skip
     the slice's copy); active, step_due [B] bool; next_pos [B] (the new token's position).
     implementation "xla" runs the kernel's jnp reference instead (tests, CPU); heads_per_program:
-    the kernel's streams per program (default `streams_per_program`).
+    the kernel's streams per program (default 1: a program per stream).
     Returns (pools, length [B, H]), the pools updated in place on GPU.
     """
     rule = kernel_rule(scorer)
@@ -106,6 +97,5 @@ def decode_evict_fused(scorer, ev, pools: Pools, st, length, logits, lse, active
         st.start, length, st.length, st.budget, active, step_due, next_pos, logits, lse, pools.pos, pools.score,
         pools.score2, pools.k, pools.v, recent=int(ev.recent), sinks=int(ev.sinks), width=width,
         logits_offset=logits_offset, implementation=implementation, interpret=interpret,
-        num_warps=_num_warps(width), heads_per_program=heads_per_program or streams_per_program(
-            *st.start.shape, bool(rule.get("layer_mean"))), **rule)
+        num_warps=_num_warps(width), heads_per_program=heads_per_program or 1, **rule)
     return Pools(k, v, pos, score, score2), new_length.astype(length.dtype)

@@ -30,9 +30,10 @@ The GPU (Triton) kernel runs one program per stream (or per `heads_per_program` 
 sequence), grid (B, H / heads_per_program); the pools are whole-array refs aliased in and out
 (updated in place), read with masked `pl.ds` loads of W' = next power of two >= W slots. The
 statistics never leave registers: a victim's replacement comes from the view by a masked max, not
-from memory. Layer-shared probabilities (TOVA) make each program read every head's logits of its
-sequence (from L2: a layer's logits are a few MB; `heads_per_program` > 1 reads them once for
-several streams). Pooling (CAKE) exponentiates each offset once: the group's probabilities go to
+from memory. Layer-shared probabilities (TOVA) are computed before the kernel, once per sequence
+(`layer_mean_probs`, one XLA fusion): each program then reads one row, where reading every head's
+logits of its sequence made a TOVA program 8x an H2O program's work (Llama's 8 KV heads). Pooling
+(CAKE) exponentiates each offset once: the group's probabilities go to
 a scratch row of the program, and the k taps reload it shifted (masked; from L1/L2). RoCo's victim:
 up to `ROBUST_WALK` candidates in mean order, each checked by counting the candidates more volatile
 than it; if none is outside the volatile set, an exact search (bisection on sigma's bits, then on
@@ -88,6 +89,22 @@ def _layer_mean(per_head, inside_per_head):
         total = total + jnp.where(ins, p, 0.0)
         count = count + ins.astype(jnp.int32)
     return total / jnp.maximum(count, 1).astype(jnp.float32)
+
+
+def layer_mean_probs(logits, lse, length, *, width: int, logits_offset: int = 0, group_reduce: str = "mean"):
+    """TOVA's layer-shared probabilities [B, W']: each head's group-reduced p at offsets j (0 past
+    its stream's `length` [B, H] and W), averaged over the heads holding j. Plain jnp: on GPU one
+    XLA fusion reads every head's logits once, where a kernel program per stream would read them
+    all again for each of its sequence's streams."""
+    wp = _pow2(width)
+    j = jnp.arange(wp)
+    lg = logits.astype(jnp.float32)
+    lg = jnp.pad(lg, ((0, 0),) * 3 + ((0, max(0, logits_offset + wp - lg.shape[-1])),))
+    cols = lg[..., logits_offset:logits_offset + wp]
+    inside = (j < length.astype(jnp.int32)[..., None]) & (j < width)  # [B, H, W']
+    ph = _reduce_group([jnp.where(inside, jnp.exp(cols[:, :, gi] - lse[:, :, gi, None]), 0.0)
+                        for gi in range(lse.shape[2])], group_reduce)
+    return _layer_mean([ph[:, hh] for hh in range(ph.shape[1])], [inside[:, hh] for hh in range(ph.shape[1])])
 
 
 def _moments(s, s2, pos_w, npos):
@@ -224,7 +241,7 @@ def _evict_view(j, inside, n, n0, budget, act, due, npos, p, pos_w, s, s2, *, up
 def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, scope_ref, act_ref, due_ref, npos_ref, logits_ref, lse_ref,
                 pos_ref, score_ref, score2_ref, k_ref, v_ref,
                 pos_out, score_out, score2_out, k_out, v_out, len_out, pooled_ref, *,
-                heads, hb, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks, robust,
+                hb, g, width, wp, col0, update, group_reduce, layer_mean, pool_kernel, recent, sinks, robust,
                 interpret):
     j = jax.lax.broadcasted_iota(jnp.int32, (wp,), 0)
     # the logits' column 0 as a traced value: Pallas checks windows with static starts against the
@@ -243,10 +260,8 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, scope_ref, act_ref, du
             terms.append(jnp.where(ok, jnp.exp(lg - lse_ref[0, hh, gi]), 0.0))
         return _reduce_group(terms, group_reduce)
 
-    if layer_mean:  # once per program, for its `hb` streams
-        lens = [len_ref[0, hh] for hh in range(heads)]
-        mean = _layer_mean([probs(hh, lens[hh]) for hh in range(heads)],
-                           [(j < lens[hh]) & (j < width) for hh in range(heads)])
+    if layer_mean:  # the logits ref holds `layer_mean_probs` [1, 1, 1, W'] (column 0 = offset 0)
+        mean = pltriton.load(logits_ref.at[_i(0), _i(0), _i(0), pl.ds(0, wp)])
 
     for hi in range(hb):
         h = pl.program_id(1) * hb + hi
@@ -307,7 +322,11 @@ def _stream_evict_pallas(start, length, length0, budget, scope, active, step_due
     col0 = logits_offset
     pad = pool_kernel // 2 if pool_kernel > 1 else 0
     wpad = wp + 2 * pad if pool_kernel > 1 else 1  # the pooling scratch rows (unused without pooling)
-    kernel = functools.partial(_gpu_kernel, heads=h, hb=hb, g=g, width=width, wp=wp, col0=col0, update=update,
+    if layer_mean:  # computed once per sequence, outside (see layer_mean_probs)
+        logits = layer_mean_probs(logits, lse, length, width=width, logits_offset=logits_offset,
+                                  group_reduce=group_reduce)[:, None, None, :]
+        col0 = 0
+    kernel = functools.partial(_gpu_kernel, hb=hb, g=g, width=width, wp=wp, col0=col0, update=update,
                                group_reduce=group_reduce, layer_mean=layer_mean, pool_kernel=pool_kernel,
                                recent=recent, sinks=sinks, robust=robust, interpret=interpret)
     row = pl.BlockSpec((1, h), lambda i, j: (i, 0))
@@ -367,9 +386,8 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
 
     inside = (j < n) & (j < width)
     if layer_mean:
-        ph = probs(n)
-        p = jnp.where(inside, _layer_mean([ph[:, hh:hh + 1] for hh in range(h)], [inside[:, hh:hh + 1] for hh in range(h)]),
-                      0.0)
+        p = jnp.where(inside, layer_mean_probs(logits, lse, length, width=width, logits_offset=logits_offset,
+                                               group_reduce=group_reduce)[:, None], 0.0)
     elif pool_kernel > 1:
         p = jnp.zeros((b, h, wp), jnp.float32)
         for d in range(-pad, pool_kernel - pad):
@@ -411,8 +429,7 @@ def stream_evict(start, length, length0, budget, active, step_due, next_pos, log
     (Triton) kernel (`interpret=True` runs it on CPU); "xla": `stream_evict_reference`.
     logits [B, H, G', C] with offset j of stream (b, h) at column `logits_offset + j` (C >=
     logits_offset + W; rows past G = lse.shape[2] ignored); width W defaults to C - logits_offset.
-    heads_per_program: streams per kernel program (a divisor of H; grid (B, H / it)): with
-    `layer_mean` each program reads every head's logits of its sequence once for all its streams.
+    heads_per_program: streams per kernel program (a divisor of H; grid (B, H / it)).
     robust (RoCo, with update="add"): score2 accumulates p * p and the victim is RoCo's, with scope
     [B, H] int32 the candidates in scope per stream (`kvjax.policies.roco.scope_size`).
     Returns (pos, score, score2, k, v, length [B, H] int32); the pools are updated in place on GPU."""
