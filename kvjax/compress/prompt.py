@@ -76,5 +76,7 @@ def prompt_pass(weights: Weights, tokens, lengths, config: ModelConfig, compress
 
     init = (embed(weights, tokens), tuple(c.state for c in compressors))
     xs = (weights.layers, jnp.arange(config.num_layers), tuple(c.xs for c in compressors))
-    (x, states), traces = scan_layers(layer_step, init, xs)
+    # one layer body to compile (per-layer buffers included): a layer's prompt work dwarfs the
+    # copy of its weights that `one_body` costs
+    (x, states), traces = scan_layers(layer_step, init, xs, one_body=True)
     return x, states, traces
