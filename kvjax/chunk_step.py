@@ -10,8 +10,8 @@ token with `Scorer.new_token_stats`; the chunk's queries attend over the stream 
 (causal by position); the running statistics take each query's attention in order, exactly as C
 decode steps would; then, if the policy evicts, every stream above its budget loses its whole
 excess at once: the lowest keys of `stream_key` (RoCo: the rule of kvjax/policies/roco.py with
-m = the excess), and the survivors are compacted in place. Streams need cap >= budget + C (the
-plan's headroom).
+m = the excess), and the stream's last survivors move into the victims' slots (`fill_from_tail`:
+C slots per stream moved, not the whole view). Streams need cap >= budget + C (the plan's headroom).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kvjax.cache import Plan, Pools
-from kvjax.evict import compact_in_views, smallest, view_key, view_update
+from kvjax.evict import fill_from_tail, smallest, view_key, view_update
 from kvjax.models import ModelConfig
 from kvjax.models.prompt_attention import NEG_INF
 from kvjax.policies.base import reduce_group
@@ -112,6 +112,5 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
         excess = jnp.maximum(length - budget, 0)
         key = view_key(scorer, views.score, views.score2, views.pos, seen, cand, budget, excess)
         victims = smallest(key, excess, c)
-        views = compact_in_views(views, inside & ~victims)
-        length = length - victims.sum(axis=-1).astype(length.dtype)
+        views, length = fill_from_tail(views, victims, length, c)
     return out, views, length, peak

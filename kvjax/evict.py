@@ -2,13 +2,13 @@
 
     key = stream_key(scorer, score, score2, pos, seen, candidates, budget, excess)   # lower = evicted first
     victim, last, over = evict_lowest(key, length, target, has_candidate)   # decode: one slot per stream
-    victims = smallest(view_key(...), count, k_max); views = compact_in_views(views, keep)
+    victims = smallest(view_key(...), count, k_max); views, length = fill_from_tail(views, victims, length, k_max)
 
 Decode and chunked prefill work on per-stream views ([B, H, W]: each stream's first W slots,
 `stream_view`), so the cost follows the streams, not the layer region or (CAKE's cascade) the whole
 pool. Every stream stays packed at the front of its segment: decode moves the stream's last slot
-into the victim's (`move_slot`, `move_in_view`), `compact_in_views` drops the victims and shifts the
-kept slots forward in order.
+into the victim's (`move_slot`, `move_in_view`), `fill_from_tail` moves the stream's last kept
+slots into a chunk's victims.
 """
 
 from __future__ import annotations
@@ -116,25 +116,38 @@ def smallest(key, count, k_max: int):
     return jnp.zeros(key.shape, bool).at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], idx].set(take)
 
 
-def compact_order(keep):
-    """keep [B, H, W] bool (each stream's slots to keep, in its view) -> src [B, H, W] int32: the view
-    offset each offset takes its value from, so the kept slots end up packed at the front in order;
-    offsets past the new length take their own value (stale, as after `evict_one`)."""
-    b, h, w = keep.shape
-    own = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), keep.shape)
-    dest = jnp.where(keep, jnp.cumsum(keep, axis=-1, dtype=jnp.int32) - 1, w)  # w = dropped
-    return own.at[jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None], dest].set(own, mode="drop")
+def _kth(mask, k_max: int):
+    """mask [B, H, N] bool -> [B, H, k_max] int32: the offset of each stream's k-th True (in
+    order), N where there is none. A compare-and-count (no scatter, no sort)."""
+    n = mask.shape[-1]
+    cum = jnp.cumsum(mask, axis=-1, dtype=jnp.int32)  # [B, H, N]
+    return (cum[..., None, :] <= jnp.arange(k_max, dtype=jnp.int32)[:, None]).sum(axis=-1, dtype=jnp.int32).clip(max=n)
 
 
-def compact_in_views(views, keep):
-    """Drop every stream's unkept slots, packing the kept ones (in order) at the front of the stream.
+def fill_from_tail(views, victims, length, k_max: int):
+    """Drop at most `k_max` victims per stream by moving the stream's last kept slots into them: a
+    swap-remove of several slots at once (the k-th hole left below the new length takes the k-th
+    kept slot above it). The stream stays packed at the front; its order is not kept (as with
+    decode's swap-remove, which this equals for one victim).
 
-    views: a pytree (`Pools`, a tuple) of per-stream views [B, H, W, ...] moved together; keep
-    [B, H, W] the slots each stream keeps. Returns the views' pytree; offsets past a stream's new
-    length hold stale values (as after `move_in_view`)."""
-    src = compact_order(keep)
-    return jax.tree.map(lambda v: jnp.take_along_axis(v, src.reshape(src.shape + (1,) * (v.ndim - 3)), axis=2),
-                        views)
+    views: a pytree (`Pools`, a tuple) of per-stream views [B, H, W, ...] moved together; victims
+    [B, H, W] bool, at offsets < length [B, H]. Returns (views, length [B, H] after it): per field one
+    gather and one scatter of k_max slots per stream, where packing in order rewrites all W."""
+    b, h, w = victims.shape
+    new_length = length - victims.sum(axis=-1, dtype=length.dtype)
+    holes = victims & (jnp.arange(w) < new_length[..., None])
+    tail = jnp.minimum(new_length[..., None] + jnp.arange(k_max), w - 1)  # [B, H, K] offsets above it
+    movers = (new_length[..., None] + jnp.arange(k_max) < length[..., None]) & ~jnp.take_along_axis(victims, tail, -1)
+    dst = _kth(holes, k_max)
+    dst = jnp.where(dst < w, dst, w + jnp.arange(k_max))  # fewer holes: distinct offsets past W, dropped
+    src = jnp.take_along_axis(tail, jnp.minimum(_kth(movers, k_max), k_max - 1), -1)
+    rows, heads = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+
+    def move(v):
+        picked = jnp.take_along_axis(v, src.reshape(src.shape + (1,) * (v.ndim - 3)), axis=2)
+        return v.at[rows, heads, dst].set(picked, mode="drop", unique_indices=True)
+
+    return jax.tree.map(move, views), new_length
 
 
 def layer_mean(p, inside, model_axis: str | None = None):

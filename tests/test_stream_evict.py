@@ -255,3 +255,29 @@ def test_roco_victim_search_equals_the_sorted_rule(walk):
         args = (jnp.asarray(cand), jnp.asarray(mu, jnp.float32), jnp.asarray(sigma, jnp.float32), jnp.int32(n_vol))
         want = int(jnp.argmin(_robust_key_sorted(*args[:3], args[3])))
         assert int(search(j, *args)) == want, (trial, walk)
+
+
+def test_fill_from_tail_keeps_exactly_the_survivors_packed_at_the_front():
+    # a chunk's eviction: up to k victims per stream leave, the stream's last survivors fill their
+    # slots; oracle: the survivors of each stream, each slot's fields moved together
+    from kvjax.evict import fill_from_tail
+
+    rng = np.random.default_rng(3)
+    b, h, w, k = 2, 3, 16, 4
+    fill = jax.jit(lambda views, victims, length: fill_from_tail(views, victims, length, k))
+    for _ in range(20):
+        length = rng.integers(0, w + 1, (b, h))
+        victims = np.zeros((b, h, w), bool)
+        for i in range(b):
+            for j in range(h):
+                m = int(rng.integers(0, min(k, length[i, j]) + 1))
+                victims[i, j, rng.choice(length[i, j], m, replace=False)] = True
+        val = rng.normal(size=(b, h, w, 2)).astype(np.float32)
+        pos = np.broadcast_to(np.arange(w), (b, h, w)).astype(np.int32)
+        (val2, pos2), new_len = jax.tree.map(np.asarray, fill((val, pos), victims, length))
+        for i in range(b):
+            for j in range(h):
+                survivors = [x for x in range(length[i, j]) if not victims[i, j, x]]
+                n = new_len[i, j]
+                assert n == len(survivors) and sorted(pos2[i, j, :n].tolist()) == survivors
+                np.testing.assert_array_equal(val2[i, j, :n], val[i, j, pos2[i, j, :n]])
