@@ -1,9 +1,9 @@
 """On a GPU: decode-time eviction through the Pallas kernel (the GPU default) keeps the same tokens
-as the XLA path.
+as the XLA path, and so does RoCo's chunked prefill through the chunk-attention kernel.
 
     python benchmarks/check_eviction_gpu.py [--out benchmarks/results] [--steps 64] [--tiny]
 
-Two parts, written to check_eviction_<device>.json and .md:
+Three parts, written to check_eviction_<device>.json and .md:
 
 1. Kernel level, one fixed cache state at Llama-3.1-8B's attention shape (8 sequences, 8 KV heads,
    GQA 4, head_dim 128, ragged streams of up to 1,100 slots, a new token appended): the output,
@@ -17,6 +17,8 @@ Two parts, written to check_eviction_<device>.json and .md:
    "highest" precision on both paths, so neither runs TF32) a correct kernel keeps the same tokens:
    the criterion is >= 99% of streams and of steps. In bf16 the two paths round differently and
    random-weight attention is nearly flat, so near-ties flip evictions: reported, not a criterion.
+3. Prompt-time eviction: RoCo's chunked prefill of the same prompts (budget 128, chunk 32) through
+   the chunk-attention kernel and through the XLA path: kept positions per stream, last logits.
 """
 
 from __future__ import annotations
@@ -118,28 +120,62 @@ def model_level(args, dtype) -> list[dict]:
     return rows
 
 
+def prefill_level(args, dtype) -> list[dict]:
+    """RoCo's chunked prefill (prompt-time eviction) through the chunk-attention kernel ("pallas")
+    and the XLA path, the same model and prompts as `model_level`: kept positions and last logits."""
+    import kvjax
+    from kvjax import policies as P
+    from kvjax.io.checkpoint import Params
+    from kvjax.models import ModelConfig
+
+    base = dict(_shapes.TINY if args.tiny else _shapes.LLAMA31_8B)
+    base.update(num_hidden_layers=args.layers, vocab_size=4096 if not args.tiny else base["vocab_size"],
+                intermediate_size=4096 if not args.tiny else base["intermediate_size"])
+    cfg = ModelConfig.from_hf_dict(base)
+    params = Params(cfg, _shapes.random_weights(cfg, dtype, unstacked=not args.tiny), tokenizer=None)
+    rng = np.random.default_rng(0)
+    lengths = (300, 180, 250, 120) if args.tiny else (1500, 900, 1300, 700)
+    prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in lengths]
+    pol = P.RoCo(budget=32 if args.tiny else 128, chunk=16 if args.tiny else 32)
+    pre = {impl: kvjax.prefill(params, prompts, pol, max_new_tokens=8, implementation=impl) for impl in ("xla", "pallas")}
+    kx, kp = (kvjax.kept_positions(pre[i].cache) for i in ("xla", "pallas"))
+    same = [np.array_equal(np.sort(x), np.sort(y)) for lx, lp in zip(kx, kp) for bx, bp in zip(lx, lp)
+            for x, y in zip(bx, bp)]
+    a, b = (np.asarray(pre[i].logits, np.float32) for i in ("xla", "pallas"))
+    row = dict(dtype=jnp.dtype(dtype).name, policy=f"RoCo (chunk {pol.chunk})", streams=len(same),
+               streams_equal=float(np.mean(same)), same_argmax=float((a.argmax(-1) == b.argmax(-1)).mean()),
+               max_logit_diff=float(np.abs(a - b).max()), ok=bool(np.mean(same) >= 0.99))
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--parts", default="kernel,model,prefill", help="which of the three parts to run")
     ap.add_argument("--tiny", action="store_true", help="CPU check of the script (interpret mode)")
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     if args.tiny:
         import kvjax.pallas_kernels.ragged_decode_attention as rda
 
         ra = rda.ragged_decode_attention_pallas
         rda.ragged_decode_attention_pallas = lambda *a, **k: ra(*a, **{**k, "interpret": True, "backend": "gpu"})
-    kernel = kernel_level(args.tiny)
-    with jax.default_matmul_precision("highest"):
-        model = model_level(args, jnp.float32)
-    model += model_level(args, jnp.bfloat16)
+    kernel = kernel_level(args.tiny) if "kernel" in parts else []
+    prefill, model = [], []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        with jax.default_matmul_precision("highest" if dtype == jnp.float32 else None):
+            prefill += prefill_level(args, dtype) if "prefill" in parts else []
+            model += model_level(args, dtype) if "model" in parts else []
     meta = _shapes.device_meta()
     meta.update(layers=args.layers, steps=args.steps)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = ("tiny_" if args.tiny else "") + _shapes.device_slug()
-    (out / f"check_eviction_{slug}.json").write_text(json.dumps(dict(meta=meta, kernel=kernel, model=model), indent=1))
+    (out / f"check_eviction_{slug}.json").write_text(json.dumps(dict(meta=meta, kernel=kernel, model=model, prefill=prefill),
+                                                                   indent=1))
     md = [f"# Decode-time eviction: Pallas (the GPU default) vs XLA on {meta['device']} (jax {meta['jax']})", "",
           "Made by `benchmarks/check_eviction_gpu.py`; nothing here is edited by hand.", "",
           "## Kernel level: one fixed cache state (8 sequences x 8 KV heads, GQA 4, head_dim 128, new token appended)",
@@ -157,6 +193,14 @@ def main(argv=None) -> int:
     md += [f"| {r['dtype']} | {r['policy']} | {100 * r['streams_equal']:.1f}% of {r['streams']} | "
            f"{100 * r['steps_same_argmax']:.0f}% | {r['max_logit_diff']:.3g} | "
            f"{r['ok'] if r['dtype'] == 'float32' else '(reported)'} |" for r in model]
+    md += ["", "## Prompt-time eviction: RoCo's chunked prefill, the chunk-attention kernel vs XLA (the model "
+           "and prompts above)", "", "Kept positions of every (layer, sequence, KV head) stream after the prefill and "
+           "the last prompt token's logits; float32 criterion >= 99% of streams; bfloat16 reported only.", "",
+           "| dtype | policy | streams with equal kept positions | same argmax | largest logit difference | ok |",
+           "|---|---|---|---|---|---|"]
+    md += [f"| {r['dtype']} | {r['policy']} | {100 * r['streams_equal']:.1f}% of {r['streams']} | "
+           f"{100 * r['same_argmax']:.0f}% | {r['max_logit_diff']:.3g} | "
+           f"{r['ok'] if r['dtype'] == 'float32' else '(reported)'} |" for r in prefill]
     (out / f"check_eviction_{slug}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

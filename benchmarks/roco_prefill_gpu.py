@@ -1,7 +1,8 @@
 """RoCo's chunked prefill on one GPU, per chunk size, with a kernel profile.
 
     python benchmarks/roco_prefill_gpu.py --out benchmarks/results [--chunks 32,128] [--reps 3]
-                                          [--no-profile] [--deadline-s 400] [--tiny]
+                                          [--implementations pallas,xla] [--no-profile]
+                                          [--deadline-s 400] [--tiny]
 
 The setting of benchmarks/policies_e2e.py: Llama-3.1-8B's shape with random bf16 weights in
 per-layer buffers, 8 prompts of 15243-16384 tokens, `kvjax.policies.RoCo(budget=1024, chunk=c)`,
@@ -12,6 +13,8 @@ for attention and eviction, `kvjax.chunk_step.absorb_chunk`). For each chunk: `k
 first call (compile + run) and the median of the next calls, against SnapKV's prefill (measured
 first, so a deadline never loses the reference; the issue's target: <= 1.3x); for the first
 chunk, one traced call: GPU kernel time by family (benchmarks/decode_tuning.py's summary).
+`--implementations pallas,xla` times each chunk through the chunk-attention kernel and through the
+XLA path (materialised probabilities) side by side.
 
 Writes roco_prefill_<device>.json (after every measurement: a killed run keeps what it measured)
 and .md into --out, and the trace (json only) under trace_c<chunk>/.
@@ -56,11 +59,13 @@ def setup(args):
     return dict(params=Params(cfg, weights, tokenizer=None), prompts=prompts, budget=budget, meta=meta)
 
 
-def time_prefill(ctx, policy, args, log):
-    """`kvjax.prefill` as `kvjax.generate` runs it: first call (compile + run), then steady calls."""
+def time_prefill(ctx, policy, args, log, implementation=None):
+    """`kvjax.prefill` as `kvjax.generate` runs it (implementation None: its default, "pallas" on
+    GPU): first call (compile + run), then steady calls."""
     import kvjax
 
-    run = lambda: kvjax.prefill(ctx["params"], ctx["prompts"], policy, max_new_tokens=args.new).logits  # noqa: E731
+    run = lambda: kvjax.prefill(ctx["params"], ctx["prompts"], policy, max_new_tokens=args.new,  # noqa: E731
+                                implementation=implementation).logits
     t0 = time.perf_counter()
     jax.block_until_ready(run())
     row = dict(first_s=time.perf_counter() - t0)
@@ -100,18 +105,19 @@ def markdown(res) -> str:
              "(each layer projects the whole prompt at once; attention and eviction walk the chunks). "
              "`kvjax.prefill` timed as `generate` calls it: first call = compile + run, steady = median of "
              "the next calls. Made by `benchmarks/roco_prefill_gpu.py`.", "",
-             "| policy | chunk | steady s | first call s | compile s (first - steady) | steady / SnapKV | target <= 1.3x |",
-             "|---|---|---|---|---|---|---|"]
+             "| policy | chunk | path | steady s | first call s | compile s (first - steady) | steady / SnapKV | "
+             "target <= 1.3x |", "|---|---|---|---|---|---|---|---|"]
     snap = res.get("snapkv", {}).get("steady_s")
     if snap:
         s = res["snapkv"]
-        lines.append(f"| SnapKV | - | {snap:.2f} | {s['first_s']:.1f} | {s['compile_s']:.1f} | 1.00x | (reference) |")
+        lines.append(f"| SnapKV | - | default | {snap:.2f} | {s['first_s']:.1f} | {s['compile_s']:.1f} | 1.00x | "
+                     "(reference) |")
     for r in res["rows"]:
         if "error" in r:
-            lines.append(f"| RoCo | {r['chunk']} | error: {r['error'][:150]} | | | | |")
+            lines.append(f"| RoCo | {r['chunk']} | {r.get('implementation', 'default')} | error: {r['error'][:150]} | | | | |")
             continue
         ratio = r["steady_s"] / snap if snap else None
-        lines.append(f"| RoCo | {r['chunk']} | {r['steady_s']:.2f} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
+        lines.append(f"| RoCo | {r['chunk']} | {r.get('implementation', 'default')} | {r['steady_s']:.2f} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
                      f"{_shapes.fmt(ratio, '{:.2f}x')} | {'' if ratio is None else ('met' if ratio <= 1.3 else 'missed')} |")
     lines.append("")
     for pr in res.get("profile", []):
@@ -141,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", default="32,128", help="the first one is profiled")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--implementations", default="pallas",
+                    help="comma-separated: each chunk's prefill through each (pallas: the chunk-attention kernel)")
     ap.add_argument("--deadline-s", type=float, default=400.0, help="start no new measurement after this")
     ap.add_argument("--tiny", action="store_true", help="a miniature on CPU (checks the script)")
     args = ap.parse_args(argv)
@@ -165,19 +173,20 @@ def main(argv=None) -> int:
     res["snapkv"] = time_prefill(ctx, P.SnapKV(budget=ctx["budget"]), args, log)[0]  # the reference first
     jax.clear_caches()
     write()
-    for i, c in enumerate(int(x) for x in args.chunks.split(",")):
+    impls = args.implementations.split(",")
+    for i, (c, impl) in enumerate((int(x), m) for x in args.chunks.split(",") for m in impls):
         if elapsed() > args.deadline_s:
-            res["errors"].append(f"deadline: chunk {c} not run")
+            res["errors"].append(f"deadline: chunk {c} ({impl}) not run")
             continue
         try:
-            row, run = time_prefill(ctx, P.RoCo(budget=ctx["budget"], chunk=c), args, log)
-            res["rows"].append(dict(chunk=c, **row))
+            row, run = time_prefill(ctx, P.RoCo(budget=ctx["budget"], chunk=c), args, log, impl)
+            res["rows"].append(dict(chunk=c, implementation=impl, **row))
             write()
             if i == 0 and not args.no_profile:
                 res["profile"].append(profile(run, c, out))
             del run
         except Exception as e:  # noqa: BLE001 (one chunk's failure is a row, not the end of the run)
-            res["rows"].append(dict(chunk=c, error=f"{type(e).__name__}: {e}"[:600]))
+            res["rows"].append(dict(chunk=c, implementation=impl, error=f"{type(e).__name__}: {e}"[:600]))
         jax.clear_caches()
         write()
     res["total_s"] = elapsed()

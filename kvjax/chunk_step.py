@@ -23,30 +23,27 @@ import jax.numpy as jnp
 
 from kvjax.cache import Plan, Pools
 from kvjax.evict import fill_from_tail, smallest, view_key, view_update
+from kvjax.evict_fused import kernel_rule
 from kvjax.models import ModelConfig
-from kvjax.models.prompt_attention import NEG_INF
+from kvjax.pallas_kernels import chunk_attention as ca
 from kvjax.policies.base import reduce_group
 from kvjax.policies.policy import Policy
 
 
-def chunk_attention(q, k_s, v_s, visible, scale: float):
-    """Queries of a chunk over their own streams. q [B, H, G, C, D]; k_s, v_s [B, H, W, D] (each
-    stream's first W slots); visible [B, H, C, W].
-    Returns (out [B, H, G, C, D] float32, probs [B, H, G, C, W] float32)."""
-    b, h, g, c, d = q.shape
-    w = k_s.shape[2]
-    logits = jnp.matmul(
-        q.reshape(b, h, g * c, d), jnp.swapaxes(k_s, 2, 3), preferred_element_type=jnp.float32
-    ).reshape(b, h, g, c, w) * scale
-    mask = visible[:, :, None]
-    probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1)
-    probs = jnp.where(mask, probs, 0.0)  # a query with nothing visible (inactive row) attends to nothing
-    out = jnp.matmul(probs.reshape(b, h, g * c, w).astype(v_s.dtype), v_s, preferred_element_type=jnp.float32)
-    return out.reshape(b, h, g, c, d), probs
+def fused_rule(scorer, running: bool) -> dict | None:
+    """The chunk-attention kernel's statistics for this scorer: {"squares": bool} when its running
+    statistics are sums of the group-reduced attention (H2O) and of its square (RoCo), or when it
+    keeps no running statistics (only the output is used); None when only the XLA path knows them."""
+    if not running:
+        return {"squares": False}
+    rule = kernel_rule(scorer)
+    if rule is None or rule.get("update") != "add" or rule.get("pool_kernel", 1) > 1:
+        return None
+    return {"squares": bool(rule.get("robust"))}
 
 
 def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, layer, *, policy: Policy,
-                 config: ModelConfig, plan: Plan):
+                 config: ModelConfig, plan: Plan, implementation: str = "xla"):
     """Feed one layer's streams a chunk of up to C tokens per row.
 
     views: the layer's streams as dense views (Pools [B, H, W, ...]: stream h of row b at [b, h],
@@ -54,7 +51,9 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
     loop, `scatter_streams` back after it); length, budget [B, H]; q [B, H, G, C, D]; kn, vn
     [B, H, C, D] (after RoPE); positions [B, C] the chunk's positions (consecutive, each row from its
     next position); n_valid [B] (row b feeds its first n_valid[b] tokens; 0 leaves it as is);
-    layer: scalar int.
+    layer: scalar int. implementation "pallas" on a GPU: the chunk's attention and its column
+    statistics in one kernel (`kvjax.pallas_kernels.chunk_attention`) where `fused_rule` and the
+    kernel's shapes allow; otherwise (CPU, TPU, "xla") the probabilities are materialised.
     Returns (out [B, H, G, C, D] float32, views, length [B, H] after eviction, peak [B, H] before it).
     """
     b, h, c = kn.shape[:3]
@@ -81,30 +80,37 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
                   write(views.score, s_new), write(views.score2, s2_new))
     length = length + n_valid[:, None].astype(length.dtype)
     inside = jnp.arange(width) < length[:, :, None]  # [B, H, W]
-    gap = positions[:, None, :, None] - views.pos[:, :, None, :]  # [B, H, C, W]
-    visible = inside[:, :, None, :] & (gap >= 0)
-    if config.sliding_window is not None:
-        visible &= gap < config.sliding_window
-    out, probs = chunk_attention(q, views.k, views.v, visible, config.attention_scale)
-
+    running = ev is not None and scorer.attention_running
     increments = getattr(scorer, "increments", None)
-    if ev is None or not scorer.attention_running:
-        pass  # statistics fixed when the tokens entered (or none)
-    elif increments is not None:  # sums over queries: the chunk's at once
-        d1, d2 = increments(jnp.where(q_valid[:, None, :, None], reduce_group(probs, scorer.group_reduce), 0.0))
-        views = dataclasses.replace(views, score=views.score + d1.sum(axis=2), score2=views.score2 + d2.sum(axis=2))
-    else:  # query by query, in order, each stream on its own (as decode steps update them)
-        p_s = reduce_group(probs, scorer.group_reduce)  # [B, H, C, W]
+    rule = fused_rule(scorer, running)
+    attend = dict(scale=config.attention_scale, sliding_window=config.sliding_window)
+    on_gpu = implementation == "pallas" and jax.default_backend() == "gpu"
+    if on_gpu and rule is not None and ca.supports(q.shape, width):
+        out, d1, d2 = ca.chunk_attention(q, views.k, views.v, views.pos, length, positions, n_valid, **attend,
+                                         group_reduce=scorer.group_reduce if running else "mean", **rule)
+        if running:
+            views = dataclasses.replace(views, score=views.score + d1, score2=views.score2 + d2)
+    else:
+        out, probs = ca.chunk_probs(q, views.k, views.v, views.pos, length, positions, **attend)
+        if not running:
+            pass  # statistics fixed when the tokens entered (or none)
+        elif increments is not None:  # sums over queries: the chunk's at once
+            r = jnp.where(q_valid[:, None, :, None], reduce_group(probs, scorer.group_reduce), 0.0)
+            d1, d2 = increments(r)
+            views = dataclasses.replace(views, score=views.score + d1.sum(axis=2),
+                                        score2=views.score2 + d2.sum(axis=2))
+        else:  # query by query, in order, each stream on its own (as decode steps update them)
+            p_s = reduce_group(probs, scorer.group_reduce)  # [B, H, C, W]
 
-        def one_query(stats, xs):
-            p_c, pos_c, valid_c = xs
-            new = view_update(scorer, stats[0], stats[1], p_c, views.pos, pos_c)
-            keep = valid_c[:, None, None] & inside
-            return tuple(jnp.where(keep, n, o) for n, o in zip(new, stats)), None
+            def one_query(stats, xs):
+                p_c, pos_c, valid_c = xs
+                new = view_update(scorer, stats[0], stats[1], p_c, views.pos, pos_c)
+                keep = valid_c[:, None, None] & inside
+                return tuple(jnp.where(keep, n, o) for n, o in zip(new, stats)), None
 
-        (s_new, s2_new), _ = jax.lax.scan(one_query, (views.score, views.score2),
-                                          (jnp.moveaxis(p_s, 2, 0), positions.T, q_valid.T))
-        views = dataclasses.replace(views, score=s_new, score2=s2_new)
+            (s_new, s2_new), _ = jax.lax.scan(one_query, (views.score, views.score2),
+                                              (jnp.moveaxis(p_s, 2, 0), positions.T, q_valid.T))
+            views = dataclasses.replace(views, score=s_new, score2=s2_new)
     peak = length
     if ev is not None:
         protected = (views.pos > newest[:, None, None] - ev.recent) | (views.pos < ev.sinks)

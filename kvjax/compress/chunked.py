@@ -117,15 +117,16 @@ def _token_nll(weights: Weights, config: ModelConfig, x, targets, valid):
 
 
 def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: ModelConfig, plan: Plan,
-            chunk: int, prefix: int | None, with_nll: bool):
+            chunk: int, prefix: int | None, with_nll: bool, implementation: str = "xla"):
     """Chunked prefill of right-padded prompts tokens [B, T], lengths [B], layer by layer.
 
-    prefix: static width of the first, all-at-once part (None: the stream bound, so each row
-    prefills its first K tokens; Full in `perplexity` passes `chunk`, streaming nearly everything).
-    A layer's cache depends only on that layer's queries, keys and values, so each layer projects
-    every prompt token at once (one matmul over [B, T] rows, as any prefill) and only its attention
-    and eviction walk the chunks in order (`kvjax.chunk_step.absorb_chunk`): the same cache and
-    outputs as feeding the whole model a chunk at a time, without reading the weights per chunk.
+    implementation: the chunk attention's (`absorb_chunk`). prefix: static width of the first,
+    all-at-once part (None: the stream bound, so each row prefills its first K tokens; Full in
+    `perplexity` passes `chunk`, streaming nearly everything). A layer's cache depends only on that
+    layer's queries, keys and values, so each layer projects every prompt token at once (one matmul over
+    [B, T] rows, as any prefill) and only its attention and eviction walk the chunks in order
+    (`kvjax.chunk_step.absorb_chunk`): the same cache and outputs as feeding the whole model a chunk at
+    a time, without reading the weights per chunk.
     Returns (cache, logits of each row's last token [B, V], peak stream lengths [L, B, H] over the
     chunk steps, nll [B, T] of each next token (position t scores token t + 1; None unless with_nll)).
     """
@@ -171,7 +172,8 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
                 qc = jnp.moveaxis(q[rows, :, :, at], 1, 3)  # [B, H, G, C, D]
                 kc, vc = (jnp.moveaxis(a[rows, :, at], 1, 2) for a in (k, v))  # [B, H, C, D]
                 oc, views, length, pk = absorb_chunk(views, length, budget, qc, kc, vc, pos, n_valid, layer,
-                                                     policy=policy, config=config, plan=plan)
+                                                     policy=policy, config=config, plan=plan,
+                                                     implementation=implementation)
                 dst = jnp.where(jnp.arange(chunk)[None, :] < n_valid[:, None], pos, t)  # t: dropped
                 out = out.at[rows, :, :, dst].set(jnp.moveaxis(oc, 3, 1).astype(out.dtype), mode="drop")
                 return views, length, jnp.maximum(peak, pk), out
@@ -196,14 +198,15 @@ def _encode(weights: Weights, tokens, lengths, policy: Policy, rng, *, config: M
     return cache, last, peak, nll
 
 
-encode = jax.jit(_encode, static_argnames=("config", "plan", "chunk", "prefix", "with_nll"))
+encode = jax.jit(_encode, static_argnames=("config", "plan", "chunk", "prefix", "with_nll", "implementation"))
 
 
 def prefill(weights: Weights, tokens, lengths, policy: Policy, rng=None, *, config: ModelConfig, plan: Plan,
             implementation: str = "xla"):
     """Chunked prefill with the other modes' signature (pure, jittable): (cache, logits [B, V]).
-    `implementation` is accepted for symmetry; chunk attention runs on XLA."""
+    `implementation` "pallas": each chunk's attention and statistics in one GPU kernel per layer
+    where the kernel applies (`kvjax.chunk_step.absorb_chunk`)."""
     chunk = chunk_size(policy)
     cache, logits, _, _ = _encode(weights, tokens, lengths, policy, rng, config=config, plan=plan, chunk=chunk,
-                                  prefix=None, with_nll=False)
+                                  prefix=None, with_nll=False, implementation=implementation)
     return cache, logits
