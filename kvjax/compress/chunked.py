@@ -205,7 +205,7 @@ def prefill(weights: Weights, tokens, lengths, policy: Policy, rng=None, *, conf
             implementation: str = "xla"):
     """Chunked prefill with the other modes' signature (pure, jittable): (cache, logits [B, V]).
     `implementation` "pallas": each chunk's attention and statistics in one GPU kernel per layer
-    where the kernel applies (`kvjax.chunk_step.absorb_chunk`)."""
+    where the kernel applies and is enabled (`kvjax.chunk_step.absorb_chunk`, `chunk_kernel_enabled`)."""
     chunk = chunk_size(policy)
     cache, logits, _, _ = _encode(weights, tokens, lengths, policy, rng, config=config, plan=plan, chunk=chunk,
                                   prefix=None, with_nll=False, implementation=implementation)
