@@ -79,10 +79,9 @@ def kernel_level(tiny: bool) -> list[dict]:
     return rows
 
 
-def model_level(args, dtype) -> list[dict]:
-    import kvjax
-    from kvjax import policies as P
-    from kvjax.decode import decode_step
+def small_model(args, dtype):
+    """(params, prompts): `--layers` layers of Llama-3.1-8B's shape (a 4096-token vocabulary and MLP),
+    random weights, four prompts of different lengths."""
     from kvjax.io.checkpoint import Params
     from kvjax.models import ModelConfig
 
@@ -94,6 +93,16 @@ def model_level(args, dtype) -> list[dict]:
     rng = np.random.default_rng(0)
     lengths = (300, 180, 250, 120) if args.tiny else (1500, 900, 1300, 700)
     prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in lengths]
+    return params, prompts
+
+
+def model_level(args, dtype) -> list[dict]:
+    import kvjax
+    from kvjax import policies as P
+    from kvjax.decode import decode_step
+
+    params, prompts = small_model(args, dtype)
+    cfg = params.config
     budget, window = (32, 8) if args.tiny else (128, 32)
     policies = {"H2O": P.H2O(budget=budget, recent=window), "TOVA": P.TOVA(budget=budget),
                 "CAKE": P.CAKE(budget=budget, window=window), "RoCo": P.RoCo(budget=budget, chunk=64)}
@@ -127,17 +136,8 @@ def prefill_level(args, dtype) -> list[dict]:
     and the XLA path, the same model and prompts as `model_level`: kept positions and last logits."""
     import kvjax
     from kvjax import policies as P
-    from kvjax.io.checkpoint import Params
-    from kvjax.models import ModelConfig
 
-    base = dict(_shapes.TINY if args.tiny else _shapes.LLAMA31_8B)
-    base.update(num_hidden_layers=args.layers, vocab_size=4096 if not args.tiny else base["vocab_size"],
-                intermediate_size=4096 if not args.tiny else base["intermediate_size"])
-    cfg = ModelConfig.from_hf_dict(base)
-    params = Params(cfg, _shapes.random_weights(cfg, dtype, unstacked=not args.tiny), tokenizer=None)
-    rng = np.random.default_rng(0)
-    lengths = (300, 180, 250, 120) if args.tiny else (1500, 900, 1300, 700)
-    prompts = [rng.integers(0, cfg.vocab_size, n).astype(np.int32) for n in lengths]
+    params, prompts = small_model(args, dtype)
     pol = P.RoCo(budget=32 if args.tiny else 128, chunk=16 if args.tiny else 32)
     pre = {impl: kvjax.prefill(params, prompts, pol, max_new_tokens=8, implementation=impl) for impl in ("xla", "pallas")}
     kx, kp = (kvjax.kept_positions(pre[i].cache) for i in ("xla", "pallas"))
