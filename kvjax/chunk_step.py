@@ -34,9 +34,10 @@ from kvjax.policies.policy import Policy
 def chunk_kernel_enabled() -> bool:
     """Whether `implementation="pallas"` on a GPU runs the chunk-attention kernel: only with
     KVJAX_CHUNK_KERNEL=1 in the environment (read when a prefill is traced). The kernel equals its
-    jnp reference in interpret mode, but it has not yet been lowered, checked and timed on a GPU
-    (`benchmarks/check_eviction_gpu.py --parts prefill`, `benchmarks/roco_prefill_gpu.py
-    --implementations pallas,xla` set it): until then the default stays the XLA path."""
+    jnp reference in interpret mode and its Triton IR verifies, but it has not yet been compiled,
+    checked and timed on a GPU (`benchmarks/check_eviction_gpu.py --parts prefill`,
+    `benchmarks/roco_prefill_gpu.py --implementations pallas,xla` set it): until then the default
+    stays the XLA path."""
     return os.environ.get("KVJAX_CHUNK_KERNEL", "") == "1"
 
 
