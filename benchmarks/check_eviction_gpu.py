@@ -139,7 +139,8 @@ def prefill_level(args, dtype) -> list[dict]:
 
     params, prompts = small_model(args, dtype)
     pol = P.RoCo(budget=32 if args.tiny else 128, chunk=16 if args.tiny else 32)
-    pre = {impl: kvjax.prefill(params, prompts, pol, max_new_tokens=8, implementation=impl) for impl in ("xla", "pallas")}
+    pre = {impl: kvjax.prefill(params, prompts, pol, max_new_tokens=8, implementation=impl)
+           for impl in ("xla", "pallas")}
     kx, kp = (kvjax.kept_positions(pre[i].cache) for i in ("xla", "pallas"))
     same = [np.array_equal(np.sort(x), np.sort(y)) for lx, lp in zip(kx, kp) for bx, bp in zip(lx, lp)
             for x, y in zip(bx, bp)]
@@ -176,8 +177,8 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = ("tiny_" if args.tiny else "") + _shapes.device_slug()
-    (out / f"check_eviction_{slug}.json").write_text(json.dumps(dict(meta=meta, kernel=kernel, model=model, prefill=prefill),
-                                                                   indent=1))
+    result = dict(meta=meta, kernel=kernel, model=model, prefill=prefill)
+    (out / f"check_eviction_{slug}.json").write_text(json.dumps(result, indent=1))
     md = [f"# Decode-time eviction: Pallas (the GPU default) vs XLA on {meta['device']} (jax {meta['jax']})", "",
           "Made by `benchmarks/check_eviction_gpu.py`; nothing here is edited by hand.", "",
           "## Kernel level: one fixed cache state (8 sequences x 8 KV heads, GQA 4, head_dim 128, new token appended)",

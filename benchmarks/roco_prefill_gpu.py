@@ -115,11 +115,12 @@ def markdown(res) -> str:
         lines.append(f"| SnapKV | - | default | {snap:.2f} | {s['first_s']:.1f} | {s['compile_s']:.1f} | 1.00x | "
                      "(reference) |")
     for r in res["rows"]:
+        head = f"| RoCo | {r['chunk']} | {r.get('implementation', 'default')} |"
         if "error" in r:
-            lines.append(f"| RoCo | {r['chunk']} | {r.get('implementation', 'default')} | error: {r['error'][:150]} | | | | |")
+            lines.append(f"{head} error: {r['error'][:150]} | | | | |")
             continue
         ratio = r["steady_s"] / snap if snap else None
-        lines.append(f"| RoCo | {r['chunk']} | {r.get('implementation', 'default')} | {r['steady_s']:.2f} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
+        lines.append(f"{head} {r['steady_s']:.2f} | {r['first_s']:.1f} | {r['compile_s']:.1f} | "
                      f"{_shapes.fmt(ratio, '{:.2f}x')} | {'' if ratio is None else ('met' if ratio <= 1.3 else 'missed')} |")
     lines.append("")
     for pr in res.get("profile", []):

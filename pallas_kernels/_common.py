@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def default_backend_kind(backend: str | None) -> str:
@@ -32,3 +33,12 @@ def triton_kwargs(interpret, num_warps: int | None = None, num_stages: int | Non
     if interpret is not False and interpret is not None:
         return {}
     return {"compiler_params": triton_params(num_warps, num_stages)}
+
+
+def reduce_terms(terms, how: str):
+    """Sequential reduction of a list of same-shape arrays, "mean" or "max" (in index order, as XLA
+    reduces a few heads): a GQA group's probabilities inside a kernel and in its jnp reference."""
+    acc = terms[0]
+    for t in terms[1:]:
+        acc = acc + t if how == "mean" else jnp.maximum(acc, t)
+    return acc / len(terms) if how == "mean" else acc

@@ -18,9 +18,9 @@ q[g, c] . k[j] * scale (0 where not visible; a query that sees nothing attends t
 The GPU kernel (Pallas lowered through Triton) runs one program per stream, grid (B, H): two walks
 over the stream's key tiles, the first for each query's log-sum-exp (running max and sum), the
 second for the probabilities, the output and the column statistics, so neither the [G, C, W]
-logits nor the probabilities ever leave registers. The XLA path (`chunk_attention_reference`, the
-tests' reference and the path off GPU) materialises them: a matmul, the softmax passes, a second
-matmul and the reductions, each a pass over [B, H, G, C, W] floats.
+logits nor the probabilities ever leave registers. The XLA path (`chunk_probs`, under the chunk
+step off GPU and in `chunk_attention_reference`, the tests' reference) materialises them: a matmul,
+the softmax passes, a second matmul and the reductions, each a pass over [B, H, G, C, W] floats.
 """
 
 from __future__ import annotations
@@ -46,13 +46,6 @@ def _visible(qpos, kpos, j, length, window):
     return vis
 
 
-def _reduce(terms, how: str):
-    acc = terms[0]
-    for t in terms[1:]:
-        acc = acc + t if how == "mean" else jnp.maximum(acc, t)
-    return acc / len(terms) if how == "mean" else acc
-
-
 def chunk_probs(q, k, v, kpos, length, qpos, *, scale: float, sliding_window: int | None = None):
     """The XLA path's attention: (out [B, H, G, C, D] float32, probs [B, H, G, C, W] float32), the
     probabilities materialised (for statistics that need each query's own, in order)."""
@@ -73,7 +66,7 @@ def chunk_attention_reference(q, k, v, kpos, length, qpos, n_valid, *, scale: fl
     """The same math in plain jnp (materialised logits): arguments and results as `chunk_attention`."""
     b, h, g, c, _ = q.shape
     out, probs = chunk_probs(q, k, v, kpos, length, qpos, scale=scale, sliding_window=sliding_window)
-    red = _reduce([probs[:, :, gi] for gi in range(g)], group_reduce)  # [B, H, C, W]
+    red = _common.reduce_terms([probs[:, :, gi] for gi in range(g)], group_reduce)  # [B, H, C, W]
     red = jnp.where((jnp.arange(c) < n_valid[:, None])[:, None, :, None], red, 0.0)
     s2 = (red * red).sum(axis=2) if squares else jnp.zeros(red.shape[:2] + red.shape[3:], jnp.float32)
     return out, red.sum(axis=2), s2
@@ -128,7 +121,7 @@ def _gpu_kernel(len_ref, nval_ref, qpos_ref, q_ref, k_ref, v_ref, kpos_ref, out_
             ps.append(p)
             new.append(accs[gi] + jax.lax.dot_general(p.astype(vt.dtype), vt, (((1,), (0,)), ((), ())), precision=prec,
                                                       preferred_element_type=jnp.float32))
-        r = jnp.where(q_valid, _reduce(ps, group_reduce), 0.0)
+        r = jnp.where(q_valid, _common.reduce_terms(ps, group_reduce), 0.0)
         cols = pl.ds(j0, block)
         pltriton.store(s1_ref.at[cols], jnp.sum(r, axis=0), mask=fresh)
         pltriton.store(s2_ref.at[cols], jnp.sum(r * r, axis=0) if squares else jnp.zeros((block,), jnp.float32),

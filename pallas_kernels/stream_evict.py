@@ -72,14 +72,6 @@ def _pow2(n: int) -> int:
 # the math shared by the kernel and the reference (on [..., W'] arrays, j the offsets)
 
 
-def _reduce_group(terms, how: str):
-    """Sequential reduction of a list of [..., W'] arrays (index order, as XLA reduces a few heads)."""
-    acc = terms[0]
-    for t in terms[1:]:
-        acc = acc + t if how == "mean" else jnp.maximum(acc, t)
-    return acc / len(terms) if how == "mean" else acc
-
-
 def _layer_mean(per_head, inside_per_head):
     """TOVA: per_head / inside_per_head lists of [..., W'] (each head's p, 0 outside its stream) ->
     the mean over the heads holding each offset (the caller zeroes it outside each stream)."""
@@ -91,19 +83,27 @@ def _layer_mean(per_head, inside_per_head):
     return total / jnp.maximum(count, 1).astype(jnp.float32)
 
 
+def _group_probs(lg, lse, length, *, col0: int, width: int, wp: int, group_reduce: str, shift: int = 0):
+    """[B, H, W'] each stream's group-reduced probabilities at offsets j + shift (0 outside
+    [0, length) and W), from logits lg [B, H, G', C] padded so that offset 0 sits at column col0
+    and every column read exists; length [B, H, 1]."""
+    o = jnp.arange(wp) + shift
+    ok = (o >= 0) & (o < length) & (o < width)
+    cols = lg[..., col0 + shift:col0 + shift + wp]
+    return _common.reduce_terms([jnp.where(ok, jnp.exp(cols[:, :, gi] - lse[:, :, gi, None]), 0.0)
+                          for gi in range(lse.shape[2])], group_reduce)
+
+
 def layer_mean_probs(logits, lse, length, *, width: int, logits_offset: int = 0, group_reduce: str = "mean"):
     """TOVA's layer-shared probabilities [B, W']: each head's group-reduced p at offsets j (0 past
     its stream's `length` [B, H] and W), averaged over the heads holding j. Plain jnp: on GPU one
     XLA fusion reads every head's logits once, where a kernel program per stream would read them
     all again for each of its sequence's streams."""
     wp = _pow2(width)
-    j = jnp.arange(wp)
-    lg = logits.astype(jnp.float32)
-    lg = jnp.pad(lg, ((0, 0),) * 3 + ((0, max(0, logits_offset + wp - lg.shape[-1])),))
-    cols = lg[..., logits_offset:logits_offset + wp]
-    inside = (j < length.astype(jnp.int32)[..., None]) & (j < width)  # [B, H, W']
-    ph = _reduce_group([jnp.where(inside, jnp.exp(cols[:, :, gi] - lse[:, :, gi, None]), 0.0)
-                        for gi in range(lse.shape[2])], group_reduce)
+    n = length.astype(jnp.int32)[..., None]
+    lg = jnp.pad(logits.astype(jnp.float32), ((0, 0),) * 3 + ((0, wp),))
+    ph = _group_probs(lg, lse, n, col0=logits_offset, width=width, wp=wp, group_reduce=group_reduce)
+    inside = (jnp.arange(wp) < n) & (jnp.arange(wp) < width)  # [B, H, W']
     return _layer_mean([ph[:, hh] for hh in range(ph.shape[1])], [inside[:, hh] for hh in range(ph.shape[1])])
 
 
@@ -258,7 +258,7 @@ def _gpu_kernel(start_ref, len_ref, len0_ref, budget_ref, scope_ref, act_ref, du
         for gi in range(g):
             lg = pltriton.load(logits_ref.at[_i(0), _i(hh), _i(gi), pl.ds(col0, wp)], mask=ok, other=0.0)
             terms.append(jnp.where(ok, jnp.exp(lg - lse_ref[0, hh, gi]), 0.0))
-        return _reduce_group(terms, group_reduce)
+        return _common.reduce_terms(terms, group_reduce)
 
     if layer_mean:  # the logits ref holds `layer_mean_probs` [1, 1, 1, W'] (column 0 = offset 0)
         mean = pltriton.load(logits_ref.at[_i(0), _i(0), _i(0), pl.ds(0, wp)])
@@ -365,7 +365,6 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
     """The kernel's math on gathered views [B, H, W'] (XLA: gathers, a select per statistic, scatters;
     RoCo's volatile set from a sort). Arguments and results as `stream_evict`."""
     b, h = start.shape
-    g = lse.shape[2]
     pool_size = pos.shape[1]
     width = logits.shape[-1] - logits_offset if width is None else width
     wp = _pow2(width)
@@ -375,14 +374,10 @@ def stream_evict_reference(start, length, length0, budget, active, step_due, nex
     npos = next_pos.astype(jnp.int32)[:, None, None]
     pad = pool_kernel // 2 if pool_kernel > 1 else 0
     lg = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, 0), (0, 0), (pad, pad + wp)))
-    col0 = logits_offset + pad
 
     def probs(length_, shift=0):  # [B, H, W'] at offsets j + shift
-        o = j + shift
-        ok = (o >= 0) & (o < length_) & (o < width)
-        cols = lg[..., col0 + shift:col0 + shift + wp]
-        return _reduce_group([jnp.where(ok, jnp.exp(cols[:, :, gi] - lse[:, :, gi, None]), 0.0) for gi in range(g)],
-                             group_reduce)
+        return _group_probs(lg, lse, length_, col0=logits_offset + pad, width=width, wp=wp,
+                            group_reduce=group_reduce, shift=shift)
 
     inside = (j < n) & (j < width)
     if layer_mean:

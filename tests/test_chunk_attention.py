@@ -47,7 +47,8 @@ def test_kernel_equals_reference(window, reduce, squares):
 
 
 def test_reference_equals_explicit_softmaxes():
-    q, k, v, kpos, length, qpos, n_valid = _case(1, b=1, h=1, g=2, c=16, d=8, w=40, qbase=20)  # keys past a query: hidden
+    # queries at positions 20-35 over keys 0-39: the keys past a query are hidden
+    q, k, v, kpos, length, qpos, n_valid = _case(1, b=1, h=1, g=2, c=16, d=8, w=40, qbase=20)
     out, s1, s2 = ca.chunk_attention(q, k, v, kpos, length, qpos, n_valid, scale=0.3, implementation="xla")
     qn, kn, vn = (np.asarray(a, np.float64)[0, 0] for a in (q, k, v))
     r = np.zeros((16, 40))
