@@ -2,7 +2,7 @@
 
     python benchmarks/roco_prefill_gpu.py --out benchmarks/results [--chunks 32,128] [--reps 3]
                                           [--implementations pallas,xla] [--no-profile]
-                                          [--deadline-s 400] [--tiny]
+                                          [--kernel-sweep] [--deadline-s 400] [--tiny]
 
 The setting of benchmarks/policies_e2e.py: Llama-3.1-8B's shape with random bf16 weights in
 per-layer buffers, 8 prompts of 15243-16384 tokens, `kvjax.policies.RoCo(budget=1024, chunk=c)`,
@@ -14,7 +14,8 @@ first call (compile + run) and the median of the next calls, against SnapKV's pr
 first, so a deadline never loses the reference; the issue's target: <= 1.3x); for the first
 chunk, one traced call: GPU kernel time by family (benchmarks/decode_tuning.py's summary).
 `--implementations pallas,xla` times each chunk through the chunk-attention kernel and through the
-XLA path (materialised probabilities) side by side.
+XLA path (materialised probabilities) side by side. `--kernel-sweep` first times the kernel alone
+at the prefill's shape for each (rows, key block, warps) configuration against the XLA path.
 
 Writes roco_prefill_<device>.json (after every measurement: a killed run keeps what it measured)
 and .md into --out, and the trace (json only) under trace_c<chunk>/.
@@ -99,6 +100,52 @@ def profile(run, chunk, out):
     return prof
 
 
+SWEEP = [dict(rows=r, block=bk, num_warps=nw) for r in (32, 64, 128) for bk in (64, 128) for nw in (4, 8)]
+
+
+def kernel_sweep(args, log, chunks):
+    """`chunk_attention` alone at the prefill's shape (B=8 sequences x 8 KV heads, GQA 4, head_dim
+    128, views of budget + chunk keys, bf16), each kernel configuration against the XLA path: the
+    median of 20 calls, with chunk_attention's defaults marked."""
+    import inspect
+
+    from kvjax.pallas_kernels import chunk_attention as ca
+
+    defaults = inspect.signature(ca.chunk_attention).parameters
+    b, h, g, d = (2, 2, 4, 32) if args.tiny else (8, 8, 4, 128)
+    budget = args.budget or (96 if args.tiny else 1024)
+    rows = []
+    for c in chunks:
+        w = budget + c
+        rng = np.random.default_rng(c)
+        q = jnp.asarray(rng.normal(size=(b, h, g, c, d)), jnp.bfloat16)
+        k, v = (jnp.asarray(rng.normal(size=(b, h, w, d)), jnp.bfloat16) for _ in range(2))
+        kpos = jnp.asarray(np.broadcast_to(np.arange(w), (b, h, w)), jnp.int32)
+        length = jnp.full((b, h), w, jnp.int32)
+        qpos = jnp.asarray(np.broadcast_to(np.arange(w - c, w), (b, c)), jnp.int32)
+        nval = jnp.full((b,), c, jnp.int32)
+        data = (q, k, v, kpos, length, qpos, nval)
+        configs = [dict(implementation="xla")] + ([] if args.tiny else [dict(implementation="pallas", **x) for x in SWEEP])
+        for cfg in configs:
+            fn = jax.jit(lambda *a, cfg=cfg: ca.chunk_attention(*a, scale=d ** -0.5, **cfg))
+            row = dict(chunk=c, view=w, **cfg)
+            row["default"] = cfg["implementation"] == "pallas" and all(
+                cfg[n] == defaults[n].default for n in ("rows", "block", "num_warps"))
+            try:
+                jax.block_until_ready(fn(*data))
+                ts = []
+                for _ in range(20):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(*data))
+                    ts.append(time.perf_counter() - t0)
+                row["us"] = statistics.median(ts) * 1e6
+            except Exception as e:  # noqa: BLE001 (a configuration that does not compile is a row)
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            rows.append(row)
+            log(json.dumps(row))
+    return rows
+
+
 def markdown(res) -> str:
     m = res["meta"]
     lines = [f"# RoCo's chunked prefill, {m['device']} (jax {m['jax']})", "",
@@ -135,6 +182,18 @@ def markdown(res) -> str:
         lines += [f"| `{k['name'][:90]}` | {k['us_per_step'] / 1e3:.1f} | {k['launches_per_step']:.0f} |"
                   for k in pr["top_kernels"][:15]]
         lines.append("")
+    if res.get("kernel"):
+        lines += ["## The chunk-attention kernel alone (bf16, 8 x 8 streams, GQA 4, head_dim 128)", "",
+                  "Median of 20 jitted calls; `default` = chunk_attention's defaults.", "",
+                  "| chunk | view | path | rows | block | warps | us / call | vs XLA |", "|---|---|---|---|---|---|---|---|"]
+        xla = {r["chunk"]: r.get("us") for r in res["kernel"] if r["implementation"] == "xla"}
+        for r in res["kernel"]:
+            path = r["implementation"] + (" (default)" if r.get("default") else "")
+            us = _shapes.fmt(r.get("us"), "{:.0f}") if "error" not in r else "error: " + r["error"][:80]
+            rel = _shapes.fmt(r["us"] / xla[r["chunk"]] if r.get("us") and xla.get(r["chunk"]) else None, "{:.2f}x")
+            lines.append(f"| {r['chunk']} | {r['view']} | {path} | {r.get('rows', '')} | {r.get('block', '')} | "
+                         f"{r.get('num_warps', '')} | {us} | {rel} |")
+        lines.append("")
     if res.get("errors"):
         lines += ["## Errors", ""] + [f"- {e[:300]}" for e in res["errors"]]
     return "\n".join(lines) + "\n"
@@ -152,6 +211,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--implementations", default="pallas",
                     help="comma-separated: each chunk's prefill through each (pallas: the chunk-attention kernel)")
+    ap.add_argument("--kernel-sweep", action="store_true",
+                    help="first, chunk_attention alone per kernel configuration against the XLA path")
     ap.add_argument("--deadline-s", type=float, default=400.0, help="start no new measurement after this")
     ap.add_argument("--tiny", action="store_true", help="a miniature on CPU (checks the script)")
     args = ap.parse_args(argv)
@@ -173,6 +234,10 @@ def main(argv=None) -> int:
         (out / f"roco_prefill_{slug}.json").write_text(json.dumps(res, indent=1, default=str))
         (out / f"roco_prefill_{slug}.md").write_text(markdown(res))
 
+    if args.kernel_sweep:
+        res["kernel"] = kernel_sweep(args, log, [int(x) for x in args.chunks.split(",")])
+        jax.clear_caches()
+        write()
     res["snapkv"] = time_prefill(ctx, P.SnapKV(budget=ctx["budget"]), args, log)[0]  # the reference first
     jax.clear_caches()
     write()

@@ -1,7 +1,8 @@
 """chunk_attention: a chunk's queries over their streams with the column statistics of RoCo's and
 H2O's chunked prefill. The GPU (Triton) kernel in interpret mode equals its jnp reference on ragged
 streams (slots in any position order, padded queries, a view that is not a whole number of key
-tiles, a sliding window, both group reductions); the reference equals explicit per-query softmaxes;
+tiles, a sliding window, both group reductions, a group padded to a power of two, several query
+blocks per stream); the reference equals explicit per-query softmaxes;
 the chunk step picks the kernel only where it knows the scorer's statistics, and only when enabled
 (opt-in until checked on a GPU); and the kernel lowers for GPU (Triton) and MLIR-verifies."""
 
@@ -34,12 +35,16 @@ def _case(seed, b=2, h=2, g=3, c=16, d=32, w=150, dtype=jnp.float32, qbase=100):
         jnp.asarray(n_valid, jnp.int32)
 
 
-@pytest.mark.parametrize("window,reduce,squares", [(None, "mean", True), (40, "max", True), (None, "mean", False)])
-def test_kernel_equals_reference(window, reduce, squares):
-    args = _case(0)
+@pytest.mark.parametrize("window,reduce,squares,g,c,rows", [
+    (None, "mean", True, 3, 16, 64),   # a group of 3 padded to 4 heads, the chunk in one block
+    (40, "max", True, 3, 32, 32),      # four query blocks of 8 per stream, their statistics summed
+    (None, "mean", False, 2, 16, 16),  # 2 x 8: the smallest block a Triton dot takes
+])
+def test_kernel_equals_reference(window, reduce, squares, g, c, rows):
+    args = _case(0, g=g, c=c)
     kw = dict(scale=0.2, sliding_window=window, group_reduce=reduce, squares=squares)
     want = ca.chunk_attention(*args, **kw, implementation="xla")
-    got = ca.chunk_attention(*args, **kw, interpret=True)
+    got = ca.chunk_attention(*args, **kw, interpret=True, rows=rows)
     for name, a, b in zip(("out", "s1", "s2"), got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6, err_msg=name)
     if not squares:
@@ -77,9 +82,10 @@ def test_chunk_step_uses_the_kernel_only_for_statistics_it_knows():
     assert fused_rule(AccumulatedAttention(), True) == {"squares": False}
     assert fused_rule(None, False) == {"squares": False}  # no running statistics: the output alone
     assert fused_rule(CakeIndicator(), True) is None and fused_rule(LastQueryAttention(), True) is None
-    assert ca.supports((1, 1, 4, 32, 128), 1056) and not ca.supports((1, 1, 4, 24, 128), 1056)
+    assert ca.supports((1, 1, 4, 32, 128), 1056) and ca.supports((1, 1, 7, 32, 64), 1056)  # Llama-8B, Qwen2.5
+    assert not ca.supports((1, 1, 4, 24, 128), 1056) and not ca.supports((1, 1, 1, 8, 128), 1056)
     with pytest.raises(ValueError, match="power-of-two chunk"):
-        ca.chunk_attention(*_case(0, c=8), scale=0.2)
+        ca.chunk_attention(*_case(0, c=24), scale=0.2)
 
 
 def test_kernel_lowers_for_gpu_triton():
