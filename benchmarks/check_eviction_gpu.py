@@ -3,7 +3,8 @@ as the XLA path, and so does RoCo's chunked prefill through the chunk-attention 
 
     python benchmarks/check_eviction_gpu.py [--out benchmarks/results] [--steps 64] [--tiny]
 
-Three parts, written to check_eviction_<device>.json and .md:
+Three parts, written to check_eviction_<device>.json and .md (`--parts` runs some of them; the
+others stay as that file in --out had them, with their run's meta):
 
 1. Kernel level, one fixed cache state at Llama-3.1-8B's attention shape (8 sequences, 8 KV heads,
    GQA 4, head_dim 128, ragged streams of up to 1,100 slots, a new token appended): the output,
@@ -177,10 +178,19 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = ("tiny_" if args.tiny else "") + _shapes.device_slug()
-    result = dict(meta=meta, kernel=kernel, model=model, prefill=prefill)
-    (out / f"check_eviction_{slug}.json").write_text(json.dumps(result, indent=1))
+    result = dict(meta=meta, kernel=kernel, model=model, prefill=prefill, part_meta={p: meta for p in parts})
+    path = out / f"check_eviction_{slug}.json"
+    if path.exists():  # the parts not run this time stay as the file had them, with their run's meta
+        old = json.loads(path.read_text())
+        for p in {"kernel", "model", "prefill"} - parts:
+            result[p] = old.get(p, [])
+            result["part_meta"][p] = old.get("part_meta", {}).get(p, old.get("meta"))
+    kernel, model, prefill = result["kernel"], result["model"], result["prefill"]
+    path.write_text(json.dumps(result, indent=1))
     md = [f"# Decode-time eviction: Pallas (the GPU default) vs XLA on {meta['device']} (jax {meta['jax']})", "",
-          "Made by `benchmarks/check_eviction_gpu.py`; nothing here is edited by hand.", "",
+          "Made by `benchmarks/check_eviction_gpu.py`; nothing here is edited by hand. Each part's run: "
+          + "; ".join(f"{p}: jax {m['jax']} on {m['device']}" for p, m in sorted(result["part_meta"].items()) if m)
+          + ".", "",
           "## Kernel level: one fixed cache state (8 sequences x 8 KV heads, GQA 4, head_dim 128, new token appended)",
           "", "| dtype | out max diff | pools equal | lse max diff | probs (mean) max rel. diff | probs (max) max rel. "
           "diff | same argmin (mean / max) | ok |", "|---|---|---|---|---|---|---|---|"]
