@@ -240,9 +240,11 @@ def timing_section(data):
             by[k][0] += 1
             by[k][1] += e["prefill_s"]
             by[k][2] += e["decode_s"]
-    lines = ["## Timings", "", "| pass | length | mode | passes | prefill s | decode s |", "|---|---|---|---|---|---|"]
-    for (kind, L, mode), (n, pre, dec) in sorted(by.items()):
-        lines.append(f"| {kind} | {L} | {mode} | {n} | {pre:.0f} | {dec:.0f} |")
+    lines = ["## Timings", ""]
+    if by:
+        lines += ["| pass | length | mode | passes | prefill s | decode s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {kind} | {L} | {mode} | {n} | {pre:.0f} | {dec:.0f} |"
+                  for (kind, L, mode), (n, pre, dec) in sorted(by.items())]
     ppl = sum(e["seconds"] for e in t if e["kind"] == "ppl")
     sess = sum(e["seconds"] for e in t if e["kind"] == "session")
     lines += ["", f"Perplexity {ppl:.0f} s; sessions (wall, all parts) {sess / 60:.1f} min."]
@@ -271,19 +273,23 @@ def write_report(data, stem) -> list[str]:
              f"Profiled: XKV profiles made by kvjax.profile for each (length, ratio) total "
              f"({meta.get('profile_prompts')} synthetic prompts, seed {meta.get('profile_seed')}). "
              f"{len(recs)} records.", ""]
-    lines += ["## Accuracy", ""] + accuracy_tables(index, policies, ratios, modes, n_note)
-    lines += target_section(recs, meta["model"])
-    lines += comparison_section(index, modes, ratios, tasks)
-    lines += decision_section(index, policies, ratios, modes, cells)
+    if not recs:  # a perplexity-only store (benchmarks/quality_ppl.py): no retrieval sections to show
+        lines = [f"# Decode-time quality under KV budgets: {meta['model']} ({meta.get('device', '')})", ""]
+    else:
+        lines += ["## Accuracy", ""] + accuracy_tables(index, policies, ratios, modes, n_note)
+        lines += target_section(recs, meta["model"])
+        lines += comparison_section(index, modes, ratios, tasks)
+        lines += decision_section(index, policies, ratios, modes, cells)
     lines += ppl_section(data)
-    lines += task_tables(index, policies, ratios, modes, tasks)
-    lines += cache_section(cells, policies, ratios)
+    if recs:
+        lines += task_tables(index, policies, ratios, modes, tasks)
+        lines += cache_section(cells, policies, ratios)
     skipped = data.get("extra", {}).get("skipped")
     if skipped:
         lines += ["Not run: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()), ""]
     lines += timing_section(data)
-    plots = write_plots(index, policies, ratios, modes, tasks, meta, stem)
-    lines += ["Plots: " + ", ".join(plots), ""]
+    if recs:
+        lines += ["Plots: " + ", ".join(write_plots(index, policies, ratios, modes, tasks, meta, stem)), ""]
     _beside(stem, ".md").write_text("\n".join(lines) + "\n")
     return lines
 
