@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-os.environ.setdefault("KVJAX_CHUNK_KERNEL", "1")  # "pallas" rows run the chunk-attention kernel
 import _shapes  # noqa: E402
 
 import jax  # noqa: E402

@@ -93,7 +93,7 @@ def make_policy(name: str, ratio: float, *, window: int, profile=None, model: st
         elif base in ("KNorm", "TOVA"):
             pol = getattr(P, base)(budget=ratio)
         elif base == "RoCo":
-            pol = P.RoCo(budget=ratio)  # EasyKV's defaults: recent 10, sinks 4, chunk 32
+            pol = P.RoCo(budget=ratio, chunk=32)  # EasyKV's defaults (recent 10, sinks 4); chunk 32 as stored
         elif base == "SnapKV":
             pol = P.SnapKV(budget=ratio, window=window)
         elif base.startswith("PyramidKV"):  # "PyramidKV(kvpress)", "PyramidKV(paper)"; Ada-KV's: the paper's

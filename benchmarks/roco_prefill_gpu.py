@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-os.environ.setdefault("KVJAX_CHUNK_KERNEL", "1")  # "pallas" rows run the chunk-attention kernel
 import _shapes  # noqa: E402  (sets XLA_PYTHON_CLIENT_MEM_FRACTION before jax initialises)
 
 import jax  # noqa: E402

@@ -17,7 +17,6 @@ C slots per stream moved, not the whole view). Streams need cap >= budget + C (t
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +28,6 @@ from kvjax.models import ModelConfig
 from kvjax.pallas_kernels import chunk_attention as ca
 from kvjax.policies.base import reduce_group
 from kvjax.policies.policy import Policy
-
-
-def chunk_kernel_enabled() -> bool:
-    """Whether `implementation="pallas"` on a GPU runs the chunk-attention kernel: only with
-    KVJAX_CHUNK_KERNEL=1 in the environment (read when a prefill is traced). The kernel equals its
-    jnp reference in interpret mode and its Triton IR verifies, but it has not yet been compiled,
-    checked and timed on a GPU (`benchmarks/check_eviction_gpu.py --parts prefill`,
-    `benchmarks/roco_prefill_gpu.py --implementations pallas,xla` set it): until then the default
-    stays the XLA path."""
-    return os.environ.get("KVJAX_CHUNK_KERNEL", "") == "1"
 
 
 def fused_rule(scorer, running: bool) -> dict | None:
@@ -62,7 +51,7 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
     loop, `scatter_streams` back after it); length, budget [B, H]; q [B, H, G, C, D]; kn, vn
     [B, H, C, D] (after RoPE); positions [B, C] the chunk's positions (consecutive, each row from its
     next position); n_valid [B] (row b feeds its first n_valid[b] tokens; 0 leaves it as is);
-    layer: scalar int. implementation "pallas" on a GPU with `chunk_kernel_enabled()`: the chunk's
+    layer: scalar int. implementation "pallas" on a GPU: the chunk's
     attention and its column statistics in one kernel (`kvjax.pallas_kernels.chunk_attention`)
     where `fused_rule` and the kernel's shapes allow; otherwise the probabilities are materialised.
     Returns (out [B, H, G, C, D] float32, views, length [B, H] after eviction, peak [B, H] before it).
@@ -95,7 +84,7 @@ def absorb_chunk(views: Pools, length, budget, q, kn, vn, positions, n_valid, la
     increments = getattr(scorer, "increments", None)
     rule = fused_rule(scorer, running)
     attend = dict(scale=config.attention_scale, sliding_window=config.sliding_window)
-    on_gpu = implementation == "pallas" and jax.default_backend() == "gpu" and chunk_kernel_enabled()
+    on_gpu = implementation == "pallas" and jax.default_backend() == "gpu"
     if on_gpu and rule is not None and ca.supports(q.shape, width):
         out, d1, d2 = ca.chunk_attention(q, views.k, views.v, views.pos, length, positions, n_valid, **attend,
                                          group_reduce=scorer.group_reduce if running else "mean", **rule)

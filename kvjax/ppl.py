@@ -42,7 +42,7 @@ def perplexity(params, text_or_tokens, policy: Policy | None = None, *, chunk: i
     """
     policy = Full() if policy is None else policy
     check_streamable(policy)
-    c = chunk_size(policy, chunk)
+    chunk_size(policy, chunk)  # a bad chunk is reported before the text is read
     single = _is_single(text_or_tokens)
     if single and not isinstance(text_or_tokens, str):
         text_or_tokens = [np.asarray(text_or_tokens)]
@@ -61,7 +61,8 @@ def perplexity(params, text_or_tokens, policy: Policy | None = None, *, chunk: i
                     "evicted; use policy=None for the full-cache perplexity"
                 )
     bucket = prompts.length_bucket(longest, limit)
-    plan = make_plan(policy, params.config, bucket, 0, chunk=c)
+    plan = make_plan(policy, params.config, bucket, 0, chunk=chunk)
+    c = chunk_size(policy, chunk, plan.stream_bound[0])
     tokens, lengths = prompts.pad(seqs, bucket, prompts.pad_id(params))
     _, _, _, nll = encode(
         params.weights, tokens, lengths, policy, None, config=params.config, plan=plan, chunk=c,

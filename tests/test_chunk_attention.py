@@ -3,8 +3,7 @@ H2O's chunked prefill. The GPU (Triton) kernel in interpret mode equals its jnp 
 streams (slots in any position order, padded queries, a view that is not a whole number of key
 tiles, a sliding window, both group reductions, a group padded to a power of two, several query
 blocks per stream); the reference equals explicit per-query softmaxes;
-the chunk step picks the kernel only where it knows the scorer's statistics, and only when enabled
-(opt-in until checked on a GPU); and the kernel lowers for GPU (Triton) and MLIR-verifies."""
+the chunk step picks the kernel only where it knows the scorer's statistics; and the kernel lowers for GPU (Triton) and MLIR-verifies."""
 
 from __future__ import annotations
 
@@ -12,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvjax.chunk_step import chunk_kernel_enabled, fused_rule
+from kvjax.chunk_step import fused_rule
 from kvjax.pallas_kernels import _lowering_checks as lc
 from kvjax.pallas_kernels import chunk_attention as ca
 from kvjax.policies.cake import CakeIndicator
@@ -68,13 +67,6 @@ def test_reference_equals_explicit_softmaxes():
                 r[c] += p / 2
     np.testing.assert_allclose(np.asarray(s1)[0, 0], r.sum(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(s2)[0, 0], (r * r).sum(0), rtol=1e-5, atol=1e-7)
-
-
-def test_chunk_kernel_is_opt_in_until_checked_on_a_gpu(monkeypatch):
-    monkeypatch.delenv("KVJAX_CHUNK_KERNEL", raising=False)
-    assert not chunk_kernel_enabled()
-    monkeypatch.setenv("KVJAX_CHUNK_KERNEL", "1")
-    assert chunk_kernel_enabled()
 
 
 def test_chunk_step_uses_the_kernel_only_for_statistics_it_knows():

@@ -44,7 +44,8 @@ def _encode(params, prompts, policy, bucket=None):
         tokens[i, : len(p)] = p
     plan = chunked.make_plan(policy, params.config, bucket, 0)
     cache, last, peak, _ = chunked.encode(params.weights, tokens, lengths, policy, None, config=params.config,
-                                          plan=plan, chunk=policy.chunk, prefix=None, with_nll=False)
+                                          plan=plan, chunk=chunked.chunk_size(policy, None, plan.stream_bound[0]),
+                                          prefix=None, with_nll=False)
     return cache, np.asarray(last), np.asarray(peak), plan
 
 
@@ -228,6 +229,18 @@ def test_4k_prompt_never_holds_more_than_budget_plus_chunk(params):
     for streams in kvjax.kept_positions(cache):
         for pos in streams[0]:
             assert list(pos[:4]) == [0, 1, 2, 3] and list(pos[-10:]) == list(range(4086, 4096))
+
+
+def test_default_chunk_is_an_eighth_of_the_budget(params):
+    """RoCo's default chunk follows its budget (K / 8, a power of two in [16, 256]): the plan's
+    headroom, and so the most a stream holds while encoding, is K + chunk."""
+    cfg = params.config
+    headroom = lambda pol, n=8192: chunked.make_plan(pol, cfg, n, 0).headroom  # noqa: E731
+    assert [chunked.auto_chunk(k) for k in (64, 255, 256, 1023, 1024, 4096)] == [16, 16, 32, 64, 128, 256]
+    assert headroom(RoCo(budget=1024)) == 128 and headroom(RoCo(budget=256)) == 32
+    assert headroom(RoCo(budget=0.125), 4096) == 64  # a ratio: K = 512 of this bucket
+    assert headroom(RoCo(budget=1024, chunk=8)) == 8  # an explicit chunk wins
+    assert headroom(RoCo(budget=1024), 300) == 32  # a short prompt: K = the whole prompt (300 tokens)
 
 
 def test_chunk_of_one_equals_prefix_then_decode_steps(params):

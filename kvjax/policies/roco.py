@@ -119,7 +119,7 @@ class RobustAttention(Scorer):
 
 @policy_dataclass
 class RoCo(Policy):
-    """RoCo / EasyKV: `RoCo(budget=256, stride=1, recent=10, sinks=4, recent_ratio=0.1, chunk=32)`.
+    """RoCo / EasyKV: `RoCo(budget=256, stride=1, recent=10, sinks=4, recent_ratio=0.1, chunk=None)`.
 
     budget:       tokens each stream keeps (int, or a ratio of each prompt)
     stride:       while decoding, evict every `stride` steps (one per head per step with 1)
@@ -127,7 +127,10 @@ class RoCo(Policy):
     recent_ratio: R = floor(recent_ratio * budget) sets the eviction scope (EasyKV's recent window:
                   0.1 when encoding; EasyKV's decoding-only mode uses 0.3)
     chunk:        prompt tokens fed per step of the chunked prefill; each stream holds at most
-                  budget + chunk tokens while encoding (chunk=stride is EasyKV's step)
+                  budget + chunk tokens while encoding (chunk=stride is EasyKV's step). None: an
+                  eighth of the stream's budget K (a power of two, 16 to 256; `auto_chunk`), which
+                  keeps ~98% of the tokens EasyKV's stride-1 encoding keeps (measured:
+                  benchmarks/results/roco_chunk_fidelity_qwen2.5-0.5b.md) at GPU speed
     """
 
     budget: Any = 256
@@ -136,12 +139,13 @@ class RoCo(Policy):
     sinks: int = static_field(4)
     recent_ratio: Any = 0.1
     group_reduce: str = static_field("mean")
-    chunk: int = static_field(32)
+    chunk: int | None = static_field(None)
 
     def __post_init__(self):
         check_positive_int("stride", self.stride)
         check_positive_int("recent", self.recent, allow_zero=True)
-        check_positive_int("chunk", self.chunk)
+        if self.chunk is not None:
+            check_positive_int("chunk", self.chunk)
         if isinstance(self.recent_ratio, (int, float, np.floating)) and not 0.0 <= self.recent_ratio < 1.0:
             raise PolicyError(f"recent_ratio must be in [0, 1), got {self.recent_ratio}")
         if isinstance(self.budget, (np.ndarray, list, tuple)):
