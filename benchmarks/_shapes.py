@@ -61,12 +61,15 @@ def hf_config_dict(tiny: bool) -> dict:
     return d
 
 
-def random_weights(config, dtype=jnp.bfloat16, seed: int = 0, unstacked: bool = False):
+def random_weights(config, dtype=jnp.bfloat16, seed: int = 0, unstacked: bool = False, packed: bool = False):
     """Random weights with the config's shapes, created on the default device in one jitted call.
 
     Projections ~ N(0, 1/fan_in) so activations keep a sane scale; norms are 1. `unstacked`:
-    `layers` is a tuple of per-layer LayerWeights (separate buffers) instead of stacked [L, ...]."""
-    from kvjax.models import LayerWeights, Weights
+    `layers` is a tuple of per-layer LayerWeights (separate buffers) instead of stacked [L, ...];
+    `packed`: per-layer and packed by `kvjax.models.pack_layers`, as `kvjax.load` leaves them on GPU."""
+    from kvjax.models import LayerWeights, Weights, pack_layers
+
+    unstacked = unstacked or packed
 
     e, f, n = config.hidden_size, config.intermediate_size, config.num_layers
     hq = config.num_heads * config.head_dim
@@ -98,6 +101,8 @@ def random_weights(config, dtype=jnp.bfloat16, seed: int = 0, unstacked: bool = 
         one = jax.jit(lambda key: layer_weights(iter(jax.random.split(key, 16))))
         layers = tuple(jax.block_until_ready(one(jax.random.fold_in(jax.random.key(seed + 1), i))) for i in range(n))
         w = Weights(embed=w.embed, layers=layers, final_norm=w.final_norm, lm_head=w.lm_head)
+    if packed:
+        w = pack_layers(w, consume=True)
     return w
 
 

@@ -422,8 +422,9 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the output file names (e.g. _dsf)")
     ap.add_argument("--compiler-option", action="append", default=[], metavar="KEY=VALUE",
                     help="an XLA compiler option for every timed program, on top of the library's (repeatable)")
-    ap.add_argument("--weights", default="stacked", choices=("stacked", "unstacked"),
-                    help="unstacked: Weights.layers as a tuple of per-layer LayerWeights (variant 'unstacked')")
+    ap.add_argument("--weights", default="stacked", choices=("stacked", "unstacked", "packed"),
+                    help="unstacked: Weights.layers as a tuple of per-layer LayerWeights; packed: per-layer with "
+                         "q|k|v and gate|up packed (kvjax.load's GPU layout)")
     args = ap.parse_args(argv)
     args.variants = ["library"]
     EXTRA_OPTIONS.update(parse_option(o) for o in args.compiler_option)
@@ -461,7 +462,7 @@ def main(argv=None):
         log(f"copy bandwidth {bw / 1e9:.0f} GB/s, read bandwidth {rbw / 1e9:.0f} GB/s, bf16 matmul {mm / 1e12:.0f} TFLOP/s")
     t0 = time.perf_counter()
     weights = _shapes.random_weights(cfg, jnp.bfloat16 if not args.tiny else jnp.float32,
-                                     unstacked=args.weights == "unstacked")
+                                     unstacked=args.weights == "unstacked", packed=args.weights == "packed")
     log(f"weights {_shapes.weight_bytes(weights) / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f}s")
     if args.probe:
         import os

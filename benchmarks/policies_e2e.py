@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--deadline-s", type=float, default=float("inf"), help="start no new policy after this")
+    ap.add_argument("--weights", default="packed", choices=("packed", "unstacked"),
+                    help="packed: q|k|v and gate|up packed, as kvjax.load leaves them on GPU; unstacked: apart")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--tiny", action="store_true", help="a miniature on CPU (checks the script)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
 
     base = dict(_shapes.TINY if args.tiny else _shapes.LLAMA31_8B, eos_token_id=[])  # no early stops
     cfg = ModelConfig.from_hf_dict(base)
-    weights = _shapes.random_weights(cfg, jnp.float32 if args.tiny else jnp.bfloat16, unstacked=True)
+    weights = _shapes.random_weights(cfg, jnp.float32 if args.tiny else jnp.bfloat16, unstacked=True,
+                                     packed=args.weights == "packed")
     params = Params(cfg, weights, tokenizer=None)
     rng = np.random.default_rng(0)
     step = max(1, args.length // 100)
@@ -108,11 +112,12 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--policies: unknown {unknown}; known: {list(table)}")
     meta = _shapes.device_meta()
-    meta.update(model="Llama-3.1-8B shapes (random bf16 weights, per-layer buffers)" if not args.tiny else "tiny",
-                prompts=args.prompts, lengths=lengths, new_tokens=args.new, budget=args.budget)
+    meta.update(model=f"Llama-3.1-8B shapes (random bf16 weights, per-layer buffers, {args.weights})" if not args.tiny else "tiny",
+                prompts=args.prompts, lengths=lengths, new_tokens=args.new, budget=args.budget,
+                weights_layout=args.weights)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    slug = ("tiny_" if args.tiny else "") + _shapes.device_slug()
+    slug = ("tiny_" if args.tiny else "") + _shapes.device_slug() + args.tag
     rows = []
     for name in names:
         if time.perf_counter() - t_start > args.deadline_s:

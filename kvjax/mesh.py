@@ -198,11 +198,13 @@ def shard_params(params, mesh: Mesh):
     """Params placed on `mesh` for sharded prefill and decode (kvjax.shard): KV heads replicated when
     the model axis is a multiple of their count, the weights split by `kvjax.sharding`'s rules, each
     device's part taken from the same host value on every process (multi-host safe)."""
-    from kvjax.models import unstack_layers
+    from kvjax.models import unpack_layers, unstack_layers
     from kvjax.sharding import auto_mesh, weight_shardings
 
     par = Parallel.of(mesh)
     mesh = auto_mesh(mesh)
+    if params.weights.packed:  # the sharding rules split q, k, v and gate, up by their own columns
+        params = dataclasses.replace(params, weights=unpack_layers(params.weights, params.config))
     per_layer = params.weights.per_layer
     if per_layer:  # placed stacked, as the sharding rules are written, then split again
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *params.weights.layers)

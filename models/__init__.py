@@ -2,13 +2,15 @@
 
 from .config import ConfigError, ModelConfig, RopeScaling
 from .llama import LayerWeights, Weights, decoder_layer, embed, final_logits, layer_qkv, mlp, rms_norm
-from .llama import apply_rope, forward, rope_inv_freq, scan_layers, unstack_layers
+from .llama import PackedLayer, apply_rope, forward, rope_inv_freq, scan_layers, unstack_layers
+from .packed import pack_layers, unpack_layers
 
 __all__ = [
     "ConfigError",
     "ModelConfig",
     "RopeScaling",
     "LayerWeights",
+    "PackedLayer",
     "Weights",
     "apply_rope",
     "decoder_layer",
@@ -17,8 +19,10 @@ __all__ = [
     "forward",
     "layer_qkv",
     "mlp",
+    "pack_layers",
     "rms_norm",
     "rope_inv_freq",
     "scan_layers",
+    "unpack_layers",
     "unstack_layers",
 ]

@@ -52,6 +52,29 @@ class LayerWeights:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """One layer's weights with the projections that read the same normed input packed side by side:
+    wqkv [E, (H + 2 KV) * D] = wq | wk | wv and w_gate_up [E, 2F] = w_gate | w_up (biases likewise).
+
+    One matrix each, so a decode step launches one GEMM where it launched three and two (at one row
+    XLA ran the narrow key and value projections as reductions); made by `models.packed.pack_layers`
+    for per-layer weights on one device (a mesh splits the heads and the MLP columns: its weights
+    stay apart)."""
+
+    attn_norm: jax.Array
+    wqkv: jax.Array
+    wo: jax.Array
+    mlp_norm: jax.Array
+    w_gate_up: jax.Array
+    w_down: jax.Array
+    b_qkv: jax.Array | None = None
+    bo: jax.Array | None = None
+    b_gate_up: jax.Array | None = None
+    b_down: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class Weights:
     """embed [V, E], layers, final_norm [E], lm_head [E, V] or None when tied.
 
@@ -61,13 +84,17 @@ class Weights:
     """
 
     embed: jax.Array
-    layers: LayerWeights | tuple[LayerWeights, ...]
+    layers: LayerWeights | tuple[LayerWeights, ...] | tuple[PackedLayer, ...]
     final_norm: jax.Array
     lm_head: jax.Array | None = None
 
     @property
     def per_layer(self) -> bool:
         return not isinstance(self.layers, LayerWeights)
+
+    @property
+    def packed(self) -> bool:
+        return self.per_layer and isinstance(self.layers[0], PackedLayer)
 
 
 def unstack_layers(weights: Weights) -> Weights:
@@ -161,7 +188,7 @@ def embed(weights: Weights, tokens):
     return weights.embed[tokens]
 
 
-def layer_qkv(lw: LayerWeights, x, positions, config: ModelConfig, inv_freq):
+def layer_qkv(lw: LayerWeights | PackedLayer, x, positions, config: ModelConfig, inv_freq):
     """Pre-norm, project and rotate. x [B, T, E] -> q [B, KV, G, T, D], k, v [B, KV, T, D]."""
     b, t, _ = x.shape
     h = rms_norm(x, lw.attn_norm, config.rms_norm_eps)
@@ -169,10 +196,13 @@ def layer_qkv(lw: LayerWeights, x, positions, config: ModelConfig, inv_freq):
     # Three distinct operands: XLA:GPU otherwise merges the three projections into one GEMM by
     # concatenating wq|wk|wv, a 50 MB copy per layer per decode step at Llama-8B shapes (1 ms of a
     # 32 ms step at batch 408 on an H100, benchmarks/results/decode_tuning_h100.md).
-    hq, hk, hv = jax.lax.optimization_barrier((h, h, h))
-    q = _linear(hq, lw.wq, lw.bq).reshape(b, t, kv * g, d)
-    k = _linear(hk, lw.wk, lw.bk).reshape(b, t, kv, d)
-    v = _linear(hv, lw.wv, lw.bv).reshape(b, t, kv, d)
+    if isinstance(lw, PackedLayer):  # one GEMM, its columns split after
+        qkv = _linear(h, lw.wqkv, lw.b_qkv)
+        q, k, v = jnp.split(qkv, (kv * g * d, (kv * g + kv) * d), axis=-1)
+    else:
+        hq, hk, hv = jax.lax.optimization_barrier((h, h, h))
+        q, k, v = _linear(hq, lw.wq, lw.bq), _linear(hk, lw.wk, lw.bk), _linear(hv, lw.wv, lw.bv)
+    q, k, v = q.reshape(b, t, kv * g, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
     q = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)
@@ -188,7 +218,7 @@ def _summed(x, w, b, axis: str | None):
     return y if b is None else y + b
 
 
-def attn_output(lw: LayerWeights, attn, config: ModelConfig | None = None):
+def attn_output(lw: LayerWeights | PackedLayer, attn, config: ModelConfig | None = None):
     """attn [B, KV, G, T, D] -> [B, T, E] through W_o. Inside a mesh program each device holds its
     heads' rows of W_o, so the products are summed over the model axis."""
     b, kv, g, t, d = attn.shape
@@ -196,12 +226,14 @@ def attn_output(lw: LayerWeights, attn, config: ModelConfig | None = None):
     return _summed(attn.transpose(0, 3, 1, 2, 4).reshape(b, t, kv * g * d), lw.wo, lw.bo, axis)
 
 
-def mlp(lw: LayerWeights, x, config: ModelConfig):
+def mlp(lw: LayerWeights | PackedLayer, x, config: ModelConfig):
     """The gated MLP block with its pre-norm and residual. x [B, T, E] -> [B, T, E] (inside a mesh
     program, summed over the model axis when the MLP's columns are split over it)."""
     h = rms_norm(x, lw.mlp_norm, config.rms_norm_eps)
-    gate = _linear(h, lw.w_gate, lw.b_gate)
-    up = _linear(h, lw.w_up, lw.b_up)
+    if isinstance(lw, PackedLayer):
+        gate, up = jnp.split(_linear(h, lw.w_gate_up, lw.b_gate_up), 2, axis=-1)
+    else:
+        gate, up = _linear(h, lw.w_gate, lw.b_gate), _linear(h, lw.w_up, lw.b_up)
     split = config.model_axis is not None and lw.w_down.shape[-2] != config.intermediate_size
     return x + _summed(jax.nn.silu(gate) * up, lw.w_down, lw.b_down, config.model_axis if split else None)
 
@@ -217,7 +249,7 @@ def final_logits(weights: Weights, x, config: ModelConfig):
     return logits
 
 
-def decoder_layer(lw: LayerWeights, x, positions, config: ModelConfig, attend):
+def decoder_layer(lw: LayerWeights | PackedLayer, x, positions, config: ModelConfig, attend):
     """One decoder layer; `attend` is the only part that differs between prompt, decode and chunk.
 
         q, k, v   = layer_qkv(x)                  pre-norm, projections, RoPE

@@ -27,7 +27,7 @@ from flax import nnx
 from kvjax.io.checkpoint import Params
 from kvjax.io.tokenizer import Tokenizer
 
-from kvjax.models import LayerWeights, ModelConfig, Weights, forward
+from kvjax.models import LayerWeights, ModelConfig, Weights, forward, unpack_layers
 
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerWeights))
 # nnx.List (flax >= 0.12) marks a list of modules as pytree data; older flax takes a plain list
@@ -125,6 +125,7 @@ class CausalLM(nnx.Module):
                 f"{type(self).__name__} takes model_type {self.model_type!r}, the config has "
                 f"{config.model_type!r}: use {_CLASSES[config.model_type].__name__} or CausalLM.from_params"
             )
+        weights = unpack_layers(weights, config)  # packed projections (kvjax.load on GPU) split into their own Params
         _check_weights(weights, config)
         self.config = config
         self.tokenizer = tokenizer
@@ -145,7 +146,8 @@ class CausalLM(nnx.Module):
 
     @classmethod
     def from_params(cls, params: Params) -> "CausalLM":
-        """The module holding `params.weights` (the same arrays, not copies)."""
+        """The module holding `params.weights` (the same arrays, not copies; packed q|k|v and gate|up
+        matrices are split, which copies them)."""
         if not isinstance(params, Params):
             raise TypeError(f"params must be a kvjax.Params, got {type(params).__name__}")
         target = _CLASSES.get(params.config.model_type) if cls is CausalLM else cls

@@ -72,6 +72,17 @@ def mesh_results():
         snap = kvjax.generate(sp, prompts, policy=P.SnapKV(budget=32, window=8), max_new_tokens=6)
         rows.append(dict(replicated=out.tokens == kvjax.generate(two, prompts, max_new_tokens=6).tokens,
                          kv_heads=sp.config.num_kv_heads, stats=out.stats["mesh"], compressed_rows=len(snap.tokens)))
+        from kvjax.models import pack_layers, unstack_layers
+        packed = dataclasses.replace(params, weights=pack_layers(unstack_layers(params.weights)))
+        spk = kvjax.shard(packed, jax.make_mesh((1, 2), ("data", "model")))  # unpacked to be split
+        snap = P.SnapKV(budget=32, window=8)
+        rows.append(dict(packed_same=kvjax.generate(spk, prompts, policy=snap, max_new_tokens=6).tokens
+                         == kvjax.generate(params, prompts, policy=snap, max_new_tokens=6).tokens,
+                         packed_after_shard=spk.weights.packed))
+        try:
+            kvjax.load("/never/read", mesh=jax.make_mesh((1, 2), ("data", "model")), packed=True)
+        except kvjax.errors.InputError as e:
+            rows.append(dict(packed_error=str(e)))
         print("RESULT", json.dumps(rows))
     """)
     res = _run(code, devices=4)
@@ -99,6 +110,13 @@ def test_kv_heads_are_replicated_when_the_model_axis_is_a_multiple_and_otherwise
     rep = next(r for r in mesh_results if "replicated" in r)
     assert rep["replicated"] and rep["kv_heads"] == 4 and rep["compressed_rows"] == 3
     assert rep["stats"]["kv_heads_per_device"] == 1 and rep["stats"]["kv_head_replicas"] == 2
+
+
+def test_packed_params_are_unpacked_to_shard_and_cannot_be_loaded_packed_on_a_mesh(mesh_results):
+    row = next(r for r in mesh_results if "packed_same" in r)
+    assert row["packed_same"] and not row["packed_after_shard"]
+    error = next(r["packed_error"] for r in mesh_results if "packed_error" in r)
+    assert "packed" in error and "with a mesh" in error
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvjax.models import LayerWeights, ModelConfig, Weights
+from kvjax.models import LayerWeights, ModelConfig, Weights, unpack_layers
 from kvjax.models.config import ConfigError
 from kvjax.errors import bad_input
 from kvjax.io.safetensors import CheckpointError, TensorStore
@@ -174,8 +174,8 @@ def save_params(params: Params, directory) -> pathlib.Path:
 
     directory = pathlib.Path(directory).expanduser().resolve()
     directory.mkdir(parents=True, exist_ok=True)
-    weights = params.weights
-    if weights.per_layer:  # saved stacked, whatever the in-memory layout
+    weights = unpack_layers(params.weights, params.config)
+    if weights.per_layer:  # saved stacked and unpacked, whatever the in-memory layout
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *weights.layers)
         weights = dataclasses.replace(weights, layers=stacked)
     with ocp.StandardCheckpointer() as ckpt:
