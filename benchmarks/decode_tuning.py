@@ -409,6 +409,8 @@ def main(argv=None):
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile", default=None, help="layout:batch pairs to profile (default uni at 1, 32, 408)")
     ap.add_argument("--deadline-s", type=float, default=540.0, help="stop timing new rows after this")
+    ap.add_argument("--weights", default="packed", choices=("packed", "unstacked"),
+                    help="packed: q|k|v and gate|up packed, as kvjax.load leaves them on GPU")
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
     out_dir = pathlib.Path(args.out)
@@ -433,8 +435,10 @@ def main(argv=None):
         budget, batches, steps = 1024, (1, 32, 408), 16
         bw = _shapes.copy_bandwidth()
         meta["copy_bandwidth_GBps"] = bw / 1e9
+    meta["weights_layout"] = args.weights
     log(f"device {meta['device']} jax {meta['jax']} bw {meta.get('copy_bandwidth_GBps')}")
-    weights = _shapes.random_weights(cfg, jnp.bfloat16 if not args.tiny else jnp.float32, unstacked=True)
+    weights = _shapes.random_weights(cfg, jnp.bfloat16 if not args.tiny else jnp.float32, unstacked=True,
+                                     packed=args.weights == "packed")
     bench = D.Bench(cfg, weights, steps, 4 if not args.tiny else 1, 8192 if not args.tiny else 128, args.tiny)
     res = {}
     slug = ("tiny_" if args.tiny else "") + _shapes.device_slug()

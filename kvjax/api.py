@@ -47,14 +47,9 @@ def load(path: str = "smollm2-135m", dtype=None, mesh=None, per_layer: bool | No
     check_dtype(dtype)
     if per_layer is not None:
         validate.flag("per_layer", per_layer)
-    if packed is not None:
-        validate.flag("packed", packed)
-        if packed and mesh is not None:
-            raise validate.bad_input("packed", packed, "False or None with a mesh (the mesh splits the heads and the "
-                                     "MLP columns over devices; packed matrices are for one device)")
-        if packed and per_layer is False:
-            raise validate.bad_input("packed", packed, "False or None with per_layer=False (packing is for "
-                                     "per-layer weights)")
+    if packed is not None and validate.flag("packed", packed) and (mesh is not None or per_layer is False):
+        raise validate.bad_input("packed", packed, "False or None with a mesh or per_layer=False (packed matrices "
+                                 "are per-layer weights on one device; a mesh splits heads and MLP columns)")
     if isinstance(path, str) and not os.path.exists(path) and os.sep not in path:
         from kvjax.io.embedded import embedded_checkpoint
 
