@@ -6,13 +6,18 @@ PIP = $(VENV)/bin/python -m pip
 # test processes (pytest-xdist, one test file per process so a file's compiled programs are shared)
 TEST_WORKERS ?= 2
 
-.PHONY: demo test notebooks clean qwen
+.PHONY: demo test test-slow notebooks clean qwen
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m kvjax.cli demo
 
+# the default suite (under 12 minutes on 2 cores); `make test-slow` runs the rest: the real-model
+# oracles (transformers, kvpress), meshes, the README block, the batch job, the property test
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow
 
 # executes notebooks/ top to bottom on the embedded model (a few minutes; CI runs it after `make test`)
 notebooks: $(VENV)/.installed

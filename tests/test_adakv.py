@@ -83,6 +83,7 @@ def test_adakv_holds_the_uniform_total_not_the_largest_head_layout():
     assert (per_layer <= cfg.num_kv_heads // 2).all() and (per_layer >= -1.5 * cfg.num_kv_heads).all()
 
 
+@pytest.mark.slow
 def test_adakv_head_groups_keep_each_shard_at_its_share():
     params = _tiny_params(num_hidden_layers=3, num_key_value_heads=4, num_attention_heads=8)
     prompt = _prompt(300, 4)

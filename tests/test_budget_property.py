@@ -54,6 +54,7 @@ def _resolved(budget, n):
     return max(int(round(budget * n)), 1) if isinstance(budget, float) else budget
 
 
+@pytest.mark.slow
 @settings(max_examples=15, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(POLICIES)), budget=st.one_of(st.sampled_from(INTS), st.sampled_from(RATIOS)),

@@ -193,6 +193,7 @@ def test_cake_decode_evicts_the_lowest_pooled_attention_of_the_new_query():
             assert len(new[layer][0][h]) == length[layer, h] - 1
 
 
+@pytest.mark.slow
 def test_cake_batch_rows_equal_the_rows_alone():
     params = _tiny()
     policy = P.CAKE(budget=48, window=8)

@@ -114,7 +114,8 @@ def test_full_cache_bytes_match_the_pool(params):
     assert c.kv_nbytes == 2 * slots * cfg.head_dim * 4
 
 
-@pytest.mark.parametrize("policy", [None, "snapkv", "h2o", "cake", "roco"])
+@pytest.mark.parametrize("policy", [None, pytest.param("snapkv", marks=pytest.mark.slow),
+                                    pytest.param("h2o", marks=pytest.mark.slow), "cake", "roco"])
 def test_per_layer_weights_give_the_same_tokens_and_cache_as_stacked(policy):
     """GPU loads keep each layer's weights in their own buffers (an unrolled layer loop); the
     results must not depend on the layout."""
@@ -235,6 +236,7 @@ def test_pallas_decode_equals_xla_decode(monkeypatch, case):
         np.testing.assert_allclose(np.asarray(getattr(a.pools, name)), np.asarray(getattr(b.pools, name)), atol=1e-4, err_msg=name)
 
 
+@pytest.mark.slow
 def test_decode_narrowed_to_the_reserved_streams_keeps_what_the_full_bound_keeps():
     # CAKE's cascade plans streams wide enough for a layer keeping the whole prompt; generate narrows
     # decode-time eviction to the slots the prefilled streams reserved: same tokens, same kept positions

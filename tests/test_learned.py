@@ -197,6 +197,7 @@ def test_learned_scores_follow_the_scorer(tiny, trained):
                 assert set(np.asarray(kept[layer][row][h]).tolist()) == top
 
 
+@pytest.mark.slow
 def test_a_scorer_without_the_distance_feature_still_loads_and_scores(tiny, tmp_path):
     """Scorers saved before the distance feature existed (features key, value, position) stay readable."""
     old = kvjax.train_scorer(tiny, 4, n_tokens=64, steps=3, eval_every=3, min_future=8, progress=False,

@@ -137,6 +137,7 @@ def _kept(out_cache, row):
     return [[np.asarray(hh).tolist() for hh in layer[row]] for layer in kept_positions(out_cache)]
 
 
+@pytest.mark.slow
 def test_kept_positions_and_tokens_equal_the_oracle_for_a_ragged_batch(tiny, scorer):
     # one prompt longer than the budget (evicts from the first step), one shorter (fills up first)
     prompts = [_prompt(40, seed=1), _prompt(18, seed=2)]
@@ -222,6 +223,7 @@ def test_pallas_path_keeps_the_xla_paths_positions(monkeypatch, tiny, scorer):
     np.testing.assert_allclose(np.asarray(a.pools.score), np.asarray(b.pools.score), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_streaming_perplexity_equals_the_oracle(tiny, scorer):
     """kvjax.perplexity with the policy: the first `budget` tokens prefilled (scored to their own end),
     the rest fed one at a time (chunk=1) and evicted as in decode; chunks of 8 stay within budget + 8."""

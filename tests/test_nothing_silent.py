@@ -208,6 +208,7 @@ def test_a_profile_without_the_model_identity_is_refused(tmp_path):
 # 12. a prefilled context answers several questions without recompressing
 
 
+@pytest.mark.slow
 def test_a_prefilled_context_answers_questions_like_context_and_question(params):
     ctx, q1, q2 = _prompt(120, 1), _prompt(7, 2), _prompt(11, 3)
     pol = P.KNorm(budget=32)

@@ -66,8 +66,8 @@ def test_packed_forward_equals_the_separate_projections(pair):
     np.testing.assert_allclose(kvjax.forward(packed, tokens), kvjax.forward(apart, tokens), atol=2e-5)
 
 
-@pytest.mark.parametrize("policy", [P.SnapKV(budget=24, window=8), P.RoCo(budget=24, chunk=8)],
-                         ids=["snapkv", "roco-chunked-and-evicting"])
+@pytest.mark.parametrize("policy", [pytest.param(P.SnapKV(budget=24, window=8), marks=pytest.mark.slow),
+                                    P.RoCo(budget=24, chunk=8)], ids=["snapkv", "roco-chunked-and-evicting"])
 def test_packed_generate_keeps_the_same_tokens_and_cache(pair, policy):
     apart, packed = pair
     a = kvjax.generate(apart, _prompts(), policy=policy, max_new_tokens=6)

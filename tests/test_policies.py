@@ -109,6 +109,7 @@ def test_h2o_without_decode_pressure_matches_full_cache(params):
     assert out.tokens == full.tokens
 
 
+@pytest.mark.slow
 def test_batch_with_different_lengths_and_ratio_budgets_equals_each_alone(params):
     prompts = [_prompt(n, seed=n) for n in (60, 25, 41)]
     for policy in (P.SnapKV(budget=0.5, window=4), P.H2O(budget=0.4, recent=4), P.KNorm(budget=12),

@@ -296,6 +296,7 @@ def _forward_nll(params, tokens):
     return -logp[np.arange(len(tokens) - 1), tokens[1:]]
 
 
+@pytest.mark.slow
 def test_full_cache_perplexity_equals_forward(params):
     texts = [_prompt(300, seed=7), _prompt(170, seed=8)]
     out = perplexity(params, texts, None, chunk=32)
