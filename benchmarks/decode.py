@@ -426,6 +426,8 @@ def main(argv=None):
                     help="unstacked: Weights.layers as a tuple of per-layer LayerWeights; packed: per-layer with "
                          "q|k|v and gate|up packed (kvjax.load's GPU layout)")
     args = ap.parse_args(argv)
+    if args.probe and args.weights != "stacked":
+        ap.error("--probe compares the weight layouts itself, from stacked weights: leave --weights stacked")
     args.variants = ["library"]
     EXTRA_OPTIONS.update(parse_option(o) for o in args.compiler_option)
     t_start = time.perf_counter()
