@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--policies: unknown {unknown}; known: {list(table)}")
     meta = _shapes.device_meta()
-    meta.update(model=f"Llama-3.1-8B shapes (random bf16 weights, per-layer buffers, {args.weights})" if not args.tiny else "tiny",
+    model = f"Llama-3.1-8B shapes (random bf16 weights, per-layer buffers, {args.weights})"
+    meta.update(model=model if not args.tiny else "tiny",
                 prompts=args.prompts, lengths=lengths, new_tokens=args.new, budget=args.budget,
                 weights_layout=args.weights)
     out = pathlib.Path(args.out)

@@ -193,13 +193,13 @@ def layer_qkv(lw: LayerWeights | PackedLayer, x, positions, config: ModelConfig,
     b, t, _ = x.shape
     h = rms_norm(x, lw.attn_norm, config.rms_norm_eps)
     kv, g, d = config.num_kv_heads, config.group_size, config.head_dim
-    # Three distinct operands: XLA:GPU otherwise merges the three projections into one GEMM by
-    # concatenating wq|wk|wv, a 50 MB copy per layer per decode step at Llama-8B shapes (1 ms of a
-    # 32 ms step at batch 408 on an H100, benchmarks/results/decode_tuning_h100.md).
     if isinstance(lw, PackedLayer):  # one GEMM, its columns split after
         qkv = _linear(h, lw.wqkv, lw.b_qkv)
         q, k, v = jnp.split(qkv, (kv * g * d, (kv * g + kv) * d), axis=-1)
     else:
+        # Three distinct operands: XLA:GPU otherwise merges the three projections into one GEMM by
+        # concatenating wq|wk|wv, a 50 MB copy per layer per decode step at Llama-8B shapes (1 ms of
+        # a 32 ms step at batch 408 on an H100, benchmarks/results/decode_tuning_h100.md).
         hq, hk, hv = jax.lax.optimization_barrier((h, h, h))
         q, k, v = _linear(hq, lw.wq, lw.bq), _linear(hk, lw.wk, lw.bk), _linear(hv, lw.wv, lw.bv)
     q, k, v = q.reshape(b, t, kv * g, d), k.reshape(b, t, kv, d), v.reshape(b, t, kv, d)

@@ -10,6 +10,8 @@ mesh splits the heads and the MLP columns over devices, so theirs stay apart.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +33,13 @@ def _cat(consume: bool, *parts):
     return out
 
 
+def _pack(lw: LayerWeights, consume: bool) -> PackedLayer:
+    return PackedLayer(attn_norm=lw.attn_norm, wqkv=_cat(consume, lw.wq, lw.wk, lw.wv), wo=lw.wo,
+                       mlp_norm=lw.mlp_norm, w_gate_up=_cat(consume, lw.w_gate, lw.w_up), w_down=lw.w_down,
+                       b_qkv=_cat(consume, lw.bq, lw.bk, lw.bv), bo=lw.bo, b_gate_up=_cat(consume, lw.b_gate, lw.b_up),
+                       b_down=lw.b_down)
+
+
 def pack_layers(weights: Weights, *, consume: bool = False) -> Weights:
     """Per-layer weights with each layer's q|k|v and gate|up packed (already packed: returned as
     they are; stacked weights raise ValueError: `unstack_layers` first).
@@ -42,13 +51,7 @@ def pack_layers(weights: Weights, *, consume: bool = False) -> Weights:
         raise ValueError("pack_layers packs per-layer weights (a tuple of LayerWeights); unstack_layers first")
     if weights.packed:
         return weights
-    layers = []
-    for lw in weights.layers:
-        layers.append(PackedLayer(
-            attn_norm=lw.attn_norm, wqkv=_cat(consume, lw.wq, lw.wk, lw.wv), wo=lw.wo, mlp_norm=lw.mlp_norm,
-            w_gate_up=_cat(consume, lw.w_gate, lw.w_up), w_down=lw.w_down, b_qkv=_cat(consume, lw.bq, lw.bk, lw.bv),
-            bo=lw.bo, b_gate_up=_cat(consume, lw.b_gate, lw.b_up), b_down=lw.b_down))
-    return Weights(embed=weights.embed, layers=tuple(layers), final_norm=weights.final_norm, lm_head=weights.lm_head)
+    return dataclasses.replace(weights, layers=tuple(_pack(lw, consume) for lw in weights.layers))
 
 
 def _unpack(p: PackedLayer, config) -> LayerWeights:
@@ -73,5 +76,4 @@ def unpack_layers(weights: Weights, config) -> Weights:
     """The inverse of `pack_layers` (weights not packed are returned as they are)."""
     if not weights.packed:
         return weights
-    layers = tuple(_unpack(p, config) for p in weights.layers)
-    return Weights(embed=weights.embed, layers=layers, final_norm=weights.final_norm, lm_head=weights.lm_head)
+    return dataclasses.replace(weights, layers=tuple(_unpack(p, config) for p in weights.layers))

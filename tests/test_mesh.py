@@ -75,9 +75,9 @@ def mesh_results():
         from kvjax.models import pack_layers, unstack_layers
         packed = dataclasses.replace(params, weights=pack_layers(unstack_layers(params.weights)))
         spk = kvjax.shard(packed, jax.make_mesh((1, 2), ("data", "model")))  # unpacked to be split
-        snap = P.SnapKV(budget=32, window=8)
-        rows.append(dict(packed_same=kvjax.generate(spk, prompts, policy=snap, max_new_tokens=6).tokens
-                         == kvjax.generate(params, prompts, policy=snap, max_new_tokens=6).tokens,
+        snapkv = P.SnapKV(budget=32, window=8)
+        rows.append(dict(packed_same=kvjax.generate(spk, prompts, policy=snapkv, max_new_tokens=6).tokens
+                         == kvjax.generate(params, prompts, policy=snapkv, max_new_tokens=6).tokens,
                          packed_after_shard=spk.weights.packed))
         try:
             kvjax.load("/never/read", mesh=jax.make_mesh((1, 2), ("data", "model")), packed=True)
