@@ -1,6 +1,6 @@
-"""On the GPU: the fused-append decode kernel (Triton) against the XLA path, bf16 and f32 (Triton runs
-f32 dots as TF32: ~1e-3), one and
-several splits, with and without a sliding window; then the probabilities decode-time eviction takes
+"""On the GPU: the fused-append decode kernel (Triton: new key, value and position written in place)
+against the XLA path, bf16 and f32 (Triton runs f32 dots as TF32: ~1e-3), one and several splits,
+with and without a sliding window; then the probabilities decode-time eviction takes
 from the kernel's per-stream logits against the XLA path. Prints the largest differences.
 
     python benchmarks/check_append_gpu.py
@@ -28,20 +28,25 @@ for dtype in (jnp.bfloat16, jnp.float32):
     for splits in (1, 2, 5):
         for window in (False, True):
             q, k, v, start, length, kn, vn, slot, p = case(6, 8, 4, 128, 700, dtype, splits)
-            kw = {}
+            # the kernel also writes each sequence's new position (the newest) at its streams' slots
+            pos = jnp.asarray(np.tile(np.arange(p, dtype=np.int32), (6, 1)))
+            new_pos = jnp.full((6,), 10 ** 6, jnp.int32)
+            want_pos = np.asarray(pos).copy()
+            rows = np.nonzero(np.asarray(slot) >= 0)
+            want_pos[rows[0], np.asarray(slot)[rows]] = 10 ** 6
+            kw = dict(append=(kn, vn, slot), append_pos=(pos, new_pos))
             if window:
-                pos = np.tile(np.arange(p, dtype=np.int32), (6, 1))
-                rows = np.nonzero(np.asarray(slot) >= 0)
-                pos[rows[0], np.asarray(slot)[rows]] = 10 ** 6  # the new token is the newest position
-                kw = dict(pos=jnp.asarray(pos), min_pos=jnp.asarray([0, 50, 300, 0, 900, 20], jnp.int32))
-            ref, kr, vr = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.088, append=(kn, vn, slot), **kw)
-            got, kg, vg = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.088, implementation="pallas",
-                                                      num_splits=splits, append=(kn, vn, slot), **kw)
+                kw.update(pos=pos, min_pos=jnp.asarray([0, 50, 300, 0, 900, 20], jnp.int32))
+            ref, kr, vr, pr = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.088, **kw)
+            got, kg, vg, pg = rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.088, implementation="pallas",
+                                                          num_splits=splits, **kw)
             diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
             same_pools = bool(jnp.array_equal(kg, kr) and jnp.array_equal(vg, vr))
+            same_pos = bool(np.array_equal(np.asarray(pg), want_pos) and np.array_equal(np.asarray(pr), want_pos))
             worst = max(worst, diff)
-            print(f"{jnp.dtype(dtype).name} splits={splits} window={window}: max |diff| {diff:.2e}, pools equal {same_pools}")
-            assert same_pools and diff < 3e-2  # bf16 values, or f32 through TF32 dots
+            print(f"{jnp.dtype(dtype).name} splits={splits} window={window}: max |diff| {diff:.2e}, pools equal "
+                  f"{same_pools}, positions written {same_pos}")
+            assert same_pools and same_pos and diff < 3e-2  # bf16 values, or f32 through TF32 dots
 print("append ok, worst", worst)
 
 # decode-time eviction: the per-stream logits the kernel stores, as probabilities, against the XLA path

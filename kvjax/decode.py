@@ -27,7 +27,7 @@ from kvjax.decode_attention import append_and_attend, decode_attention, region_t
 from kvjax.evict_fused import decode_evict_fused, supports as evict_kernel_supports
 from kvjax.evict import decode_evict
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
-from kvjax.pallas_kernels.ragged_decode_attention import write_rows
+from kvjax.pallas_kernels._common import write_rows
 from kvjax.policies.policy import Policy
 
 #: Batch sizes [lo, hi) whose decode programs on GPU run their matmuls through cuBLAS only, not
@@ -97,21 +97,20 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         rel = st.start - base
 
         def attend(q, kn, vn):  # q [B, H, G, 1, D], kn/vn [B, H, 1, D]
-            p = dataclasses.replace(pools, pos=_append(pools.pos, slot, jnp.broadcast_to(next_pos[:, None], (b, h)),
-                                                       active))
             probs = None
             if fused:
-                # the kernel writes the new key/value itself and reads only each stream's used slots,
-                # wherever they lie in the pool; with eviction it also hands back the logits per stream
-                out, k_pool, v_pool, *rest = append_and_attend(
-                    q[:, :, :, 0], p.k, p.v, st.start, st.length, p.pos, min_pos, kn[:, :, 0], vn[:, :, 0],
-                    jnp.where(active[:, None], slot, -1), scale=scale, region_slots=span,
+                # the kernel writes the new key/value/position itself and reads only each stream's used
+                # slots, wherever they lie in the pool; with eviction it also hands back the logits per stream
+                out, k_pool, v_pool, pos, *rest = append_and_attend(
+                    q[:, :, :, 0], pools.k, pools.v, st.start, st.length, pools.pos, min_pos, kn[:, :, 0],
+                    vn[:, :, 0], jnp.where(active[:, None], slot, -1), next_pos, scale=scale, region_slots=span,
                     skewed=plan.adaptive_heads, stream_logits=width if need_probs else None,
                     raw_logits=evict_kernel)
             else:
-                k_pool = _append(p.k, slot, kn[:, :, 0].astype(p.k.dtype), active)
-                v_pool = _append(p.v, slot, vn[:, :, 0].astype(p.v.dtype), active)
-            p = Pools(k_pool, v_pool, p.pos, p.score, p.score2)
+                pos = _append(pools.pos, slot, jnp.broadcast_to(next_pos[:, None], (b, h)), active)
+                k_pool = _append(pools.k, slot, kn[:, :, 0].astype(pools.k.dtype), active)
+                v_pool = _append(pools.v, slot, vn[:, :, 0].astype(pools.v.dtype), active)
+            p = Pools(k_pool, v_pool, pos, pools.score, pools.score2)
             length = st.length + active[:, None].astype(st.length.dtype)
             if fused:
                 if evict_kernel:

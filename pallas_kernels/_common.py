@@ -35,6 +35,30 @@ def triton_kwargs(interpret, num_warps: int | None = None, num_stages: int | Non
     return {"compiler_params": triton_params(num_warps, num_stages)}
 
 
+def write_rows(region, slot, value):
+    """region [B, P, ...]; write value [B, H, ...] at slot [B, H] (-1: nothing) with one in-place
+    XLA scatter. Rows without a slot write out of range and are dropped, so no gather of the old
+    values runs first."""
+    b, p = region.shape[:2]
+    rows = jnp.arange(b)[:, None]
+    idx = jnp.where(slot >= 0, slot, p + jnp.arange(slot.shape[1])[None, :])  # unique, out of range: dropped
+    return region.at[rows, idx].set(value.astype(region.dtype), mode="drop", unique_indices=True)
+
+
+def append_tokens(k_pool, v_pool, length, append, append_pos=None):
+    """Write each stream's new key/value at its slot with XLA scatters (the paths without the fused
+    GPU kernel). append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int, -1 = none);
+    append_pos = (pos [B, P], new_pos [B]) or None: also write each sequence's new position there.
+    Returns (k_pool, v_pool, pos or None, length + 1 where a token was written)."""
+    k_new, v_new, slot = append
+    pos = None
+    if append_pos is not None:
+        pos, new_pos = append_pos
+        pos = write_rows(pos, slot, jnp.broadcast_to(new_pos[:, None], slot.shape))
+    return (write_rows(k_pool, slot, k_new), write_rows(v_pool, slot, v_new), pos,
+            length + (slot >= 0).astype(length.dtype))
+
+
 def reduce_terms(terms, how: str):
     """Sequential reduction of a list of same-shape arrays, "mean" or "max" (in index order, as XLA
     reduces a few heads): a GQA group's probabilities inside a kernel and in its jnp reference."""

@@ -26,15 +26,14 @@ Two kernels share that plan:
   DMA windows start on whole tiles: blocks start at multiples of 16 slots (of 128 with `pos`, whose
   windows are lane slices), so P must be a multiple of 16 (128 with `pos`); otherwise the wrapper
   pads the pools, which copies them: allocate pools with aligned P.
-Policies that evict while decoding also need the new query's attention probabilities over each
-stream. `stream_logits=W` returns every query head's logits per stream offset, logits [B, H, G, W]
-(offset j = slot start + j; the new token at offset `length` with `append`): the GPU kernel stores
-the logits it computes anyway (a few bytes per slot, no second read of the keys); elsewhere an XLA
-gather of the streams' keys computes them (`stream_logits_reference`). With the log-sum-exp
-(`return_lse`) they give the probabilities the attention used.
-`backend=None` picks the GPU kernel when `jax.default_backend() == "gpu"` and the TPU kernel
-otherwise (so `jax.export(..., platforms=["tpu"])` on a CPU host checks the TPU lowering).
-Both kernels run on CPU in interpret mode.
+Policies that evict while decoding also need the new query's attention probabilities over each stream.
+`stream_logits=W` returns every query head's logits per stream offset, logits [B, H, G, W] (offset j =
+slot start + j; the new token at offset `length` with `append`): the GPU kernel stores the logits it
+computes anyway (a few bytes per slot, no second read of the keys); elsewhere an XLA gather of the
+streams' keys computes them (`stream_logits_reference`). With the log-sum-exp (`return_lse`) they give
+the probabilities the attention used. `backend=None` picks the GPU kernel when `jax.default_backend() ==
+"gpu"` and the TPU kernel otherwise (so `jax.export(..., platforms=["tpu"])` on a CPU host checks the
+TPU lowering). Both kernels run on CPU in interpret mode.
 """
 
 from __future__ import annotations
@@ -207,12 +206,12 @@ def _logits_pad(block_kv: int) -> int:
 
 
 def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *rest, sm_scale, block_kv,
-                num_splits, pool_size, use_pos, cdtype, normalize, append, g, logits):
+                num_splits, pool_size, use_pos, cdtype, normalize, append, write_pos, g, logits):
     rest = list(rest)
-    kn_ref, vn_ref, slot_ref = rest[:3] if append else (None, None, None)
-    del rest[:3 if append else 0]
-    o_ref, m_ref, l_ref = rest[:3]
-    ko_ref, vo_ref = rest[3:5] if append else (None, None)
+    n_in = (3 + write_pos) if append else 0  # k_new, v_new, slot[, new_pos]
+    new_refs = rest[:n_in]
+    o_ref, m_ref, l_ref, *outs = rest[n_in:]
+    pools_out = outs[:n_in - 1] if append else []  # the aliased pools: k, v[, pos]
     lg_ref = rest[-1] if logits else None
     split = pl.program_id(2)
     start = start_ref[0, 0]
@@ -238,8 +237,7 @@ def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *r
     init = _softmax_init(q.shape)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     if append:
-        m, l, acc, s_new, include = _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, split,
-                                                      sm_scale)
+        m, l, acc, s_new, include = _append_new_token(m, l, acc, q, new_refs, pools_out, split, sm_scale)
         if logits:  # the new token sits at offset `length` of its stream
             pltriton.store(lg_ref.at[:, pl.ds(length + pad, 1)], s_new, mask=include & real_head)
     if normalize:  # one split: the final output, in q's dtype (a quarter of the f32 partial's bytes)
@@ -250,11 +248,13 @@ def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *r
     l_ref[0, 0, 0] = l
 
 
-def _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, split, sm_scale):
-    """Split 0 of a stream writes the new key/value at its slot (the pools are aliased in and out)
-    and adds the new token to its softmax from registers. No program reads that slot from the pool
-    (streams are passed without it), so the write races with nothing that matters: a block that
-    over-reads it masks it by index. Returns (m, l, acc, the new token's logits [G', 1], included)."""
+def _append_new_token(m, l, acc, q, new_refs, pools_out, split, sm_scale):
+    """Split 0 of a stream writes the new key/value (and with `new_pos`, the sequence's new position) at its
+    slot (the pools are aliased in and out) and adds the new token to its softmax from registers. No program
+    reads that slot from the pool (streams are passed without it), so the write races with nothing that
+    matters: a block that over-reads it masks it by index. Returns (m, l, acc, the new token's logits [G',
+    1], included)."""
+    kn_ref, vn_ref, slot_ref, *npos_ref = new_refs
     slot = slot_ref[0, 0]
     include = (split == 0) & (slot >= 0)
     kn = kn_ref[0]  # [1, D]
@@ -262,8 +262,11 @@ def _append_new_token(m, l, acc, q, kn_ref, vn_ref, slot_ref, ko_ref, vo_ref, sp
 
     @pl.when(include)
     def _():
+        ko_ref, vo_ref, *po_ref = pools_out
         ko_ref[0, pl.ds(slot, 1), :] = kn.astype(ko_ref.dtype)
         vo_ref[0, pl.ds(slot, 1), :] = vn.astype(vo_ref.dtype)
+        if po_ref:
+            po_ref[0][0, pl.ds(slot, 1)] = jnp.full((1,), npos_ref[0][0, 0], po_ref[0].dtype)
 
     s_new = jnp.sum(q.astype(jnp.float32) * kn.astype(jnp.float32), axis=1, keepdims=True) * sm_scale  # [G', 1]
     m_new = jnp.where(include, jnp.maximum(m, s_new), m)
@@ -280,30 +283,30 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
     cdtype = _compute_dtype(qp.dtype, k_pool.dtype, v_pool.dtype)
     normalize = num_splits == 1
     append = new is not None
+    write_pos = append and len(new) == 4  # (k_new, v_new, slot, new_pos): `pos` is the pool to write
     logits = logits_width is not None
     kernel = functools.partial(_gpu_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
                                pool_size=p, use_pos=use_pos, cdtype=cdtype, normalize=normalize, append=append,
-                               g=g, logits=logits)
+                               write_pos=write_pos, g=g, logits=logits)
     scalar = pl.BlockSpec((1, 1), lambda i, j, s: (i, j))
     per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j, s: (i,) + (0,) * len(shape))
     part = lambda last: pl.BlockSpec((1, 1, 1, gp, last), lambda i, j, s: (i, j, s, 0, 0))
     in_specs = [scalar, scalar, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((1, 1, gp, d), lambda i, j, s: (i, j, 0, 0)),
                 per_seq((p, d)), per_seq((p, d)),
-                per_seq((p,)) if use_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))]
+                per_seq((p,)) if use_pos or write_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))]
     out_specs = [part(d), part(1), part(1)]
     out_shape = [jax.ShapeDtypeStruct((b, h, num_splits, gp, d), qp.dtype if normalize else jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32),
                  jax.ShapeDtypeStruct((b, h, num_splits, gp, 1), jnp.float32)]
     extra, aliases = (), {}
     if append:
-        k_new, v_new, slot = new
         row = pl.BlockSpec((1, 1, d), lambda i, j, s: (i, j, 0))
-        in_specs += [row, row, scalar]
-        out_specs += [per_seq((p, d)), per_seq((p, d))]
-        out_shape += [jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype), jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype)]
-        extra = (k_new, v_new, slot)
-        aliases = {4: 3, 5: 4}  # k_pool, v_pool are updated in place
+        in_specs += [row, row, scalar] + [pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))] * write_pos
+        out_specs += [per_seq((p, d)), per_seq((p, d))] + [per_seq((p,))] * write_pos
+        out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k_pool, v_pool, pos)[:2 + write_pos]]
+        extra = new[:3] + ((new[3].reshape(b, 1),) if write_pos else ())
+        aliases = {4: 3, 5: 4, 6: 5} if write_pos else {4: 3, 5: 4}  # the pools are updated in place
     if logits:  # per stream: `pad` columns, the W offsets, one block of slack; never initialised
         cols = _logits_pad(block_kv) + logits_width + block_kv
         out_specs.append(pl.BlockSpec((None, None, gp, cols), lambda i, j, s: (i, j, 0, 0)))  # [G', cols] per program
@@ -459,28 +462,11 @@ def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int, sk
     return int(max(1, min(want, per_stream // (2 * block_kv), 32)))
 
 
-def write_rows(region, slot, value):
-    """region [B, P, ...]; write value [B, H, ...] at slot [B, H] (-1: nothing) with one in-place
-    XLA scatter. Rows without a slot write out of range and are dropped, so no gather of the old
-    values runs first."""
-    b, p = region.shape[:2]
-    rows = jnp.arange(b)[:, None]
-    idx = jnp.where(slot >= 0, slot, p + jnp.arange(slot.shape[1])[None, :])  # unique, out of range: dropped
-    return region.at[rows, idx].set(value.astype(region.dtype), mode="drop", unique_indices=True)
-
-
-def append_tokens(k_pool, v_pool, length, append):
-    """Write each stream's new key/value at its slot with an XLA scatter (the path without the fused
-    GPU kernel). append = (k_new [B, H, D], v_new [B, H, D], slot [B, H] int, -1 = none).
-    Returns (k_pool, v_pool, length + 1 where a token was written)."""
-    k_new, v_new, slot = append
-    return write_rows(k_pool, slot, k_new), write_rows(v_pool, slot, v_new), length + (slot >= 0).astype(length.dtype)
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "block_kv", "num_splits", "interpret", "backend",
                                              "num_warps", "num_stages", "return_lse", "stream_logits",
                                              "raw_stream_logits"))
-def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None, *,
+def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None,
+                                   append_pos=None, *,
                                    sm_scale: float, block_kv: int | None = None, num_splits: int | None = None,
                                    interpret=False, backend: str | None = None, num_warps: int | None = None,
                                    num_stages: int | None = None, return_lse: bool = False,
@@ -496,7 +482,8 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
     gp = max(16, 1 << (g - 1).bit_length())  # Triton dots need M >= 16; Mosaic likes full sublane tiles
     qp = jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
     use_pos = min_pos is not None
-    pos_arr = pos.astype(jnp.int32) if use_pos else jnp.zeros((b, 1), jnp.int32)  # unused: no [B, P] fill
+    pos_arr = (append_pos[0] if append_pos is not None and backend == "gpu"  # read and written: one aliased operand
+               else pos.astype(jnp.int32) if use_pos else jnp.zeros((b, 1), jnp.int32))  # unused: no [B, P] fill
     minpos = min_pos.astype(jnp.int32) if use_pos else jnp.zeros((b,), jnp.int32)
     args = (qp, k_pool, v_pool, start.astype(jnp.int32), length.astype(jnp.int32), pos_arr, minpos)
     kw = dict(sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits, use_pos=use_pos, interpret=interpret)
@@ -506,12 +493,13 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
         if append is not None:
             k_new, v_new, slot = append
             new = (k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype), slot.astype(jnp.int32))
+            new += () if append_pos is None else (append_pos[1].astype(jnp.int32),)
         res = _gpu_call(*args, new, **kw, num_warps=num_warps, num_stages=num_stages, g=g,
                         logits_width=stream_logits, raw_logits=raw_stream_logits)
         out, m, l = res[:3]
         # the kernel normalised a single split itself
         out = out[:, :, 0, :g] if num_splits == 1 else _merge_splits(out, m, l, g, q.dtype)
-        pools = () if append is None else (res[3], res[4])
+        pools = () if append is None else tuple(res[3:5 if append_pos is None else 6])
         if stream_logits is not None:
             logits = (res[-1],)
     else:
@@ -519,11 +507,12 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
             raise ValueError("raw_stream_logits: only the GPU kernel stores the logits (backend 'gpu')")
         n_after = length
         if append is not None:
-            k_pool, v_pool, n_after = append_tokens(k_pool, v_pool, length, append)
+            k_pool, v_pool, pos_w, n_after = _common.append_tokens(k_pool, v_pool, length, append, append_pos)
+            pos, pos_arr = (pos_w, pos_w) if pos_w is not None and use_pos else (pos, pos_arr)  # read from the pool
             args = (qp, k_pool, v_pool, start.astype(jnp.int32), n_after.astype(jnp.int32), pos_arr, minpos)
         out, m, l = _tpu_call(*args, **kw)
         out = _merge_splits(out, m, l, g, q.dtype)
-        pools = () if append is None else (k_pool, v_pool)
+        pools = () if append is None else (k_pool, v_pool) + (() if pos_w is None else (pos_w,))
         if stream_logits is not None:  # the Mosaic kernel does not store them: gather the streams' keys
             logits = (stream_logits_reference(q, k_pool, start, n_after, sm_scale=sm_scale, width=stream_logits,
                                               pos=pos, min_pos=min_pos),)
@@ -534,8 +523,9 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
 def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float, min_pos=None, pos=None,
                             implementation: Literal["pallas", "xla"] = "xla", interpret=False,
                             block_kv: int | None = None, num_splits: int | None = None,
-                            backend: Literal["gpu", "tpu"] | None = None, append=None, return_lse: bool = False,
-                            stream_logits: int | None = None, raw_stream_logits: bool = False):
+                            backend: Literal["gpu", "tpu"] | None = None, append=None, append_pos=None,
+                            return_lse: bool = False, stream_logits: int | None = None,
+                            raw_stream_logits: bool = False):
     """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
@@ -549,6 +539,9 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     `slot` (= start + length; -1 writes nothing) and attend over the stream with it; returns (out, k_pool,
     v_pool). The new token is always visible (with `pos`, it must be the newest position, as in a decode
     step). The GPU kernel writes it itself, in place, from registers; elsewhere an XLA scatter runs first.
+    `append_pos = (pos_pool [B, P] int32, new_pos [B] int)` (with `append`): also write each sequence's
+    new position at its streams' slots in pos_pool, returned after v_pool (`pos`, if given, must be
+    this pool); the GPU kernel writes it too, so a decode step launches no scatter.
     `return_lse`: also return each query head's log-sum-exp over its stream, lse [B, H, G] float32
     (+inf for an empty stream). `stream_logits=W`: also return logits [B, H, G, W] float32, each
     query head's scaled q.k at offset j of its stream (with `append`, the new token at offset
@@ -578,8 +571,13 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
         if k_new.shape != (b, h, d) or v_new.shape != (b, h, d) or slot.shape != (b, h):
             raise ValueError(f"append must be (k_new [B, H, D], v_new [B, H, D], slot [B, H]) = "
                              f"{(b, h, d)}, {(b, h, d)}, {(b, h)}; got {k_new.shape}, {v_new.shape}, {slot.shape}")
+    if append_pos is not None:
+        pool, new_pos = append_pos
+        if append is None or pool.shape != k_pool.shape[:2] or pool.dtype != jnp.int32 or new_pos.shape != (b,):
+            raise ValueError(f"append_pos must be (pos_pool int32{list(k_pool.shape[:2])}, new_pos [{b}]) with append; "
+                             f"got {pool.dtype}{list(pool.shape)}, {list(new_pos.shape)}, append={append is not None}")
     if implementation == "pallas":
-        return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append,
+        return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append, append_pos,
                                               sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
                                               interpret=interpret, backend=backend, return_lse=return_lse,
                                               stream_logits=stream_logits, raw_stream_logits=raw_stream_logits)
@@ -587,11 +585,13 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     if raw_stream_logits:
         raise ValueError("raw_stream_logits: only the Pallas GPU kernel stores the logits")
+    pos_w = None
     if append is not None:
-        k_pool, v_pool, length = append_tokens(k_pool, v_pool, length, append)
+        k_pool, v_pool, pos_w, length = _common.append_tokens(k_pool, v_pool, length, append, append_pos)
+        pos = pos if pos is None or pos_w is None else pos_w
     out = ragged_decode_attention_reference(q, k_pool, v_pool, start, length, sm_scale=sm_scale, pos=pos,
                                             min_pos=min_pos)
-    extra = (() if append is None else (k_pool, v_pool)) + (
+    extra = (() if append is None else (k_pool, v_pool)) + (() if pos_w is None else (pos_w,)) + (
         (stream_log_sum_exp(q, k_pool, start, length, sm_scale=sm_scale, pos=pos, min_pos=min_pos),) if return_lse else ())
     if stream_logits is not None:
         extra += (stream_logits_reference(q, k_pool, start, length, sm_scale=sm_scale, width=stream_logits, pos=pos,

@@ -135,12 +135,16 @@ def test_kernel_lowers_for_tpu(dtype, window):
                                                                 backend="tpu"), q, k, v, start, length)
 
 
-@pytest.mark.parametrize("window", [False, True], ids=["plain", "window"])
-def test_kernel_lowers_for_gpu_triton(window):
+@pytest.mark.parametrize("window,append", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "window", "window-append-pos"])
+def test_kernel_lowers_for_gpu_triton(window, append):
     q, k, v, start, length = _case(2, 3, 3, 64, [[300, 100, 7], [0, 250, 64]], seed=0, dtype=jnp.bfloat16)
     extra = {}
     if window:
         extra = dict(pos=jnp.zeros(k.shape[:2], jnp.int32), min_pos=jnp.zeros((2,), jnp.int32))
+    if append:  # the kernel writes the new key, value and position in place
+        extra.update(append=(q[:, :, 0], q[:, :, 0], start + length),
+                     append_pos=(extra["pos"], jnp.ones((2,), jnp.int32)))
     try:
         lc.lower_for_gpu(lambda q, k, v, s, n: rda.ragged_decode_attention(q, k, v, s, n, sm_scale=0.1, **extra,
                                                                            implementation="pallas", backend="gpu"),
@@ -194,3 +198,35 @@ def test_append_writes_the_new_token_and_attends_to_it(backend, num_splits):
         np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
         np.testing.assert_array_equal(np.asarray(k2), k_ref)
         np.testing.assert_array_equal(np.asarray(v2), v_ref)
+
+
+@pytest.mark.parametrize("backend,num_splits,window", [("gpu", 1, True), ("gpu", 3, False), ("tpu", 2, True)])
+def test_append_pos_writes_each_new_position_in_place(backend, num_splits, window):
+    # the position pool is written at each stream's new slot (the GPU kernel writes it itself, no
+    # scatter); with a sliding window its old positions hide slots and the new token stays visible
+    q, k, v, start, length = _case(2, 3, 4, 32, [[40, 0, 77], [5, 64, 20]], seed=8, gap=4)
+    rng = np.random.default_rng(2)
+    kn, vn = (jnp.asarray(rng.normal(size=(2, 3, 32)).astype(np.float32)) for _ in range(2))
+    slot = jnp.where(jnp.asarray([[True], [False]]), start + length, -1).astype(jnp.int32)
+    pos = rng.integers(0, 200, size=k.shape[:2]).astype(np.int32)
+    new_pos = jnp.asarray([300, 301], jnp.int32)
+    k_ref, v_ref, pos_ref = np.asarray(k).copy(), np.asarray(v).copy(), pos.copy()
+    for b, h in np.argwhere(np.asarray(slot) >= 0):
+        s = int(slot[b, h])
+        k_ref[b, s], v_ref[b, s], pos_ref[b, s] = kn[b, h], vn[b, h], new_pos[b]
+    min_pos = jnp.asarray([120, 60], jnp.int32) if window else None
+    win = dict(pos=jnp.asarray(pos_ref), min_pos=min_pos) if window else {}
+    want = rda.ragged_decode_attention(q, jnp.asarray(k_ref), jnp.asarray(v_ref), start, length + (slot >= 0),
+                                       sm_scale=0.3, **win)
+    for impl in ("xla", "pallas"):
+        out, k2, v2, pos2 = rda.ragged_decode_attention(
+            q, k, v, start, length, sm_scale=0.3, implementation=impl, interpret=True, backend=backend,
+            block_kv=16, num_splits=num_splits, append=(kn, vn, slot), append_pos=(jnp.asarray(pos), new_pos),
+            **(dict(pos=jnp.asarray(pos), min_pos=min_pos) if window else {}))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=2e-5)
+        np.testing.assert_array_equal(np.asarray(pos2), pos_ref)
+        np.testing.assert_array_equal(np.asarray(k2), k_ref)
+        np.testing.assert_array_equal(np.asarray(v2), v_ref)
+    with pytest.raises(ValueError, match="append_pos must be"):
+        rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3, append=(kn, vn, slot),
+                                    append_pos=(jnp.asarray(pos, jnp.int16), new_pos))
