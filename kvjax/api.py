@@ -160,13 +160,6 @@ class Generation:
     stats: dict[str, Any]
 
 
-def _default_implementation() -> str:
-    # the Pallas decode kernel reads only each stream's used slots: 1.2-5.8x faster than the XLA
-    # region path on an H100 (docs/PERFORMANCE.md), for every policy (those that evict while
-    # decoding take the per-stream logits it stores); XLA elsewhere (no kernel on CPU)
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
-
-
 def _budget_covers(policy: Policy, n: int) -> bool:
     b = policy.budget
     if isinstance(b, (float, np.floating)):
@@ -221,7 +214,7 @@ def prefill(params: Params, prompt=None, policy=None, *, max_new_tokens: int = 6
         lengths_d, q_lengths_d = par.put(lengths, par.batch(1)), par.put(q_lengths, par.batch(1))
     else:
         lengths_d, q_lengths_d = lengths, q_lengths
-    impl = implementation or _default_implementation()
+    impl = implementation or validate.default_implementation()
     rng = jax.random.key(seed)
     if several:
         if any(p.prefill_mode is PrefillMode.CHUNKED for p in pols):
@@ -314,7 +307,7 @@ def _from_prefilled(params: Params, pre: Prefilled, question, max_new_tokens: in
         cache = _copy(cache)  # the decode loop consumes its cache; the Prefilled stays reusable
     if q_seqs:
         q_tokens, q_lengths = prompts.pad(q_seqs, q_bucket, prompts.pad_id(params))
-        impl = implementation or _default_implementation()
+        impl = implementation or validate.default_implementation()
         q_t, q_n = (q_tokens, q_lengths) if par is None else (par.put(q_tokens, par.batch(2)),
                                                               par.put(q_lengths, par.batch(1)))
         cache, logits = _feed(params.weights, cache, logits, q_t, q_n, pre.policy, config=params.config,
@@ -374,7 +367,7 @@ def generate(params: Params, prompt=None, policy: Policy | None = None, *, max_n
         raise validate.bad_input("stop", list(strings), "token ids: this checkpoint has no tokenizer to read strings")
     state = loop.drive(params.weights, state, pre.policy, max_new_tokens, stop_ids, config=params.config,
                        plan=pre.plan, sampler=sampler, implementation=implementation or
-                       _default_implementation(), stop_strings=strings, decode=decode,
+                       validate.default_implementation(), stop_strings=strings, decode=decode,
                        parallel=par)
     out, n_gen = loop.host(state.tokens, par)[:rows], loop.host(state.n_gen, par)[:rows]
     t2 = time.perf_counter()

@@ -17,6 +17,16 @@ def default_backend_kind(backend: str | None) -> str:
     return backend
 
 
+def triton_available() -> bool:
+    """Whether this JAX still ships the Pallas Triton backend that the GPU kernels lower through
+    (JAX 0.12 deprecates it in favour of Mosaic GPU; without it kvjax decodes through XLA on GPU)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def triton_params(num_warps: int | None = None, num_stages: int | None = None):
     """Compiler params that pin a GPU `pallas_call` to the Triton lowering.
 

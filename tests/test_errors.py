@@ -121,3 +121,20 @@ def test_budget_larger_than_the_prompt_keeps_everything_and_says_so(params):
     full = kvjax.generate(params, [prompt], max_new_tokens=3)
     assert out.stats["budget_covers_prompt"] == [True]
     assert out.tokens == full.tokens
+
+
+def test_gpu_without_pallas_triton_decodes_through_xla_and_says_why_pallas_cannot(params, monkeypatch):
+    # JAX 0.12 deprecates the Pallas Triton backend; where it is gone, the GPU default is the XLA
+    # path and asking for the kernels is an error naming `implementation`, before anything compiles
+    import jax
+
+    from kvjax import validate
+    from kvjax.pallas_kernels import _common
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(_common, "triton_available", lambda: False)
+    assert validate.default_implementation() == "xla"
+    with pytest.raises(ValueError, match="implementation.*no Pallas Triton backend"):
+        kvjax.generate(params, [np.zeros(5, np.int32)], max_new_tokens=2, implementation="pallas")
+    monkeypatch.setattr(_common, "triton_available", lambda: True)
+    assert validate.default_implementation() == "pallas"
