@@ -252,8 +252,8 @@ def _append_new_token(m, l, acc, q, new_refs, pools_out, split, sm_scale):
     """Split 0 of a stream writes the new key/value (and with `new_pos`, the sequence's new position) at its
     slot (the pools are aliased in and out) and adds the new token to its softmax from registers. No program
     reads that slot from the pool (streams are passed without it), so the write races with nothing that
-    matters: a block that over-reads it masks it by index. Returns (m, l, acc, the new token's logits [G',
-    1], included)."""
+    matters: a block that over-reads it masks it by index.
+    Returns (m, l, acc, the new token's logits [G', 1], included)."""
     kn_ref, vn_ref, slot_ref, *npos_ref = new_refs
     slot = slot_ref[0, 0]
     include = (split == 0) & (slot >= 0)
