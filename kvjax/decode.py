@@ -27,7 +27,7 @@ from kvjax.decode_attention import append_and_attend, decode_attention, region_t
 from kvjax.evict_fused import decode_evict_fused, supports as evict_kernel_supports
 from kvjax.evict import decode_evict
 from kvjax.models import ModelConfig, Weights, decoder_layer, embed, final_logits, scan_layers
-from kvjax.pallas_kernels._common import write_rows
+from kvjax.pallas_kernels._common import append_tokens
 from kvjax.policies.policy import Policy
 
 #: Batch sizes [lo, hi) whose decode programs on GPU run their matmuls through cuBLAS only, not
@@ -43,11 +43,6 @@ def gemm_compiler_options(batch: int) -> dict:
     if jax.default_backend() == "gpu" and lo <= batch < hi:
         return {"xla_gpu_enable_triton_gemm": False}
     return {}
-
-
-def _append(region, slot, value, active):
-    """region [B, S, ...]; write value [B, H, ...] at slot [B, H] where active [B] (in place)."""
-    return write_rows(region, jnp.where(active[:, None], slot, -1), value)
 
 
 def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=None, *, config: ModelConfig,
@@ -71,7 +66,6 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         step = lambda w, c, t, pol, a, cfg: decode_step(w, c, t, pol, a, config=cfg, plan=plan,  # noqa: E731
                                                         implementation=implementation, fused_eviction=fused_eviction)
         return parallel.decode(step, weights, config, cache, tokens, policy, active)
-    h = config.num_kv_heads
     next_pos = cache.next_pos
     positions = next_pos[:, None]
     span = plan.max_span
@@ -93,7 +87,7 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
         lw, base, st, step_due, layer = xs
         # The new token goes straight into the pool and evictions move slots in place: the pool is
         # a loop carry, so XLA updates it without copying; only reads slice the layer's region.
-        slot = st.start + st.length
+        slot = jnp.where(active[:, None], st.start + st.length, -1)  # each stream's new slot; -1: inactive row
         rel = st.start - base
 
         def attend(q, kn, vn):  # q [B, H, G, 1, D], kn/vn [B, H, 1, D]
@@ -103,13 +97,12 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
                 # slots, wherever they lie in the pool; with eviction it also hands back the logits per stream
                 out, k_pool, v_pool, pos, *rest = append_and_attend(
                     q[:, :, :, 0], pools.k, pools.v, st.start, st.length, pools.pos, min_pos, kn[:, :, 0],
-                    vn[:, :, 0], jnp.where(active[:, None], slot, -1), next_pos, scale=scale, region_slots=span,
+                    vn[:, :, 0], slot, next_pos, scale=scale, region_slots=span,
                     skewed=plan.adaptive_heads, stream_logits=width if need_probs else None,
                     raw_logits=evict_kernel)
             else:
-                pos = _append(pools.pos, slot, jnp.broadcast_to(next_pos[:, None], (b, h)), active)
-                k_pool = _append(pools.k, slot, kn[:, :, 0].astype(pools.k.dtype), active)
-                v_pool = _append(pools.v, slot, vn[:, :, 0].astype(pools.v.dtype), active)
+                k_pool, v_pool, pos, _ = append_tokens(pools.k, pools.v, st.length, (kn[:, :, 0], vn[:, :, 0], slot),
+                                                       (pools.pos, next_pos))
             p = Pools(k_pool, v_pool, pos, pools.score, pools.score2)
             length = st.length + active[:, None].astype(st.length.dtype)
             if fused:
