@@ -95,11 +95,13 @@ def decode_step(weights: Weights, cache: Cache, tokens, policy: Policy, active=N
             if fused:
                 # the kernel writes the new key/value/position itself and reads only each stream's used
                 # slots, wherever they lie in the pool; with eviction it also hands back the logits per stream
+                # every layer's start/length and this layer's index: a [B, H] row sliced out per layer
+                # is a copy XLA runs before the kernel (two small launches per layer)
                 out, k_pool, v_pool, pos, *rest = append_and_attend(
-                    q[:, :, :, 0], pools.k, pools.v, st.start, st.length, pools.pos, min_pos, kn[:, :, 0],
-                    vn[:, :, 0], slot, next_pos, scale=scale, region_slots=span,
+                    q[:, :, :, 0], pools.k, pools.v, cache.streams.start, cache.streams.length, pools.pos, min_pos,
+                    kn[:, :, 0], vn[:, :, 0], slot, next_pos, scale=scale, region_slots=span,
                     skewed=plan.adaptive_heads, stream_logits=width if need_probs else None,
-                    raw_logits=evict_kernel)
+                    raw_logits=evict_kernel, layer=layer)
             else:
                 k_pool, v_pool, pos, _ = append_tokens(pools.k, pools.v, st.length, (kn[:, :, 0], vn[:, :, 0], slot),
                                                        (pools.pos, next_pos))

@@ -62,13 +62,13 @@ def decode_attention(q, k_r, v_r, rel_start, length, pos_r, min_pos, *, scale: f
 
 def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_new, slot, new_pos, *, scale: float,
                       region_slots: int, skewed: bool = False, stream_logits: int | None = None,
-                      raw_logits: bool = False):
+                      raw_logits: bool = False, layer=None):
     """The Pallas path of a decode step: write each stream's new key/value at `slot` [B, H] (-1: none)
     and its sequence's position new_pos [B] in the pool's `pos`, and attend over the stream with it.
     On GPU the kernel writes the pools in place itself, so no scatter runs before it.
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] (absolute slots, length before the
-    new token); pos [B, P] int32 (before the append), min_pos [B] or None; k_new, v_new [B, H, D];
+    new token), or with `layer` every layer's [L, B, H] (the kernel reads row `layer`); pos [B, P] int32 (before the append), min_pos [B] or None; k_new, v_new [B, H, D];
     skewed as `decode_attention`.
     Returns (out [B, H, G, D] float32, k_pool, v_pool, pos), and with `stream_logits=W` also each query
     head's log-sum-exp over its stream, lse [B, H, G], and its logits on the stream's first W
@@ -78,13 +78,13 @@ def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_n
     """
     from kvjax.pallas_kernels.ragged_decode_attention import ragged_decode_attention, stream_logits_column
 
-    block_kv, num_splits = _kernel_blocks(*start.shape, region_slots, skewed)
+    block_kv, num_splits = _kernel_blocks(*start.shape[-2:], region_slots, skewed)
     raw = raw_logits and stream_logits is not None
     out, k_pool, v_pool, pos, *rest = ragged_decode_attention(
         q, k_pool, v_pool, start, length, sm_scale=scale, pos=pos if min_pos is not None else None,
         min_pos=min_pos, implementation="pallas", block_kv=block_kv, num_splits=num_splits,
         append=(k_new, v_new, slot), append_pos=(pos, new_pos), return_lse=stream_logits is not None,
-        stream_logits=stream_logits, raw_stream_logits=raw,
+        stream_logits=stream_logits, raw_stream_logits=raw, layer=layer,
     )
     column = (stream_logits_column(k_pool.shape[1], block_kv),) if raw else ()
     return (out.astype(jnp.float32), k_pool, v_pool, pos, *rest, *column)

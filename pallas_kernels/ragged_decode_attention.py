@@ -48,6 +48,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from . import _common
+from .ragged_decode_checks import check_arguments
 
 _NEG = -1e30  # finite: exp(_NEG - m) underflows to 0 without producing NaN
 _ALIGN = 16
@@ -206,16 +207,17 @@ def _logits_pad(block_kv: int) -> int:
 
 
 def _gpu_kernel(start_ref, len_ref, minpos_ref, q_ref, k_ref, v_ref, pos_ref, *rest, sm_scale, block_kv,
-                num_splits, pool_size, use_pos, cdtype, normalize, append, write_pos, g, logits):
+                num_splits, pool_size, use_pos, cdtype, normalize, append, write_pos, g, logits, layered):
     rest = list(rest)
     n_in = (3 + write_pos) if append else 0  # k_new, v_new, slot[, new_pos]
     new_refs = rest[:n_in]
-    o_ref, m_ref, l_ref, *outs = rest[n_in:]
+    row = (rest[n_in][0],) if layered else ()  # start/length hold every layer: read this layer's row
+    o_ref, m_ref, l_ref, *outs = rest[n_in + layered:]
     pools_out = outs[:n_in - 1] if append else []  # the aliased pools: k, v[, pos]
     lg_ref = rest[-1] if logits else None
     split = pl.program_id(2)
-    start = start_ref[0, 0]
-    length = len_ref[0, 0]
+    start = start_ref[row + (0, 0)]
+    length = len_ref[row + (0, 0)]
     base, lo, hi, n_blocks = _split_plan(start, length, split, num_splits=num_splits, block_kv=block_kv)
     q = q_ref[0, 0].astype(cdtype)  # [G', D]
     real_head = jax.lax.broadcasted_iota(jnp.int32, (q.shape[0], 1), 0) < g
@@ -275,8 +277,8 @@ def _append_new_token(m, l, acc, q, new_refs, pools_out, split, sm_scale):
     return m_new, l * alpha + p, acc * alpha + p * vn.astype(jnp.float32), s_new, include
 
 
-def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_scale, block_kv, num_splits,
-              use_pos, interpret, num_warps, num_stages, g, logits_width=None, raw_logits=False):
+def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, layer=None, *, sm_scale, block_kv,
+              num_splits, use_pos, interpret, num_warps, num_stages, g, logits_width=None, raw_logits=False):
     b, h, gp, d = qp.shape
     p = k_pool.shape[1]
     block_kv = _gpu_block_kv(block_kv, p)
@@ -287,11 +289,14 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
     logits = logits_width is not None
     kernel = functools.partial(_gpu_kernel, sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
                                pool_size=p, use_pos=use_pos, cdtype=cdtype, normalize=normalize, append=append,
-                               write_pos=write_pos, g=g, logits=logits)
+                               write_pos=write_pos, g=g, logits=logits, layered=layer is not None)
     scalar = pl.BlockSpec((1, 1), lambda i, j, s: (i, j))
+    # start/length [L, B, H] with `layer`: each program gets its stream's column of every layer and reads
+    # one row, so no per-layer slice of them is materialised before the call
+    streams = scalar if layer is None else pl.BlockSpec((start.shape[0], 1, 1), lambda i, j, s: (0, i, j))
     per_seq = lambda shape: pl.BlockSpec((1,) + shape, lambda i, j, s: (i,) + (0,) * len(shape))
     part = lambda last: pl.BlockSpec((1, 1, 1, gp, last), lambda i, j, s: (i, j, s, 0, 0))
-    in_specs = [scalar, scalar, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
+    in_specs = [streams, streams, pl.BlockSpec((1, 1), lambda i, j, s: (i, 0)),
                 pl.BlockSpec((1, 1, gp, d), lambda i, j, s: (i, j, 0, 0)),
                 per_seq((p, d)), per_seq((p, d)),
                 per_seq((p,)) if use_pos or write_pos else pl.BlockSpec((1, 1), lambda i, j, s: (i, 0))]
@@ -307,6 +312,9 @@ def _gpu_call(qp, k_pool, v_pool, start, length, pos, min_pos, new=None, *, sm_s
         out_shape += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (k_pool, v_pool, pos)[:2 + write_pos]]
         extra = new[:3] + ((new[3].reshape(b, 1),) if write_pos else ())
         aliases = {4: 3, 5: 4, 6: 5} if write_pos else {4: 3, 5: 4}  # the pools are updated in place
+    if layer is not None:
+        in_specs.append(pl.BlockSpec((1,), lambda i, j, s: (0,)))
+        extra += (jnp.asarray(layer, jnp.int32).reshape(1),)
     if logits:  # per stream: `pad` columns, the W offsets, one block of slack; never initialised
         cols = _logits_pad(block_kv) + logits_width + block_kv
         out_specs.append(pl.BlockSpec((None, None, gp, cols), lambda i, j, s: (i, j, 0, 0)))  # [G', cols] per program
@@ -466,7 +474,7 @@ def default_num_splits(batch: int, heads: int, pool_size: int, block_kv: int, sk
                                              "num_warps", "num_stages", "return_lse", "stream_logits",
                                              "raw_stream_logits"))
 def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, min_pos=None, append=None,
-                                   append_pos=None, *,
+                                   append_pos=None, layer=None, *,
                                    sm_scale: float, block_kv: int | None = None, num_splits: int | None = None,
                                    interpret=False, backend: str | None = None, num_warps: int | None = None,
                                    num_stages: int | None = None, return_lse: bool = False,
@@ -475,6 +483,8 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
     b, h, g, d = q.shape
     p = k_pool.shape[1]
     backend = _common.default_backend_kind(backend)
+    if layer is not None and backend != "gpu":  # only the GPU kernel reads the row itself
+        start, length, layer = start[layer], length[layer], None
     if block_kv is None:
         block_kv = default_block_kv(backend)
     if num_splits is None:
@@ -494,7 +504,7 @@ def ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos=None, m
             k_new, v_new, slot = append
             new = (k_new.astype(k_pool.dtype), v_new.astype(v_pool.dtype), slot.astype(jnp.int32))
             new += () if append_pos is None else (append_pos[1].astype(jnp.int32),)
-        res = _gpu_call(*args, new, **kw, num_warps=num_warps, num_stages=num_stages, g=g,
+        res = _gpu_call(*args, new, layer, **kw, num_warps=num_warps, num_stages=num_stages, g=g,
                         logits_width=stream_logits, raw_logits=raw_stream_logits)
         out, m, l = res[:3]
         # the kernel normalised a single split itself
@@ -525,7 +535,7 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
                             block_kv: int | None = None, num_splits: int | None = None,
                             backend: Literal["gpu", "tpu"] | None = None, append=None, append_pos=None,
                             return_lse: bool = False, stream_logits: int | None = None,
-                            raw_stream_logits: bool = False):
+                            raw_stream_logits: bool = False, layer=None):
     """Attention of each group's G query heads over its stream. Returns out [B, H, G, D] (q's dtype).
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] int; pos [B, P] int and min_pos [B]
@@ -547,44 +557,22 @@ def ragged_decode_attention(q, k_pool, v_pool, start, length, *, sm_scale: float
     query head's scaled q.k at offset j of its stream (with `append`, the new token at offset
     `length`); only offsets inside the stream (after the append) are defined, hidden ones hold a
     large negative value, the rest is unspecified. The last returned, after lse. `raw_stream_logits` (GPU
-    kernel only): its own buffer, no copy: [B, H, G', C], offset j at `stream_logits_column(P, block_kv) + j`."""
-    if q.ndim != 4:
-        raise ValueError(f"q must be [B, H, G, D], got shape {q.shape}")
-    b, h, g, d = q.shape
-    for name, x in (("k_pool", k_pool), ("v_pool", v_pool)):
-        if x.ndim != 3 or x.shape[0] != b or x.shape[2] != d:
-            raise ValueError(f"{name} must be [B, P, D] = [{b}, P, {d}], got {x.shape}")
-    if k_pool.shape != v_pool.shape:
-        raise ValueError(f"k_pool and v_pool must have one shape, got {k_pool.shape} and {v_pool.shape}")
-    for name, x in (("start", start), ("length", length)):
-        if x.shape != (b, h) or not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer [B, H] = {(b, h)} array, got {x.dtype}{list(x.shape)}")
-    if (pos is None) != (min_pos is None):
-        raise ValueError("pos and min_pos must be given together")
-    if pos is not None:
-        if pos.shape != k_pool.shape[:2] or not jnp.issubdtype(pos.dtype, jnp.integer):
-            raise ValueError(f"pos must be an integer [B, P] = {k_pool.shape[:2]} array, got {pos.dtype}{list(pos.shape)}")
-        if min_pos.shape != (b,) or not jnp.issubdtype(min_pos.dtype, jnp.integer):
-            raise ValueError(f"min_pos must be an integer [B] = ({b},) array, got {min_pos.dtype}{list(min_pos.shape)}")
-    if append is not None:
-        k_new, v_new, slot = append
-        if k_new.shape != (b, h, d) or v_new.shape != (b, h, d) or slot.shape != (b, h):
-            raise ValueError(f"append must be (k_new [B, H, D], v_new [B, H, D], slot [B, H]) = "
-                             f"{(b, h, d)}, {(b, h, d)}, {(b, h)}; got {k_new.shape}, {v_new.shape}, {slot.shape}")
-    if append_pos is not None:
-        pool, new_pos = append_pos
-        if append is None or pool.shape != k_pool.shape[:2] or pool.dtype != jnp.int32 or new_pos.shape != (b,):
-            raise ValueError(f"append_pos must be (pos_pool int32{list(k_pool.shape[:2])}, new_pos [{b}]) with append; "
-                             f"got {pool.dtype}{list(pool.shape)}, {list(new_pos.shape)}, append={append is not None}")
+    kernel only): its own buffer, no copy: [B, H, G', C], offset j at `stream_logits_column(P, block_kv) + j`.
+    `layer` (int scalar): start and length are every layer's, [L, B, H], and the call uses row `layer`;
+    the GPU kernel reads it in place, so a layer loop copies no [B, H] row out per layer."""
+    check_arguments(q, k_pool, v_pool, start, length, pos, min_pos, append, append_pos, layer)
     if implementation == "pallas":
         return ragged_decode_attention_pallas(q, k_pool, v_pool, start, length, pos, min_pos, append, append_pos,
                                               sm_scale=sm_scale, block_kv=block_kv, num_splits=num_splits,
                                               interpret=interpret, backend=backend, return_lse=return_lse,
-                                              stream_logits=stream_logits, raw_stream_logits=raw_stream_logits)
+                                              stream_logits=stream_logits, raw_stream_logits=raw_stream_logits,
+                                              layer=layer)
     if implementation != "xla":
         raise ValueError(f"implementation must be 'pallas' or 'xla', got {implementation!r}")
     if raw_stream_logits:
         raise ValueError("raw_stream_logits: only the Pallas GPU kernel stores the logits")
+    if layer is not None:
+        start, length = start[layer], length[layer]
     pos_w = None
     if append is not None:
         k_pool, v_pool, pos_w, length = _common.append_tokens(k_pool, v_pool, length, append, append_pos)

@@ -135,16 +135,20 @@ def test_kernel_lowers_for_tpu(dtype, window):
                                                                 backend="tpu"), q, k, v, start, length)
 
 
-@pytest.mark.parametrize("window,append", [(False, False), (True, False), (True, True)],
-                         ids=["plain", "window", "window-append-pos"])
-def test_kernel_lowers_for_gpu_triton(window, append):
+@pytest.mark.parametrize("window,append,layered", [(False, False, False), (True, False, False), (True, True, False),
+                                                   (False, True, True)],
+                         ids=["plain", "window", "window-append-pos", "append-layer-row"])
+def test_kernel_lowers_for_gpu_triton(window, append, layered):
     q, k, v, start, length = _case(2, 3, 3, 64, [[300, 100, 7], [0, 250, 64]], seed=0, dtype=jnp.bfloat16)
     extra = {}
     if window:
         extra = dict(pos=jnp.zeros(k.shape[:2], jnp.int32), min_pos=jnp.zeros((2,), jnp.int32))
     if append:  # the kernel writes the new key, value and position in place
         extra.update(append=(q[:, :, 0], q[:, :, 0], start + length),
-                     append_pos=(extra["pos"], jnp.ones((2,), jnp.int32)))
+                     append_pos=(extra.get("pos", jnp.zeros(k.shape[:2], jnp.int32)), jnp.ones((2,), jnp.int32)))
+    if layered:  # three layers' start/length, row 1 read by the kernel
+        start, length = jnp.stack([start] * 3), jnp.stack([length] * 3)
+        extra["layer"] = jnp.int32(1)
     try:
         lc.lower_for_gpu(lambda q, k, v, s, n: rda.ragged_decode_attention(q, k, v, s, n, sm_scale=0.1, **extra,
                                                                            implementation="pallas", backend="gpu"),
@@ -230,3 +234,27 @@ def test_append_pos_writes_each_new_position_in_place(backend, num_splits, windo
     with pytest.raises(ValueError, match="append_pos must be"):
         rda.ragged_decode_attention(q, k, v, start, length, sm_scale=0.3, append=(kn, vn, slot),
                                     append_pos=(jnp.asarray(pos, jnp.int16), new_pos))
+
+
+@pytest.mark.parametrize("backend,num_splits", [("gpu", 1), ("gpu", 2), ("tpu", 2)])
+def test_layer_row_of_every_layers_streams_equals_the_row_alone(backend, num_splits):
+    # start/length of three layers [L, B, H] and `layer`: the kernel reads row `layer` itself (on GPU
+    # without a per-layer slice) and appends and attends exactly as with that row passed as [B, H]
+    rows = [_case(2, 3, 4, 32, lens, seed=10, gap=8)[3:] for lens in
+            ([[40, 0, 77], [5, 64, 20]], [[3, 50, 9], [70, 1, 33]], [[0, 0, 12], [60, 2, 80]])]
+    q, k, v = _case(2, 3, 4, 32, [[70, 64, 80], [70, 64, 80]], seed=11, gap=8)[:3]
+    start, length = (jnp.stack(x) for x in zip(*rows))
+    rng = np.random.default_rng(3)
+    kn, vn = (jnp.asarray(rng.normal(size=(2, 3, 32)).astype(np.float32)) for _ in range(2))
+    pos, new_pos = jnp.asarray(rng.integers(0, 90, size=k.shape[:2]), jnp.int32), jnp.asarray([95, 99], jnp.int32)
+    for layer in (0, 2):
+        slot = jnp.where(jnp.asarray([[True], [False]]), start[layer] + length[layer], -1)
+        common = dict(sm_scale=0.3, append=(kn, vn, slot), append_pos=(pos, new_pos), return_lse=True)
+        want = rda.ragged_decode_attention(q, k, v, start[layer], length[layer], **common)
+        got = rda.ragged_decode_attention(q, k, v, start, length, **common, layer=jnp.int32(layer),
+                                          implementation="pallas", interpret=True, backend=backend, block_kv=16,
+                                          num_splits=num_splits)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-5)
+    with pytest.raises(ValueError, match=r"start must be an integer \[L, B, H\] \(with layer\)"):
+        rda.ragged_decode_attention(q, k, v, start[0], length, sm_scale=0.3, layer=jnp.int32(0))
