@@ -68,8 +68,8 @@ def append_and_attend(q, k_pool, v_pool, start, length, pos, min_pos, k_new, v_n
     On GPU the kernel writes the pools in place itself, so no scatter runs before it.
 
     q [B, H, G, D]; k_pool, v_pool [B, P, D]; start, length [B, H] (absolute slots, length before the
-    new token), or with `layer` every layer's [L, B, H] (the kernel reads row `layer`); pos [B, P] int32 (before the append), min_pos [B] or None; k_new, v_new [B, H, D];
-    skewed as `decode_attention`.
+    new token), or with `layer` every layer's [L, B, H] (the kernel reads row `layer`); pos [B, P]
+    int32 (before the append), min_pos [B] or None; k_new, v_new [B, H, D]; skewed as `decode_attention`.
     Returns (out [B, H, G, D] float32, k_pool, v_pool, pos), and with `stream_logits=W` also each query
     head's log-sum-exp over its stream, lse [B, H, G], and its logits on the stream's first W
     offsets, [B, H, G, W] (for `stream_probs`; on GPU the kernel stores them as it goes).
