@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import kvjax  # noqa: E402
 from kvjax import prompts as kp  # noqa: E402
 from kvjax.eval import ruler  # noqa: E402
-from quality_grid import EXTRA_POLICIES, MODELS, MODES, POLICIES, RATIOS, chunked, groups  # noqa: E402
+from quality_grid import EXTRA_POLICIES, FULL, MODELS, MODES, POLICIES, RATIOS, chunked, groups  # noqa: E402
 from quality_grid import make_policy, needs_profile  # noqa: E402
 from quality_grid import pool_bytes, window_for  # noqa: E402
 from quality_ppl import PPL_POLICIES, PPL_RATIOS, run_ppl  # noqa: E402
@@ -210,6 +210,8 @@ def parse_args(argv=None):
     ap.add_argument("--parts", default="retrieval,ppl", help="retrieval, ppl, or both")
     ap.add_argument("--resume", action="store_true", help="continue an existing result file (skip what it holds)")
     ap.add_argument("--report-only", default=None, metavar="JSON", help="render the report of a result file")
+    ap.add_argument("--pairs", default="", metavar="A:B,...",
+                    help="more paired comparisons for the report (policy A against policy B, e.g. 'TOVA:H2O')")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 2K tokens, 1 prompt per task, ratios 0.1 and 0.5, a short perplexity part")
     ap.add_argument("--limit-batches", type=int, default=0, help="at most this many batches per (length, mode)")
@@ -261,6 +263,11 @@ def parse_args(argv=None):
     bad = [r for r in args.ratios + args.ppl_ratios if not 0.0 < r < 1.0]
     if bad:
         ap.error(f"ratios must lie in (0, 1), got {bad}")
+    args.pairs = [tuple(pair.split(":")) for pair in _split_top(args.pairs)]
+    names = (FULL,) + POLICIES + EXTRA_POLICIES
+    bad = [":".join(p) for p in args.pairs if len(p) != 2 or p[0] == p[1] or not set(p) <= set(names)]
+    if bad:
+        ap.error(f"--pairs: {bad} are not 'A:B' with two different policies; known: {', '.join(names)}")
     args.tag = args.tag or ""
     if args.jax_cache is None:
         args.jax_cache = os.path.join(os.environ.get("KVJAX_CACHE_DIR") or os.path.expanduser("~/.cache/kvjax"),
@@ -290,7 +297,7 @@ def main(argv=None):
 
     if args.report_only:
         src = pathlib.Path(args.report_only)
-        print("\n".join(write_report(load(src), src.with_suffix(""))))
+        print("\n".join(write_report(load(src), src.with_suffix(""), args.pairs)))
         return
     if args.jax_cache:
         jax.config.update("jax_compilation_cache_dir", args.jax_cache)
@@ -319,7 +326,7 @@ def main(argv=None):
             bar.close()
     store.time(kind="session", seconds=round(time.perf_counter() - t0, 1))
     store.save()
-    lines = write_report(store.data(), stem)
+    lines = write_report(store.data(), stem, args.pairs)
     print("\n".join(lines[:60]))
     log(f"wrote {path} and {stem}.md")
 

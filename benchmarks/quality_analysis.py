@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from kvjax.eval import stats
 
-from quality_grid import COMPARISONS
+from quality_grid import COMPARISONS, FULL
 
 #: issue 14's targets, checked on the model and lengths named here
 TARGETS = dict(model="qwen2.5-0.5b", lengths=(4096, 8192),
@@ -45,10 +45,11 @@ class Index:
         return sum(r["fraction"] for r in rows.values()) / len(rows) if rows else None
 
     def pairs(self, mode, a, b, ratios, task=None):
-        """Aligned (a, b) records over the prompts both ran, at each ratio in `ratios`."""
+        """Aligned (a, b) records over the prompts both ran, at each ratio in `ratios` (the full cache,
+        which has no ratio, pairs with either policy at every ratio)."""
         out = []
         for r in ratios:
-            da, db = self.get(mode, a, r, task), self.get(mode, b, r, task)
+            da, db = (self.get(mode, p, None if p == FULL else r, task) for p in (a, b))
             out += [(da[k], db[k]) for k in sorted(set(da) & set(db))]
         return out
 
@@ -106,6 +107,14 @@ def comparisons(index: Index, modes, ratios, comparisons=COMPARISONS):
     for c, p in zip(pooled, stats.holm([c.test.p_value for c in pooled])):
         c.p_holm = p
     return rows
+
+
+def secondary(index: Index, modes, ratios, pairs):
+    """The comparisons beyond the seed-vs-baseline claims (`quality_grid.SECONDARY` and `--pairs`):
+    per ratio and pooled, unadjusted (exploratory: they are not in the Holm family)."""
+    return [c for a, b in pairs for mode in modes
+            for rs, label in [([r], r) for r in ratios] + [(ratios, None)]
+            if (c := compare(index, a, b, mode, rs, ratio_label=label)) is not None]
 
 
 def per_task(index: Index, seed, base, mode, ratios, tasks):

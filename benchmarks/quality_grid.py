@@ -40,6 +40,20 @@ COMPARISONS = (
     ("AdaKV(Profiled)", "Profiled"),
     ("RoCo", "H2O"),
 )
+#: the reference policy: no eviction, no ratio
+FULL = "Full"
+#: comparisons the documents quote beyond the claims above, printed unadjusted where both ran
+#: (`quality.py --pairs` adds others): the learned scorer against the best hand-written policies,
+#: CAKE against its scorer's uniform split, the best rows against the full cache
+SECONDARY = (
+    ("AdaKV(Learned)", "CAKE"),
+    ("Learned", "CAKE"),
+    ("AdaKV(Learned)", "Learned"),
+    ("AdaKV(Learned)", "SnapKV"),
+    ("CAKE", "SnapKV"),
+    ("CAKE", FULL),
+    ("AdaKV(Learned)", FULL),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +98,7 @@ def make_policy(name: str, ratio: float, *, window: int, profile=None, model: st
     the ratio's total at this length); `model`: the model's name, for Learned's trained scorer
     (SCORERS / model; not in POLICIES: ask for "Learned" or "AdaKV(Learned)" with --policies).
     Returns (policy, None) or (None, why it cannot be built)."""
-    if name == "Full":
+    if name == FULL:
         return P.Full(), None
     base = base_name(name)
     try:

@@ -8,8 +8,8 @@ from collections import defaultdict
 
 from kvjax.eval import stats
 
-from quality_analysis import ALPHA, Index, comparisons, decision, kept_share, per_task, targets
-from quality_grid import COMPARISONS, MODES
+from quality_analysis import ALPHA, Index, comparisons, decision, kept_share, per_task, secondary, targets
+from quality_grid import COMPARISONS, MODES, SECONDARY
 
 MODE_TITLE = {"aware": "query-aware (context + question compressed together)",
               "agnostic": "query-agnostic (context compressed alone, then the question)"}
@@ -87,12 +87,7 @@ def comparison_section(index, modes, ratios, tasks):
              f"family of claims: their p-values are Holm-adjusted. Verdict at alpha = {ALPHA}.", "",
              "| seed vs baseline | mode | ratio | n | wins / losses | accuracy seed - base [95% CI] | p (McNemar) | "
              "p (Holm) | fraction sign-test p | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for c in rows:
-        lines.append(f"| {c.seed} vs {c.baseline} | {c.mode} | {'all' if c.ratio is None else f'{c.ratio:g}'} | "
-                     f"{c.test.n} | {c.test.wins} / {c.test.losses} | {c.test.difference:+.3f} "
-                     f"[{c.interval.low:+.3f}, {c.interval.high:+.3f}] | {c.test.p_value:.3g} | "
-                     f"{'' if c.p_holm is None else f'{c.p_holm:.3g}'} | {c.fraction_test.p_value:.3g} | "
-                     f"{c.verdict if c.ratio is None else ''} |")
+    lines += [_comparison_row(c, holm=True) for c in rows]
     lines += ["", "### Verdicts, with the per-task breakdown where a seed method is not better", ""]
     for c in [c for c in rows if c.ratio is None]:
         head = (f"- **{c.seed} vs {c.baseline}, {c.mode}**: {c.verdict} (accuracy {c.acc_seed:.3f} vs "
@@ -106,6 +101,31 @@ def comparison_section(index, modes, ratios, tasks):
         lines.append(head + "; by task: " + "; ".join(parts) + ".")
     lines.append("")
     return lines
+
+
+def _comparison_row(c, holm: bool) -> str:
+    ratio = "all" if c.ratio is None else f"{c.ratio:g}"
+    cells = [f"{c.seed} vs {c.baseline}", c.mode, ratio, str(c.test.n), f"{c.test.wins} / {c.test.losses}",
+             f"{c.test.difference:+.3f} [{c.interval.low:+.3f}, {c.interval.high:+.3f}]", f"{c.test.p_value:.3g}"]
+    if holm:
+        cells.append("" if c.p_holm is None else f"{c.p_holm:.3g}")
+    cells.append(f"{c.fraction_test.p_value:.3g}")
+    if holm:
+        cells.append(c.verdict if c.ratio is None else "")
+    return "| " + " | ".join(cells) + " |"
+
+
+def secondary_section(index, modes, ratios, pairs):
+    rows = secondary(index, modes, ratios, pairs)
+    if not rows:
+        return []
+    return ["## Other paired comparisons (unadjusted)", "",
+            "The same tests on pairs the documents quote beyond the claims above (`quality_grid.SECONDARY`, "
+            "plus `quality.py --pairs`); against Full, every ratio pairs with the full cache's answer to the "
+            "same prompt. Exploratory: not Holm-adjusted, no verdict.", "",
+            "| first vs second | mode | ratio | n | wins / losses | accuracy first - second [95% CI] | p (McNemar) | "
+            "fraction sign-test p |", "|---|---|---|---|---|---|---|---|"] + [
+        _comparison_row(c, holm=False) for c in rows] + [""]
 
 
 def target_section(records, model):
@@ -255,7 +275,9 @@ def timing_section(data):
     return lines
 
 
-def write_report(data, stem) -> list[str]:
+def write_report(data, stem, pairs=()) -> list[str]:
+    """The markdown report beside `stem` (and its plots); `pairs`: (first, second) policy names
+    compared beyond SECONDARY."""
     stem = pathlib.Path(stem)
     meta, recs, cells = data["meta"], data["records"], data.get("cells", [])
     policies, ratios, modes, tasks, lengths = _present(data)
@@ -279,6 +301,7 @@ def write_report(data, stem) -> list[str]:
         lines += ["## Accuracy", ""] + accuracy_tables(index, policies, ratios, modes, n_note)
         lines += target_section(recs, meta["model"])
         lines += comparison_section(index, modes, ratios, tasks)
+        lines += secondary_section(index, modes, ratios, SECONDARY + tuple(p for p in pairs if p not in SECONDARY))
         lines += decision_section(index, policies, ratios, modes, cells)
     lines += ppl_section(data)
     if recs:

@@ -248,3 +248,28 @@ def test_generated_haystacks_are_recorded():
     assert N.multikey(600, ENC, seed=1, haystack="repeat").haystack == "repeat"
     assert N.passkey_task(600, ENC, seed=1).haystack == "repeat"
     assert set(N.HAYSTACKS) >= {"repeat", "essay", "essays", "bible"}
+
+
+def test_report_pairs_full_at_every_ratio_and_rejects_unknown_pairs():
+    q = _quality_module()
+    import quality_analysis as A
+    import quality_report as R
+
+    def rec(policy, ratio, seed, correct):
+        return dict(task="niah_single", length=4096, seed=seed, mode="aware", policy=policy, ratio=ratio,
+                    correct=correct, fraction=float(correct))
+
+    recs = [rec("Full", None, s, True) for s in range(4)]
+    recs += [rec("CAKE", 0.1, s, s < 1) for s in range(4)] + [rec("CAKE", 0.5, s, s < 3) for s in range(4)]
+    recs += [rec("TOVA", 0.5, s, s == 3) for s in range(3, 5)]  # seed 4: no Full, no CAKE to pair with
+    rows = A.secondary(A.Index(recs), ["aware"], [0.1, 0.5], [("CAKE", "Full"), ("TOVA", "CAKE")])
+    got = {(c.seed, c.baseline, c.ratio): (c.test.n, c.test.wins, c.test.losses) for c in rows}
+    assert got == {("CAKE", "Full", 0.1): (4, 0, 3), ("CAKE", "Full", 0.5): (4, 0, 1),
+                   ("CAKE", "Full", None): (8, 0, 4), ("TOVA", "CAKE", 0.5): (1, 1, 0),
+                   ("TOVA", "CAKE", None): (1, 1, 0)}
+    lines = R.secondary_section(A.Index(recs), ["aware"], [0.1, 0.5], [("CAKE", "Full")])
+    assert "| CAKE vs Full | aware | all | 8 | 0 / 4 |" in "\n".join(lines)
+    assert q.parse_args(["--pairs", "TOVA:H2O,AdaKV(SnapKV):Full"]).pairs == [("TOVA", "H2O"), ("AdaKV(SnapKV)", "Full")]
+    for bad in ("TOVA", "TOVA:Nope", "TOVA:TOVA", "A:B:C"):
+        with pytest.raises(SystemExit):
+            q.parse_args(["--pairs", bad])
