@@ -175,12 +175,14 @@ def device_meta() -> dict:
                 mem_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"), xla_flags=os.environ.get("XLA_FLAGS"))
 
 
-def device_slug() -> str:
-    """A file-name tag for the device: 'h100', 'h200', 'cpu', ..."""
-    dev = jax.devices()[0]
-    if dev.platform == "cpu":
-        return "cpu"
-    kind = dev.device_kind.lower()
+def device_slug(kind: str | None = None) -> str:
+    """A file-name tag for the device (or for a recorded `device_kind`): 'h100', 'h200', 'cpu', ..."""
+    if kind is None:
+        dev = jax.devices()[0]
+        if dev.platform == "cpu":
+            return "cpu"
+        kind = dev.device_kind
+    kind = kind.lower()
     for tag in ("h200", "h100", "a100", "l40s", "l4", "b200", "v5e", "v5p", "v6e", "v4"):
         if tag in kind:
             return tag
