@@ -44,13 +44,15 @@ COMPARISONS = (
 FULL = "Full"
 #: comparisons the documents quote beyond the claims above, printed unadjusted where both ran
 #: (`quality.py --pairs` adds others): the learned scorer against the best hand-written policies,
-#: CAKE against its scorer's uniform split, the best rows against the full cache
+#: CAKE against its scorer's uniform split and XKV's profiled split, the best rows against the full cache
 SECONDARY = (
     ("AdaKV(Learned)", "CAKE"),
     ("Learned", "CAKE"),
     ("AdaKV(Learned)", "Learned"),
     ("AdaKV(Learned)", "SnapKV"),
     ("CAKE", "SnapKV"),
+    ("CAKE", "Profiled"),
+    ("CAKE", "AdaKV(Profiled)"),
     ("CAKE", FULL),
     ("AdaKV(Learned)", FULL),
 )
