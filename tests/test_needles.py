@@ -269,7 +269,8 @@ def test_report_pairs_full_at_every_ratio_and_rejects_unknown_pairs():
                    ("TOVA", "CAKE", None): (1, 1, 0)}
     lines = R.secondary_section(A.Index(recs), ["aware"], [0.1, 0.5], [("CAKE", "Full")])
     assert "| CAKE vs Full | aware | all | 8 | 0 / 4 |" in "\n".join(lines)
-    assert q.parse_args(["--pairs", "TOVA:H2O,AdaKV(SnapKV):Full"]).pairs == [("TOVA", "H2O"), ("AdaKV(SnapKV)", "Full")]
+    pairs = q.parse_args(["--pairs", "TOVA:H2O,AdaKV(SnapKV):Full"]).pairs
+    assert pairs == [("TOVA", "H2O"), ("AdaKV(SnapKV)", "Full")]
     for bad in ("TOVA", "TOVA:Nope", "TOVA:TOVA", "A:B:C"):
         with pytest.raises(SystemExit):
             q.parse_args(["--pairs", bad])
