@@ -90,7 +90,7 @@ def _progress(total, desc):
 
 def run_retrieval(params, store: Store, args, log):
     tok = params.tokenizer
-    cells = [("Full", None)] + [(p, r) for p in args.policies for r in args.ratios]
+    cells = [(FULL, None)] + [(p, r) for p in args.policies for r in args.ratios]
     n = len(args.tasks) * args.samples
     plan_batches = {(L, m): batches(list(range(n)), batch_size(args, L)) for L in args.lengths for m in args.modes}
     total = sum(min(len(b), args.limit_batches or len(b)) for b in plan_batches.values())

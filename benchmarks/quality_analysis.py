@@ -90,31 +90,23 @@ def compare(index: Index, seed: str, base: str, mode: str, ratios, task=None, ra
                       sum(a) / len(a), sum(b) / len(b))
 
 
+def paired_rows(index: Index, modes, ratios, pairs):
+    """Per (first, second) pair and mode: one comparison per ratio and one pooled over the ratios,
+    where both ran; no adjustment."""
+    return [c for a, b in pairs for mode in modes
+            for rs, label in [([r], r) for r in ratios] + [(ratios, None)]
+            if (c := compare(index, a, b, mode, rs, ratio_label=label)) is not None]
+
+
 def comparisons(index: Index, modes, ratios, comparisons=COMPARISONS):
-    """Per (comparison, mode): one row per ratio and one pooled over the ratios; Holm-adjusted over
-    the pooled rows (the family of seed-vs-baseline claims)."""
-    rows = []
-    for seed, base in comparisons:
-        for mode in modes:
-            for r in ratios:
-                c = compare(index, seed, base, mode, [r], ratio_label=r)
-                if c is not None:
-                    rows.append(c)
-            c = compare(index, seed, base, mode, ratios)
-            if c is not None:
-                rows.append(c)
+    """`paired_rows` of the seed-vs-baseline claims, Holm-adjusted over the pooled rows (the family
+    of claims). The other pairs the documents quote (`quality_grid.SECONDARY`, `--pairs`) are
+    `paired_rows` alone: exploratory, unadjusted."""
+    rows = paired_rows(index, modes, ratios, comparisons)
     pooled = [c for c in rows if c.ratio is None]
     for c, p in zip(pooled, stats.holm([c.test.p_value for c in pooled])):
         c.p_holm = p
     return rows
-
-
-def secondary(index: Index, modes, ratios, pairs):
-    """The comparisons beyond the seed-vs-baseline claims (`quality_grid.SECONDARY` and `--pairs`):
-    per ratio and pooled, unadjusted (exploratory: they are not in the Holm family)."""
-    return [c for a, b in pairs for mode in modes
-            for rs, label in [([r], r) for r in ratios] + [(ratios, None)]
-            if (c := compare(index, a, b, mode, rs, ratio_label=label)) is not None]
 
 
 def per_task(index: Index, seed, base, mode, ratios, tasks):
@@ -123,7 +115,7 @@ def per_task(index: Index, seed, base, mode, ratios, tasks):
 
 def kept_share(index: Index, mode, policy, ratio, task=None):
     """(accuracy / full accuracy, Wilson low / full, Wilson high / full, Proportion, full Proportion)."""
-    acc, full = index.accuracy(mode, policy, ratio, task), index.accuracy(mode, "Full", None, task)
+    acc, full = index.accuracy(mode, policy, ratio, task), index.accuracy(mode, FULL, None, task)
     if acc is None or full is None or full.value == 0:
         return None
     return acc.value / full.value, acc.low / full.value, acc.high / full.value, acc, full

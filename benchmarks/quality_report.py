@@ -8,8 +8,8 @@ from collections import defaultdict
 
 from kvjax.eval import stats
 
-from quality_analysis import ALPHA, Index, comparisons, decision, kept_share, per_task, secondary, targets
-from quality_grid import COMPARISONS, MODES, SECONDARY
+from quality_analysis import ALPHA, Index, comparisons, decision, kept_share, paired_rows, per_task, targets
+from quality_grid import COMPARISONS, FULL, MODES, SECONDARY
 
 MODE_TITLE = {"aware": "query-aware (context + question compressed together)",
               "agnostic": "query-agnostic (context compressed alone, then the question)"}
@@ -32,7 +32,7 @@ def _present(data):
     recs = data["records"]
     meta = data["meta"]
     order = {p: i for i, p in enumerate(meta.get("policies", []))}
-    policies = sorted({r["policy"] for r in recs if r["policy"] != "Full"}, key=lambda p: (order.get(p, 99), p))
+    policies = sorted({r["policy"] for r in recs if r["policy"] != FULL}, key=lambda p: (order.get(p, 99), p))
     ratios = sorted({r["ratio"] for r in recs if r["ratio"] is not None})
     modes = [m for m in MODES if any(r["mode"] == m for r in recs)]
     tasks = [t for t in meta.get("tasks", []) if any(r["task"] == t for r in recs)]
@@ -45,7 +45,7 @@ def accuracy_tables(index, policies, ratios, modes, n_note):
     for mode in modes:
         lines += [f"### Accuracy, {MODE_TITLE[mode]}", "", n_note, "",
                   "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
-        full = index.accuracy(mode, "Full", None)
+        full = index.accuracy(mode, FULL, None)
         lines.append("| Full | " + " | ".join(_ci(full) for _ in ratios) + " |")
         for p in policies:
             lines.append(f"| {p} | " + " | ".join(_ci(index.accuracy(mode, p, r)) for r in ratios) + " |")
@@ -65,7 +65,7 @@ def task_tables(index, policies, ratios, modes, tasks):
     lines = ["## Per task (exact match; mean fraction of expected strings in parentheses)", ""]
     for mode in modes:
         for t in tasks:
-            full = index.accuracy(mode, "Full", None, t)
+            full = index.accuracy(mode, FULL, None, t)
             lines += [f"### {t}, {mode} (Full {_ci(full)}, fraction {_f(index.mean_fraction(mode, 'Full', None, t))})",
                       "", "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
             for p in policies:
@@ -116,7 +116,7 @@ def _comparison_row(c, holm: bool) -> str:
 
 
 def secondary_section(index, modes, ratios, pairs):
-    rows = secondary(index, modes, ratios, pairs)
+    rows = paired_rows(index, modes, ratios, pairs)
     if not rows:
         return []
     return ["## Other paired comparisons (unadjusted)", "",
@@ -178,7 +178,7 @@ def ppl_section(data):
     pols = [p for p in meta.get("ppl_policies", []) if p not in reasons]
     import math
 
-    full = by.get(("Full", None))
+    full = by.get((FULL, None))
     lines = ["## Decode-time quality: perplexity under a budget (essays)", "",
              f"{meta.get('ppl_texts')} texts of {meta.get('ppl_length')} tokens; the first K = ratio x length tokens "
              "prefilled, the rest read one token at a time through a cache held at K (benchmarks/quality_ppl.py). "
@@ -237,7 +237,7 @@ def cache_section(cells, policies, ratios):
             continue
         lines += [f"### {L} tokens", "", "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |",
                   "|---|" + "---|" * len(ratios)]
-        f = here.get(("Full", None))
+        f = here.get((FULL, None))
         if f:
             lines.append("| Full | " + " | ".join(f"{f['kv_bytes'] / 2**20:.1f} / {f['budget_total']:.0f}"
                                                   for _ in ratios) + " |")
@@ -332,9 +332,9 @@ def write_plots(index, policies, ratios, modes, tasks, meta, stem) -> list[str]:
 
     def results(mode, task=None):
         out = []
-        for p in ["Full"] + policies:
+        for p in [FULL] + policies:
             for r in ratios:
-                a = index.accuracy(mode, p, None if p == "Full" else r, task)
+                a = index.accuracy(mode, p, None if p == FULL else r, task)
                 if a is not None:
                     out.append(dict(policy=p, budget=r, accuracy=a.value, ci_low=a.low, ci_high=a.high))
         return out

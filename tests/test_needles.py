@@ -262,7 +262,7 @@ def test_report_pairs_full_at_every_ratio_and_rejects_unknown_pairs():
     recs = [rec("Full", None, s, True) for s in range(4)]
     recs += [rec("CAKE", 0.1, s, s < 1) for s in range(4)] + [rec("CAKE", 0.5, s, s < 3) for s in range(4)]
     recs += [rec("TOVA", 0.5, s, s == 3) for s in range(3, 5)]  # seed 4: no Full, no CAKE to pair with
-    rows = A.secondary(A.Index(recs), ["aware"], [0.1, 0.5], [("CAKE", "Full"), ("TOVA", "CAKE")])
+    rows = A.paired_rows(A.Index(recs), ["aware"], [0.1, 0.5], [("CAKE", "Full"), ("TOVA", "CAKE")])
     got = {(c.seed, c.baseline, c.ratio): (c.test.n, c.test.wins, c.test.losses) for c in rows}
     assert got == {("CAKE", "Full", 0.1): (4, 0, 3), ("CAKE", "Full", 0.5): (4, 0, 1),
                    ("CAKE", "Full", None): (8, 0, 4), ("TOVA", "CAKE", 0.5): (1, 1, 0),
