@@ -114,9 +114,15 @@ def per_task(index: Index, seed, base, mode, ratios, tasks):
 
 
 def kept_share(index: Index, mode, policy, ratio, task=None):
-    """(accuracy / full accuracy, Wilson low / full, Wilson high / full, Proportion, full Proportion)."""
-    acc, full = index.accuracy(mode, policy, ratio, task), index.accuracy(mode, FULL, None, task)
-    if acc is None or full is None or full.value == 0:
+    """(accuracy / full accuracy, Wilson low / full, Wilson high / full, Proportion, full Proportion),
+    the full cache's accuracy taken on the prompts the policy ran at that ratio (a cell with fewer
+    prompts than Full is not divided by Full's accuracy on other prompts)."""
+    pairs = index.pairs(mode, policy, FULL, [ratio], task)
+    if not pairs:
+        return None
+    acc = stats.proportion([a["correct"] for a, _ in pairs])
+    full = stats.proportion([b["correct"] for _, b in pairs])
+    if full.value == 0:
         return None
     return acc.value / full.value, acc.low / full.value, acc.high / full.value, acc, full
 

@@ -49,7 +49,7 @@ def accuracy_tables(index, policies, ratios, modes, n_note):
         lines.append("| Full | " + " | ".join(_ci(full) for _ in ratios) + " |")
         for p in policies:
             lines.append(f"| {p} | " + " | ".join(_ci(index.accuracy(mode, p, r)) for r in ratios) + " |")
-        lines += ["", f"Share of the full cache's accuracy ({mode}):", "",
+        lines += ["", f"Share of the full cache's accuracy ({mode}; Full on the prompts that cell ran):", "",
                   "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
         for p in policies:
             cells = []

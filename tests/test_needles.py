@@ -274,3 +274,18 @@ def test_report_pairs_full_at_every_ratio_and_rejects_unknown_pairs():
     for bad in ("TOVA", "TOVA:Nope", "TOVA:TOVA", "A:B:C"):
         with pytest.raises(SystemExit):
             q.parse_args(["--pairs", bad])
+
+
+def test_share_of_full_is_taken_on_the_prompts_the_policy_ran():
+    _quality_module()
+    import quality_analysis as A
+
+    def rec(policy, ratio, seed, correct):
+        return dict(task="niah_single", length=4096, seed=seed, mode="aware", policy=policy, ratio=ratio,
+                    correct=correct, fraction=float(correct))
+
+    recs = [rec("Full", None, s, s < 3) for s in range(6)]  # Full: 3 of 6, all of the first 3
+    recs += [rec("CAKE", 0.5, s, True) for s in range(3)]     # CAKE ran only the first 3 prompts
+    share, _, _, acc, full = A.kept_share(A.Index(recs), "aware", "CAKE", 0.5)
+    assert (acc.n, full.n, full.value, share) == (3, 3, 1.0, 1.0)  # not 1.0 / 0.5 = 200%
+    assert A.kept_share(A.Index(recs), "aware", "CAKE", 0.1) is None
