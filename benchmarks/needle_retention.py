@@ -14,9 +14,9 @@ name appears twice in its chain), and for every (layer, KV head) the script meas
 - whole: the fraction of (layer, head) pairs that keep every token of every answer;
 - Jaccard of each head's kept set against the first policy's at the same ratio (for AdaKV(X) vs X);
 - the spread of head budgets within a layer (std / mean of the heads' kept counts, mean over layers).
-A name may carry policy options in brackets, `SnapKV[kernel=9,group_reduce=max]` (fields of the
-policy the name builds, set with `dataclasses.replace`), to see what a scorer option does to the kept
-answers; such rows have no quality-run answers.
+A name may carry policy options in brackets, `SnapKV[kernel=9,group_reduce=max]` (the quality
+grid's syntax: fields of the policy the name builds), to see what a scorer option does to the kept
+answers; their rows have quality-run answers only where the quality run ran that name.
 With `--results` (a quality run's JSON) each row also gets whether that policy answered the prompt,
 and the summary splits retention by right and wrong answers.
 Writes needle_retention_<model>.json and .md.
@@ -25,9 +25,7 @@ Writes needle_retention_<model>.json and .md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import re
 import pathlib
 import sys
 import time
@@ -40,7 +38,7 @@ import kvjax  # noqa: E402
 from kvjax import prompts as kp  # noqa: E402
 from kvjax.cache import kept_positions  # noqa: E402
 from quality import build_samples  # noqa: E402
-from quality_grid import make_policy  # noqa: E402
+from quality_grid import make_policy, split_top  # noqa: E402
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking")
 
@@ -117,37 +115,6 @@ def summary(rows, policies, ratios) -> list[str]:
     return lines
 
 
-def _value(text: str):
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def build_policy(name: str, ratio: float, window: int, model: str):
-    """The quality grid's policy `name` at `ratio`, with `[field=value,...]` options applied.
-    Returns (policy, None) or (None, why not)."""
-    base, _, opts = name.partition("[")
-    pol, why = make_policy(base, ratio, window=window, model=model)
-    if pol is None or not opts:
-        return pol, why
-    if not opts.endswith("]"):
-        return None, f"options must be written [field=value,...], got {name!r}"
-    fields = {f.name for f in dataclasses.fields(pol)}
-    changes = {}
-    for item in opts[:-1].split(","):
-        key, eq, value = item.partition("=")
-        if not eq or key not in fields:
-            return None, f"option {item!r}: expected field=value with a field of {type(pol).__name__} {sorted(fields)}"
-        changes[key] = _value(value)
-    try:
-        return dataclasses.replace(pol, **changes), None
-    except Exception as e:  # noqa: BLE001 - the library's own message names the bad option
-        return None, f"{type(e).__name__}: {e}"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-0.5b")
@@ -163,11 +130,11 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     args = ap.parse_args(argv)
     ratios = [float(r) for r in args.ratios.split(",")]
-    names = re.split(r",(?![^\[]*\])", args.policies)  # commas inside [...] separate options
+    names = split_top(args.policies)
     cells = [(n, r) for r in ratios for n in names]
     pols = []
     for n, r in cells:
-        pol, why = build_policy(n, r, args.window, args.model)
+        pol, why = make_policy(n, r, window=args.window, model=args.model)
         if pol is None:
             raise SystemExit(f"--policies: {n} at {r}: {why}")
         pols.append(pol)

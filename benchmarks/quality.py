@@ -40,7 +40,7 @@ import kvjax  # noqa: E402
 from kvjax import prompts as kp  # noqa: E402
 from kvjax.eval import ruler  # noqa: E402
 from quality_grid import EXTRA_POLICIES, FULL, MODELS, MODES, POLICIES, RATIOS, chunked, groups  # noqa: E402
-from quality_grid import make_policy, needs_profile  # noqa: E402
+from quality_grid import base_name, known_policy, make_policy, needs_profile, split_top  # noqa: E402
 from quality_grid import pool_bytes, window_for  # noqa: E402
 from quality_ppl import PPL_POLICIES, PPL_RATIOS, run_ppl  # noqa: E402
 from quality_profiles import get_profile  # noqa: E402
@@ -184,20 +184,6 @@ def run_batch(params, store: Store, args, L, mode, chunk, real, built, say):
 # CLI
 
 
-def _split_top(s: str) -> list[str]:
-    """Split on commas outside parentheses ("AdaKV(SnapKV),H2O")."""
-    out, depth, cur = [], 0, ""
-    for ch in s:
-        depth += (ch == "(") - (ch == ")")
-        if ch == "," and depth == 0:
-            out.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    out.append(cur)
-    return [x.strip() for x in out if x.strip()]
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", choices=sorted(MODELS))
@@ -242,30 +228,40 @@ def parse_args(argv=None):
         args.ppl_ratios = "0.25" if args.ppl_ratios == ",".join(map(str, PPL_RATIOS)) else args.ppl_ratios
         args.profile_prompts = min(args.profile_prompts, 2)
         args.tag = "_quick" if args.tag is None else args.tag
-    args.lengths = [int(x) for x in _split_top(args.lengths)] if args.lengths else list(d.lengths)
+    args.lengths = [int(x) for x in split_top(args.lengths)] if args.lengths else list(d.lengths)
     args.samples = args.samples or d.samples
     args.batch_tokens = args.batch_tokens or d.batch_tokens
     args.ppl_length = args.ppl_length or d.ppl_length
     args.ppl_texts = args.ppl_texts or d.ppl_texts
-    args.tasks = _split_top(args.tasks)
-    args.ratios = [float(x) for x in _split_top(args.ratios)]
-    args.ppl_ratios = [float(x) for x in _split_top(args.ppl_ratios)]
-    args.policies = _split_top(args.policies)
-    args.ppl_policies = _split_top(args.ppl_policies)
-    args.modes = _split_top(args.modes)
-    args.parts = _split_top(args.parts)
-    for name, values, known in (("--tasks", args.tasks, TASKS), ("--policies", args.policies, POLICIES + EXTRA_POLICIES),
-                                ("--modes", args.modes, MODES), ("--parts", args.parts, ("retrieval", "ppl")),
+    args.tasks = split_top(args.tasks)
+    args.ratios = [float(x) for x in split_top(args.ratios)]
+    args.ppl_ratios = [float(x) for x in split_top(args.ppl_ratios)]
+    args.policies = split_top(args.policies)
+    args.ppl_policies = split_top(args.ppl_policies)
+    args.modes = split_top(args.modes)
+    args.parts = split_top(args.parts)
+    for name, values, known in (("--tasks", args.tasks, TASKS), ("--modes", args.modes, MODES),
+                                ("--parts", args.parts, ("retrieval", "ppl")),
                                 ("--ppl-policies", args.ppl_policies, PPL_POLICIES)):
         bad = [v for v in values if v not in known]
         if bad:
             ap.error(f"{name}: unknown {bad}; known: {', '.join(known)}")
+    bad = [v for v in args.policies if not known_policy(v)]
+    if bad:
+        ap.error(f"--policies: unknown {bad}; known: {', '.join(POLICIES + EXTRA_POLICIES)}, each optionally "
+                 "with options of its policy, e.g. CAKE[kernel=9]")
+    for name in args.policies:  # options checked against the policy's fields before anything loads
+        if "[" in name and not needs_profile(name) and base_name(name) != "Learned":
+            why = make_policy(name, 0.25, window=args.window)[1]
+            if why is not None:
+                ap.error(f"--policies: {why}")
     bad = [r for r in args.ratios + args.ppl_ratios if not 0.0 < r < 1.0]
     if bad:
         ap.error(f"ratios must lie in (0, 1), got {bad}")
-    args.pairs = [tuple(pair.split(":")) for pair in _split_top(args.pairs)]
+    args.pairs = [tuple(pair.split(":")) for pair in split_top(args.pairs)]
     names = (FULL,) + POLICIES + EXTRA_POLICIES
-    bad = [":".join(p) for p in args.pairs if len(p) != 2 or p[0] == p[1] or not set(p) <= set(names)]
+    bad = [":".join(p) for p in args.pairs
+           if len(p) != 2 or p[0] == p[1] or not all(x == FULL or known_policy(x) for x in p)]
     if bad:
         ap.error(f"--pairs: {bad} are not 'A:B' with two different policies; known: {', '.join(names)}")
     args.tag = args.tag or ""

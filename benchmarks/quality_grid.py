@@ -91,17 +91,76 @@ def window_for(ratio: float, shortest: int, window: int) -> int:
     return max(2, min(window, ratio_tokens(ratio, shortest) // 2))
 
 
+def split_top(s: str) -> list[str]:
+    """Split a comma list on commas outside parentheses and brackets ("AdaKV(SnapKV),CAKE[kernel=9,gamma=100]")."""
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        depth += (ch in "([") - (ch in ")]")
+        if ch == "," and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    out.append(cur)
+    return [x.strip() for x in out if x.strip()]
+
+
+def split_options(name: str) -> tuple[str, str]:
+    """`"SnapKV[kernel=9,group_reduce=max]"` -> `("SnapKV", "kernel=9,group_reduce=max")`; no brackets: `""`."""
+    plain, _, rest = name.partition("[")
+    return plain, rest[:-1] if rest.endswith("]") else rest
+
+
 def base_name(name: str) -> str:
+    """The scorer family of a grid name: AdaKV(X) -> X, options dropped."""
+    name = split_options(name)[0]
     return name[len("AdaKV("):-1] if name.startswith("AdaKV(") else name
+
+
+def known_policy(name: str) -> bool:
+    """A grid name: one of POLICIES / EXTRA_POLICIES, optionally with `[field=value,...]` options."""
+    return split_options(name)[0] in POLICIES + EXTRA_POLICIES
+
+
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def with_options(pol, name: str):
+    """Apply a grid name's `[field=value,...]` options to the policy it built (dataclasses.replace,
+    so the library validates the values). Returns (policy, None) or (None, why not)."""
+    _, opts = split_options(name)
+    if "[" not in name:
+        return pol, None
+    if not (opts and name.endswith("]")):
+        return None, f"options must be written NAME[field=value,...], got {name!r}"
+    fields = {f.name for f in dataclasses.fields(pol)}
+    changes = {}
+    for item in opts.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            return None, f"option {item!r} of {name!r}: expected field=value with a field of {type(pol).__name__} {sorted(fields)}"
+        changes[key] = _option_value(value)
+    try:
+        return dataclasses.replace(pol, **changes), None
+    except Exception as e:  # noqa: BLE001 - the library's own message names the bad option
+        return None, f"{name!r}: {type(e).__name__}: {e}"
 
 
 def make_policy(name: str, ratio: float, *, window: int, profile=None, model: str | None = None):
     """The policy `name` at a ratio budget. `profile`: the BudgetProfile for Profiled (its total is
     the ratio's total at this length); `model`: the model's name, for Learned's trained scorer
     (SCORERS / model; not in POLICIES: ask for "Learned" or "AdaKV(Learned)" with --policies).
+    `name` may carry options, `CAKE[kernel=9]`: fields of the built policy (AdaKV's own for AdaKV(X)).
     Returns (policy, None) or (None, why it cannot be built)."""
     if name == FULL:
         return P.Full(), None
+    plain, _ = split_options(name)
     base = base_name(name)
     try:
         if base == "StreamingLLM":
@@ -129,11 +188,11 @@ def make_policy(name: str, ratio: float, *, window: int, profile=None, model: st
             pol = P.Profiled(profile, window=window)
         else:
             return None, f"unknown policy {name!r}; known: {POLICIES}"
-        if name.startswith("AdaKV("):
+        if plain.startswith("AdaKV("):
             pol = P.AdaKV(pol)
     except Exception as e:  # noqa: BLE001 - a policy the library refuses is reported, not fatal
         return None, f"{type(e).__name__}: {e}"
-    return pol, None
+    return with_options(pol, name)
 
 
 def needs_profile(name: str) -> bool:

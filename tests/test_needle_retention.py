@@ -54,16 +54,3 @@ def test_jaccard_averages_over_heads():
     b = [[np.array([2, 3, 4]), np.array([], int)]]
     assert np.isclose(nr.jaccard(a, b), (2 / 4 + 1.0) / 2)  # an empty pair counts as equal
 
-
-def test_bracketed_options_change_the_named_policy_fields_and_bad_ones_say_why():
-    nr = _module()
-    pol, why = nr.build_policy("SnapKV[kernel=9,group_reduce=max]", 0.25, 32, "qwen2.5-0.5b")
-    assert why is None and (pol.kernel, pol.group_reduce, pol.window, pol.budget) == (9, "max", 32, 0.25)
-    plain, _ = nr.build_policy("SnapKV", 0.25, 32, "qwen2.5-0.5b")
-    assert plain.kernel == 5  # kvpress's default, untouched without options
-    _, why = nr.build_policy("SnapKV[kernal=9]", 0.25, 32, "qwen2.5-0.5b")
-    assert "kernal=9" in why and "kernel" in why
-    _, why = nr.build_policy("SnapKV[group_reduce=median]", 0.25, 32, "qwen2.5-0.5b")
-    assert "group_reduce" in why and "median" in why  # the library's own validation
-    _, why = nr.build_policy("SnapKV[kernel=9", 0.25, 32, "qwen2.5-0.5b")
-    assert "field=value" in why

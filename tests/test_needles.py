@@ -195,7 +195,7 @@ def test_benchmark_cli_helpers():
     q = _quality_module()
     import quality_grid as G
 
-    assert q._split_top("AdaKV(SnapKV),H2O,AdaKV(PyramidKV)") == ["AdaKV(SnapKV)", "H2O", "AdaKV(PyramidKV)"]
+    assert G.split_top("AdaKV(SnapKV),H2O,CAKE[kernel=9,gamma=100]") == ["AdaKV(SnapKV)", "H2O", "CAKE[kernel=9,gamma=100]"]
     assert G.window_for(0.05, 256, 32) == 6 and G.window_for(0.5, 2048, 32) == 32
     assert G.ratio_tokens(0.1, 4096) == 410 and G.profile_total(0.1, 4096, 24) == 24 * 410
     assert G.groups(["a", "b", "c"], [3, 3, 3], 6) == [["a", "b"], ["c"]]
@@ -204,6 +204,27 @@ def test_benchmark_cli_helpers():
     args = q.parse_args(["--quick", "--policies", "SnapKV,AdaKV(SnapKV)"])
     assert args.lengths == [2048] and args.samples == 1 and args.policies == ["SnapKV", "AdaKV(SnapKV)"]
     assert args.ratios == [0.1, 0.5]
+
+
+def test_grid_names_take_policy_options_checked_before_anything_loads():
+    q = _quality_module()
+    import quality_grid as G
+
+    pol, why = G.make_policy("SnapKV[kernel=9,group_reduce=max]", 0.25, window=32)
+    assert why is None and (pol.kernel, pol.group_reduce, pol.window, pol.budget) == (9, "max", 32, 0.25)
+    assert G.make_policy("SnapKV", 0.25, window=32)[0].kernel == 5  # kvpress's default without options
+    ada, why = G.make_policy("AdaKV(SnapKV)[alpha=0.5]", 0.25, window=32)
+    assert why is None and ada.alpha == 0.5 and G.base_name("AdaKV(SnapKV)[alpha=0.5]") == "SnapKV"
+    assert G.needs_profile("Profiled[window=16]") and G.known_policy("CAKE[kernel=9]")
+    for bad, words in (("SnapKV[kernal=9]", ("kernal=9", "kernel")), ("SnapKV[group_reduce=median]", ("median",)),
+                       ("SnapKV[kernel=9", ("field=value",)), ("SnapKV[]", ("field=value",))):
+        pol, why = G.make_policy(bad, 0.25, window=32)
+        assert pol is None and all(w in why for w in words), (bad, why)
+    assert q.parse_args(["--quick", "--policies", "CAKE[kernel=9],SnapKV"]).policies == ["CAKE[kernel=9]", "SnapKV"]
+    for bad in ("CAKE[kernal=9]", "Nope[kernel=9]", "SnapKV[kernel=0]"):
+        with pytest.raises(SystemExit):
+            q.parse_args(["--quick", "--policies", bad])
+    assert q.parse_args(["--quick", "--pairs", "CAKE[kernel=9]:CAKE"]).pairs == [("CAKE[kernel=9]", "CAKE")]
 
 
 def test_perplexity_report_pairs_roco_with_each_policy_on_the_same_texts():
