@@ -40,7 +40,7 @@ import kvjax  # noqa: E402
 from kvjax import prompts as kp  # noqa: E402
 from kvjax.eval import ruler  # noqa: E402
 from quality_grid import EXTRA_POLICIES, FULL, MODELS, MODES, POLICIES, RATIOS, chunked, groups  # noqa: E402
-from quality_grid import base_name, known_policy, make_policy, needs_profile, split_top  # noqa: E402
+from quality_grid import check_options, known_policy, make_policy, needs_profile, split_top  # noqa: E402
 from quality_grid import pool_bytes, window_for  # noqa: E402
 from quality_ppl import PPL_POLICIES, PPL_RATIOS, run_ppl  # noqa: E402
 from quality_profiles import get_profile  # noqa: E402
@@ -251,10 +251,9 @@ def parse_args(argv=None):
         ap.error(f"--policies: unknown {bad}; known: {', '.join(POLICIES + EXTRA_POLICIES)}, each optionally "
                  "with options of its policy, e.g. CAKE[kernel=9]")
     for name in args.policies:  # options checked against the policy's fields before anything loads
-        if "[" in name and not needs_profile(name) and base_name(name) != "Learned":
-            why = make_policy(name, 0.25, window=args.window)[1]
-            if why is not None:
-                ap.error(f"--policies: {why}")
+        why = check_options(name, args.window)
+        if why is not None:
+            ap.error(f"--policies: {why}")
     bad = [r for r in args.ratios + args.ppl_ratios if not 0.0 < r < 1.0]
     if bad:
         ap.error(f"ratios must lie in (0, 1), got {bad}")

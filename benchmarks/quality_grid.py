@@ -123,12 +123,31 @@ def known_policy(name: str) -> bool:
 
 
 def _option_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
     return text
+
+
+def check_options(name: str, window: int) -> str | None:
+    """Why a grid name's options are wrong, or None: before anything loads. Names that need a profile
+    or a trained scorer to be built have their option names checked against the policy's fields."""
+    if "[" not in name:
+        return None
+    plain, _ = split_options(name)
+    base = base_name(name)
+    if base in ("Profiled", "Learned"):
+        cls = P.AdaKV if plain.startswith("AdaKV(") else getattr(P, base)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        _, opts = split_options(name)
+        bad = [item for item in opts.split(",") if item.partition("=")[0] not in fields or "=" not in item]
+        return (f"options {bad} of {name!r}: expected field=value with a field of {cls.__name__} {sorted(fields)}"
+                if bad or not name.endswith("]") else None)
+    return make_policy(name, 0.25, window=window)[1]
 
 
 def with_options(pol, name: str):

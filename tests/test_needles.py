@@ -221,7 +221,9 @@ def test_grid_names_take_policy_options_checked_before_anything_loads():
         pol, why = G.make_policy(bad, 0.25, window=32)
         assert pol is None and all(w in why for w in words), (bad, why)
     assert q.parse_args(["--quick", "--policies", "CAKE[kernel=9],SnapKV"]).policies == ["CAKE[kernel=9]", "SnapKV"]
-    for bad in ("CAKE[kernal=9]", "Nope[kernel=9]", "SnapKV[kernel=0]"):
+    assert G.make_policy("CAKE[cascade=false]", 0.25, window=32)[0].cascade is False  # not the string "false"
+    assert G.check_options("Profiled[kernel=9]", 32) is None and "windw" in G.check_options("Profiled[windw=3]", 32)
+    for bad in ("CAKE[kernal=9]", "Nope[kernel=9]", "SnapKV[kernel=0]", "AdaKV(Learned)[kernel=9]"):
         with pytest.raises(SystemExit):
             q.parse_args(["--quick", "--policies", bad])
     assert q.parse_args(["--quick", "--pairs", "CAKE[kernel=9]:CAKE"]).pairs == [("CAKE[kernel=9]", "CAKE")]
