@@ -133,38 +133,42 @@ def _option_value(text: str):
     return text
 
 
+def _parse_options(name: str, cls):
+    """A grid name's `[field=value,...]` as {field: value} for the policy class `cls`: (changes, None),
+    or (None, why not). No brackets: ({}, None)."""
+    if "[" not in name:
+        return {}, None
+    _, opts = split_options(name)
+    if not (opts and name.endswith("]")):
+        return None, f"options must be written NAME[field=value,...], got {name!r}"
+    fields = {f.name for f in dataclasses.fields(cls)}
+    changes = {}
+    for item in opts.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            return None, f"option {item!r} of {name!r}: expected field=value with a field of {cls.__name__} {sorted(fields)}"
+        changes[key] = _option_value(value)
+    return changes, None
+
+
 def check_options(name: str, window: int) -> str | None:
     """Why a grid name's options are wrong, or None: before anything loads. Names that need a profile
     or a trained scorer to be built have their option names checked against the policy's fields."""
     if "[" not in name:
         return None
-    plain, _ = split_options(name)
     base = base_name(name)
     if base in ("Profiled", "Learned"):
-        cls = P.AdaKV if plain.startswith("AdaKV(") else getattr(P, base)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        _, opts = split_options(name)
-        bad = [item for item in opts.split(",") if item.partition("=")[0] not in fields or "=" not in item]
-        return (f"options {bad} of {name!r}: expected field=value with a field of {cls.__name__} {sorted(fields)}"
-                if bad or not name.endswith("]") else None)
+        cls = P.AdaKV if split_options(name)[0].startswith("AdaKV(") else getattr(P, base)
+        return _parse_options(name, cls)[1]
     return make_policy(name, 0.25, window=window)[1]
 
 
 def with_options(pol, name: str):
     """Apply a grid name's `[field=value,...]` options to the policy it built (dataclasses.replace,
     so the library validates the values). Returns (policy, None) or (None, why not)."""
-    _, opts = split_options(name)
-    if "[" not in name:
-        return pol, None
-    if not (opts and name.endswith("]")):
-        return None, f"options must be written NAME[field=value,...], got {name!r}"
-    fields = {f.name for f in dataclasses.fields(pol)}
-    changes = {}
-    for item in opts.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or key not in fields:
-            return None, f"option {item!r} of {name!r}: expected field=value with a field of {type(pol).__name__} {sorted(fields)}"
-        changes[key] = _option_value(value)
+    changes, why = _parse_options(name, type(pol))
+    if not changes:
+        return (pol, None) if why is None else (None, why)
     try:
         return dataclasses.replace(pol, **changes), None
     except Exception as e:  # noqa: BLE001 - the library's own message names the bad option

@@ -66,7 +66,7 @@ def task_tables(index, policies, ratios, modes, tasks):
     for mode in modes:
         for t in tasks:
             full = index.accuracy(mode, FULL, None, t)
-            lines += [f"### {t}, {mode} (Full {_ci(full)}, fraction {_f(index.mean_fraction(mode, 'Full', None, t))})",
+            lines += [f"### {t}, {mode} (Full {_ci(full)}, fraction {_f(index.mean_fraction(mode, FULL, None, t))})",
                       "", "| policy | " + " | ".join(f"{r:g}" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
             for p in policies:
                 cells = []

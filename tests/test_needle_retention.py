@@ -53,4 +53,3 @@ def test_jaccard_averages_over_heads():
     a = [[np.array([1, 2, 3]), np.array([], int)]]
     b = [[np.array([2, 3, 4]), np.array([], int)]]
     assert np.isclose(nr.jaccard(a, b), (2 / 4 + 1.0) / 2)  # an empty pair counts as equal
-
